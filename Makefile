@@ -1,0 +1,47 @@
+# Two commands for a new user: `make demo` and `make test`. Both create .venv
+# and install on first use. CONSTRAINTS pins the CPU torch wheel found on this
+# machine; on a GPU cluster install torch first and run with CONSTRAINTS=.
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS ?= constraints.txt
+BIN         := $(VENV)/bin
+CLI         := $(BIN)/marsseg-cli
+DEMO        ?= demo
+PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(CONSTRAINTS),$(BIN)/pip install -q $(PIP_C) torch,)
+	$(BIN)/pip install -q $(PIP_C) -e '.[test]'
+	touch $@
+
+demo: install
+	$(CLI) synth $(DEMO)/synth.npz --n-train 400 --n-test 120 --seed 0
+	$(CLI) prepare $(DEMO)/synth.npz $(DEMO)/shards --force
+	$(CLI) inspect $(DEMO)/shards
+	$(CLI) train-folds --data $(DEMO)/shards --recipe ensembles/demo.toml --out $(DEMO)/runs/demo
+	$(CLI) predict --ensemble $(DEMO)/runs/demo --data $(DEMO)/shards --out $(DEMO)/submission.csv --tta
+	$(CLI) evaluate --ensemble $(DEMO)/runs/demo --data $(DEMO)/shards --tta
+	$(CLI) report --ensemble $(DEMO)/runs/demo --data $(DEMO)/shards --out $(DEMO)/report
+	@echo "demo outputs: $(DEMO)/submission.csv  $(DEMO)/runs/demo/scores.json  $(DEMO)/report/"
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm"
+
+bench: install
+	$(BIN)/python -m bench
+
+lint: install
+	$(BIN)/ruff check marsseg cli tests bench
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache
