@@ -1,0 +1,112 @@
+"""Confusion matrix, per-class IoU, pixel accuracy and the course mIoU.
+
+The course scorer (DESIGN.md, "The metric") drops every pixel whose truth is 0,
+builds ONE confusion matrix over all remaining pixels of the whole set, and
+averages IoU over the classes whose union is non-zero. Class 0 can therefore
+only enter the mean when it was predicted on a labeled pixel (its row is empty,
+its column is not), and then its IoU is 0. Scores are fractions 0..1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import NUM_CLASSES
+from .errors import InputError
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def full_confusion_matrix(pred, target, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Confusion matrix over every pixel, truth 0 included (for plots).
+
+    pred, target: integer arrays/tensors of the same shape with labels in
+    0..num_classes-1. Returns int64 (C, C), rows = truth, columns = prediction.
+    """
+    p = _as_numpy(pred).reshape(-1).astype(np.int64, copy=False)
+    t = _as_numpy(target).reshape(-1).astype(np.int64, copy=False)
+    if p.shape != t.shape:
+        raise InputError(f"prediction has {p.size} pixels but truth has {t.size}")
+    for name, a in (("prediction", p), ("truth", t)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise InputError(f"{name} labels must be in 0..{num_classes - 1}, "
+                             f"found {a.min()}..{a.max()}")
+    cm = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def confusion_matrix(pred, target, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Course confusion matrix: pixels whose truth is 0 are dropped.
+
+    Same shapes as `full_confusion_matrix`; row 0 is therefore always zero.
+    """
+    cm = full_confusion_matrix(pred, target, num_classes)
+    cm[0, :] = 0
+    return cm
+
+
+def class_iou(cm: np.ndarray) -> np.ndarray:
+    """IoU per class from a (C, C) matrix; NaN where the union is 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+
+
+def course_miou(cm: np.ndarray) -> float:
+    """Mean IoU over classes with non-zero union of a truth-0-dropped matrix.
+
+    `cm` should come from `confusion_matrix` (row 0 empty). A full matrix is
+    reduced here too, so passing either gives the course score. NaN if empty.
+    """
+    cm = np.array(cm, dtype=np.int64, copy=True)
+    cm[0, :] = 0
+    iou = class_iou(cm)
+    valid = ~np.isnan(iou)
+    return float(iou[valid].mean()) if valid.any() else float("nan")
+
+
+def pixel_accuracy(cm: np.ndarray) -> float:
+    """Fraction of counted pixels predicted correctly (NaN if none counted)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total > 0 else float("nan")
+
+
+class ConfusionMeter:
+    """Accumulates the course confusion matrix over batches.
+
+    `full=True` keeps truth-0 pixels (science plots); `miou()` always applies
+    the course rule, so it is the same either way.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, full: bool = False):
+        self.num_classes = num_classes
+        self.full = full
+        self.cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred, target) -> None:
+        fn = full_confusion_matrix if self.full else confusion_matrix
+        self.cm += fn(pred, target, self.num_classes)
+
+    def reset(self) -> None:
+        self.cm[:] = 0
+
+    def iou(self) -> np.ndarray:
+        cm = self.cm.copy()
+        cm[0, :] = 0
+        return class_iou(cm)
+
+    def miou(self) -> float:
+        return course_miou(self.cm)
+
+    def accuracy(self) -> float:
+        cm = self.cm.copy()
+        cm[0, :] = 0
+        return pixel_accuracy(cm)
