@@ -1,0 +1,41 @@
+"""Shared fixtures: one small synthetic npz and its prepared shard folder per test session.
+
+Teammates reuse these (`synth_npz`, `shards`); both are read-only for tests, so copy
+before modifying.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from marsseg.data import prepare
+from marsseg.synth import write_synthetic
+
+SYNTH_N_TRAIN = 160
+SYNTH_N_TEST = 40
+SYNTH_N_OUTLIERS = 12
+SYNTH_SEED = 7
+
+
+@pytest.fixture(scope="session")
+def synth_npz(tmp_path_factory):
+    """Path to a synthetic npz: 160 train (12 identical-mask outliers), 40 test with masks."""
+    path = tmp_path_factory.mktemp("synth") / "synth.npz"
+    write_synthetic(path, SYNTH_N_TRAIN, SYNTH_N_TEST, seed=SYNTH_SEED, n_outliers=SYNTH_N_OUTLIERS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shards(synth_npz, tmp_path_factory):
+    """Prepared shard folder of `synth_npz` (shard size 64, so train spans 3 files)."""
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare(synth_npz, out, shard_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_arrays(synth_npz):
+    """The raw arrays of `synth_npz` as a dict."""
+    with np.load(synth_npz) as z:
+        return {k: z[k] for k in z.files}
