@@ -1,0 +1,85 @@
+"""Test helpers for predict/evaluate/report: tiny run folders and datasets built by hand.
+
+A run folder is made with build_model + save_pretrained and a hand-written
+ensemble.json (no training), exactly in the layout train-folds writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marsseg.models.registry import build_model, save_pretrained
+
+TINY = {"base_width": 4, "depth": 2}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_run(run: Path, members=("a", "b"), k: int = 2, seed: int = 0, model: str = "unet",
+             args: dict | None = None, weights: dict | None = None, selected=None,
+             transform=None, metrics: bool = False) -> Path:
+    """Write a run folder with random fold models; `transform(model)` may edit weights."""
+    torch.manual_seed(seed)
+    entries = []
+    for name in members:
+        folds = []
+        for f in range(k):
+            m = build_model(model, **{**TINY, **(args or {})})
+            _randomize_bn(m)
+            if transform:
+                transform(m)
+            folder = save_pretrained(m, run / name / f"fold_{f}",
+                                     {"member": name, "fold": f, "recipe": "test", "val_miou": 0.5})
+            if metrics:
+                with open(folder / "metrics.jsonl", "w") as fh:
+                    for e in range(3):
+                        fh.write(json.dumps({"epoch": e, "train_loss": 1.0 / (e + 1 + f),
+                                             "val_loss": 1.2 / (e + 1), "val_miou": 0.3 + 0.1 * e,
+                                             "lr": 1e-3}) + "\n")
+            (folder / "done.json").write_text("{}")
+            folds.append({"fold": f, "path": f"{name}/fold_{f}",
+                          "sha256": sha256(folder / "model.safetensors"), "val_miou": 0.5})
+        entries.append({"name": name, "weight": (weights or {}).get(name, 1.0), "folds": folds,
+                        "oof_miou": 0.5, "oof_iou": [0.0, 0.5, 0.5, 0.5, 0.5]})
+    spec = {"format_version": 1, "name": run.name, "recipe": "test", "k": k, "members": entries,
+            "oof_miou_ensemble": 0.5, "selected": list(selected or members)}
+    (run / "ensemble.json").write_text(json.dumps(spec, indent=2))
+    return run
+
+
+def _randomize_bn(model: torch.nn.Module) -> None:
+    # Fresh BN stats (mean 0, var 1) make untrained nets nearly constant; spread them a bit.
+    g = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1, generator=g)
+            mod.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+def make_npz(path: Path, n_train: int = 8, n_test: int = 11, seed: int = 0,
+             test_masks: bool = False, shape=(64, 128)) -> Path:
+    """A tiny npz in the course layout with smooth-ish random images."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+
+    def images(n):
+        base = rng.integers(0, 256, (n, 1, 1)) + np.linspace(0, 60, w)[None, None, :]
+        return np.clip(base + rng.normal(0, 25, (n, h, w)), 0, 255).astype(np.uint8)
+
+    def masks(n):
+        m = rng.integers(0, 5, (n, h // 8, w // 8)).repeat(8, 1).repeat(8, 2)
+        return m.astype(np.uint8)
+
+    arrays = {"training_set": np.stack([images(n_train), masks(n_train)], 1),
+              "test_set": images(n_test)}
+    if test_masks:
+        arrays["test_masks"] = masks(n_test)
+    np.savez(path, **arrays)
+    return path

@@ -1,0 +1,287 @@
+"""predict: flip TTA math, ensemble loading, streaming CSV, workers, bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from _runfolder import make_npz, make_run
+from marsseg.cli import app
+from typer.testing import CliRunner
+
+from marsseg import predict as P
+from marsseg.data import prepare
+from marsseg.submission import read_submission
+
+runner = CliRunner()
+FP32 = dict(precision="no", batch_size=4)
+
+
+def symmetrize(model: torch.nn.Module) -> None:
+    """Make every conv kernel left-right symmetric: the whole U-Net becomes flip-equivariant
+    (2x2 pooling, nearest upsampling, BN and ReLU already are for even widths)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict")
+    npz = make_npz(d / "d.npz", n_train=6, n_test=11)
+    prepare(npz, d / "shards", shard_size=4)
+    prepare(npz, d / "shards7", shard_size=7)
+    run = make_run(d / "run")
+    return {"dir": d, "npz": npz, "shards": d / "shards", "run": run}
+
+
+# ----------------------------------------------------------------------------- TTA math
+
+
+def test_tta_equals_hand_computed_average():
+    torch.manual_seed(0)
+    from marsseg.models.registry import build_model
+    m = build_model("unet", base_width=4, depth=2).eval()
+    x = torch.rand(3, 1, 64, 128) * 255
+    with torch.no_grad():
+        p1 = torch.softmax(m(x), 1)
+        p2 = torch.softmax(m(x.flip(-1)), 1).flip(-1)
+        got = P.forward_tta(m, x, P.VIEWS_HFLIP)
+        assert not torch.allclose(p1, p2, atol=1e-3)  # the views really differ
+        torch.testing.assert_close(got, (p1 + p2) / 2, atol=1e-5, rtol=1e-5)
+        views = [torch.softmax(m(x.flip(d) if d else x), 1) for d in P.VIEWS_HVFLIP]
+        views = [v.flip(d) if d else v for v, d in zip(views, P.VIEWS_HVFLIP, strict=True)]
+        torch.testing.assert_close(P.forward_tta(m, x, P.tta_views(True, vflip=True)),
+                                   sum(views) / 4, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(P.forward_tta(m, x, P.tta_views(False)), p1)
+
+
+def test_views_go_through_one_forward_pass():
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return torch.zeros(x.shape[0], 5, *x.shape[2:])
+
+    P.forward_tta(Spy(), torch.zeros(3, 1, 64, 128), P.VIEWS_HFLIP)
+    assert calls == [6]
+
+
+def test_flip_symmetric_model_same_with_and_without_tta(world, tmp_path):
+    run = make_run(tmp_path / "sym", members=("s",), k=1, transform=symmetrize)
+    ens = P.load_ensemble(run)
+    x = np.load(world["npz"])["test_set"][:4]
+    res = {}
+    for tta in (False, True):
+        pred = P.Predictor(ens, P.PredictConfig(tta=tta, **FP32))
+        res[tta] = pred(np.arange(4), x, want_probs=True)
+    np.testing.assert_allclose(res[True].probs.astype(np.float32),
+                               res[False].probs.astype(np.float32), atol=2e-3)
+    # the network itself is equivariant: flipping the input flips the output
+    with torch.no_grad():
+        xt = torch.from_numpy(x).float()[:, None]
+        m = ens.models[0].model
+        torch.testing.assert_close(m(xt.flip(-1)), m(xt).flip(-1), atol=1e-4, rtol=1e-4)
+    p = P.Predictor(ens, P.PredictConfig(tta=False, **FP32)).model_probs(x)[0]
+    top2 = p.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(res[True].labels[clear], res[False].labels[clear])
+
+
+def test_foreground_never_predicts_background():
+    probs = torch.zeros(1, 5, 2, 2)
+    probs[:, 0] = 0.9
+    probs[:, 3] = 0.1
+    assert (P.to_labels(probs, "foreground") == 3).all()
+    assert (P.to_labels(probs, "all") == 0).all()
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+
+def test_load_ensemble_weights_and_filters(tmp_path):
+    run = make_run(tmp_path / "r", members=("a", "b", "c"), k=2, weights={"a": 2.0, "b": 1.0},
+                   selected=["a", "b"])
+    ens = P.load_ensemble(run)
+    assert ens.names == ["a/fold_0", "a/fold_1", "b/fold_0", "b/fold_1"]
+    assert [round(m.weight, 4) for m in ens.models] == [1 / 3, 1 / 3, 1 / 6, 1 / 6] or \
+        np.allclose([m.weight for m in ens.models], [1 / 3, 1 / 3, 1 / 6, 1 / 6])
+    ens = P.load_ensemble(run, members=["c"], folds=[1])
+    assert ens.names == ["c/fold_1"] and ens.models[0].weight == 1.0
+    one = P.load_ensemble(run / "b" / "fold_0")  # a single fold folder works alone
+    assert one.names == ["b/fold_0"]
+    with pytest.raises(P.InputError, match="unknown member"):
+        P.load_ensemble(run, members=["zz"])
+    with pytest.raises(P.InputError, match="fold"):
+        P.load_ensemble(run, folds=[5])
+
+
+def test_ensemble_average_is_weighted_member_softmax(world, tmp_path):
+    run = make_run(tmp_path / "r", members=("a", "b"), k=1, weights={"a": 3.0, "b": 1.0})
+    ens = P.load_ensemble(run)
+    x = np.load(world["npz"])["test_set"][:2]
+    pred = P.Predictor(ens, P.PredictConfig(tta=True, **FP32))
+    each = pred.model_probs(x)
+    got = pred(np.arange(2), x, want_probs=True, want_disagreement=True)
+    want = 0.75 * each[0] + 0.25 * each[1]
+    np.testing.assert_allclose(got.probs.astype(np.float32), want.numpy(), atol=1e-3)
+    la, lb = (P.to_labels(p).numpy() for p in each)
+    lab = got.labels
+    want_dis = 0.75 * (la != lab) + 0.25 * (lb != lab)
+    np.testing.assert_allclose(got.disagreement.astype(np.float32), want_dis, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- CSV end to end
+
+
+def test_predict_csv_matches_predictor_and_layouts_agree(world, tmp_path):
+    cfg = P.PredictConfig(**FP32)
+    outs = {}
+    for name, data in (("shards4", world["shards"]), ("shards7", world["dir"] / "shards7"),
+                       ("npz", world["npz"])):
+        outs[name] = tmp_path / f"{name}.csv"
+        r = P.predict(world["run"], data, outs[name], cfg=cfg)
+        assert r["rows"] == 11
+    ref = outs["shards4"].read_bytes()
+    assert outs["shards7"].read_bytes() == ref
+    assert outs["npz"].read_bytes() == ref
+    ids, masks = read_submission(outs["npz"])
+    np.testing.assert_array_equal(ids, np.arange(11))
+    x = np.load(world["npz"])["test_set"]
+    direct = P.Predictor(P.load_ensemble(world["run"]), cfg)(ids[:4], x[:4])
+    np.testing.assert_array_equal(masks[:4], direct.labels)
+    assert masks.min() >= 1  # foreground by default
+
+
+def test_probs_file(world, tmp_path):
+    out = tmp_path / "s.csv"
+    P.predict(world["run"], world["shards"], out, cfg=P.PredictConfig(**FP32, classes="all"),
+              probs_path=tmp_path / "p.h5")
+    _, masks = read_submission(out)
+    with h5py.File(tmp_path / "p.h5") as f:
+        assert f["probs"].dtype == np.float16 and f["probs"].shape == (11, 5, 64, 128)
+        probs = f["probs"][()].astype(np.float32)
+        dis = f["disagreement"][()].astype(np.float32)
+        np.testing.assert_array_equal(f["ids"][()], np.arange(11))
+    np.testing.assert_allclose(probs.sum(1), 1, atol=5e-3)
+    assert dis.min() >= 0 and dis.max() <= 1 and dis.max() > 0
+    np.testing.assert_array_equal(probs.argmax(1)[dis == 0], masks[dis == 0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5", "s.csv"]
+
+
+@pytest.mark.slow
+def test_workers_give_byte_identical_csv(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cfg = P.PredictConfig(**FP32)
+    P.predict(world["run"], world["shards"], tmp_path / "one.csv", cfg=cfg)
+    P.predict(world["run"], world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+
+
+def test_cli_predict(world, tmp_path):
+    out = tmp_path / "s.csv"
+    r = runner.invoke(app, ["predict", "--ensemble", str(world["run"]), "--data",
+                            str(world["shards"]), "--out", str(out), "--no-tta", "--members",
+                            "a", "--folds", "0,1", "--precision", "no", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 11 rows" in r.output
+    assert read_submission(out)[0].tolist() == list(range(11))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _cli(world, out, run=None, data=None, *extra):
+    return runner.invoke(app, ["predict", "--ensemble", str(run or world["run"]), "--data",
+                               str(data or world["shards"]), "--out", str(out), "-q", *extra])
+
+
+def _assert_clean_failure(r, out, code=2):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(out.name)]
+
+
+def _copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weight_file(world, tmp_path):
+    run = _copy_run(world["run"], tmp_path / "run")
+    os.remove(run / "b" / "fold_1" / "model.safetensors")
+    r = _cli(world, tmp_path / "s.csv", run)
+    _assert_clean_failure(r, tmp_path / "s.csv")
+    assert "model.safetensors" in r.output
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_corrupted_weight_file(world, tmp_path, verify):
+    run = _copy_run(world["run"], tmp_path / "run")
+    w = run / "a" / "fold_0" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    if verify:
+        r = _cli(world, tmp_path / "s.csv", run)
+        _assert_clean_failure(r, tmp_path / "s.csv")
+        assert "model.safetensors" in r.output
+    else:  # without the sha256 check, the loader itself must refuse the file
+        with pytest.raises(P.InputError, match="model.safetensors"):
+            P.load_ensemble(run, verify=False)
+
+
+def test_shards_of_another_image_size(world, tmp_path):
+    import shutil
+    shards = tmp_path / "shards"
+    shutil.copytree(world["shards"], shards)
+    with h5py.File(shards / "test-000.h5", "a") as f:
+        n = f["images"].shape[0]
+        del f["images"]
+        f["images"] = np.zeros((n, 32, 64), np.uint8)
+    r = _cli(world, tmp_path / "s.csv", data=shards)
+    _assert_clean_failure(r, tmp_path / "s.csv")
+    assert "shape" in r.output
+
+
+def test_truncated_hdf5_shard(world, tmp_path):
+    import shutil
+    shards = tmp_path / "shards"
+    shutil.copytree(world["shards"], shards)
+    p = shards / "test-001.h5"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    r = _cli(world, tmp_path / "s.csv", data=shards)
+    _assert_clean_failure(r, tmp_path / "s.csv")
+    assert "test-001.h5" in r.output
+
+
+def test_output_in_missing_directory(world, tmp_path):
+    out = tmp_path / "nope" / "s.csv"
+    r = _cli(world, out)
+    assert r.exit_code == 2 and "does not exist" in r.output
+    assert not (tmp_path / "nope").exists()
+
+
+def test_ctrl_c_leaves_no_csv(world, tmp_path, monkeypatch):
+    real = P.Predictor.__call__
+    calls = []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(P.Predictor, "__call__", interrupted)
+    out = tmp_path / "s.csv"
+    r = _cli(world, out, None, None, "--probs", str(tmp_path / "p.h5"), "--batch-size", "4")
+    assert r.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
