@@ -1,0 +1,53 @@
+"""marsseg-cli train-folds: train a recipe's k-fold ensemble on Ray (or in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import app, user_errors
+
+
+def _csv(value: str | None, what: str, cast=str):
+    if value is None:
+        return None
+    from marsseg.errors import InputError
+
+    try:
+        items = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what}: expected a comma-separated list, got {value!r}") from None
+    if not items:
+        raise InputError(f"{what}: empty list")
+    return items
+
+
+@app.command("train-folds")
+def train_folds(
+    data: Annotated[Path, typer.Option(help="prepared shard folder (marsseg-cli prepare)")],
+    recipe: Annotated[Path, typer.Option(help="recipe TOML, e.g. ensembles/seed-final.toml")],
+    out: Annotated[Path, typer.Option(help="run folder, e.g. runs/<name>; re-running resumes it")],
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CPU and bf16-capable GPUs, else fp16) | bf16 | fp16 (GPU only) | no")] = "auto",
+    cpus_per_task: Annotated[float, typer.Option(help="CPUs Ray reserves per (member, fold) task")] = 1.0,
+    gpus_per_task: Annotated[float, typer.Option(help="GPUs per task; fractions share a GPU, e.g. 0.5")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="torch threads per task (default: int(cpus-per-task); --sequential: torch's default)")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster (e.g. auto or head:6379) instead of starting a local one")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="train in this process one fold after another, without Ray")] = False,
+    members: Annotated[str | None, typer.Option(help="comma-separated member names to train (default all)")] = None,
+    folds: Annotated[str | None, typer.Option(help="comma-separated fold numbers to train (default all)")] = None,
+    max_retries: Annotated[int, typer.Option(help="Ray retries of a task whose worker died; it resumes from its state/")] = 3,
+    progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
+) -> None:
+    """Train every (member, fold) of RECIPE on DATA into OUT; writes ensemble.json."""
+    with user_errors():
+        from marsseg.orchestrate import RunOptions
+        from marsseg.orchestrate import train_folds as run
+
+        opts = RunOptions(precision=precision, cpus_per_task=cpus_per_task,
+                          gpus_per_task=gpus_per_task, threads=threads, address=address,
+                          sequential=sequential, members=_csv(members, "--members"),
+                          folds=_csv(folds, "--folds", int), max_retries=max_retries,
+                          progress=progress)
+        run(recipe, data, out, opts)

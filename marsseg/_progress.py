@@ -1,0 +1,162 @@
+"""Live training progress: one line per (member, fold), fed by train_one_fold's events.
+
+`ProgressView.update(events)` takes the dicts train_one_fold reports ("start",
+"batch", "epoch", "done"). On a terminal it renders a rich Live table; when
+stdout is not a terminal (SLURM logs, CI) it prints one plain line per event
+worth keeping (start, epoch end, done).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None or s != s or s < 0:
+        return "-"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+class _Row:
+    def __init__(self, member: str, fold: int, epochs: int, status: str):
+        self.member, self.fold, self.epochs, self.status = member, fold, epochs, status
+        self.epoch = -1          # last finished epoch
+        self.batch = 0
+        self.batches = 0
+        self.loss = None
+        self.val_miou = None
+        self.best = None
+        self.img_s = None
+        self.epoch_s: list[float] = []
+        self.epoch_t0 = None
+        self.attempts = 0
+        self.note = ""
+
+    def eta(self) -> float | None:
+        if self.status != "running" or not self.epoch_s:
+            return None
+        per = sum(self.epoch_s[-3:]) / len(self.epoch_s[-3:])
+        left = self.epochs - self.epoch - 1
+        if self.epoch_t0 is not None:
+            left_s = left * per - min(time.time() - self.epoch_t0, per)
+        else:
+            left_s = left * per
+        return max(left_s, 0.0)
+
+
+class ProgressView:
+    """Shows training of several (member, fold) jobs; `mode` is auto | live | plain | none."""
+
+    def __init__(self, jobs: list[tuple[str, int, int]], *, mode: str = "auto",
+                 console: Console | None = None, skipped: list[tuple[str, int]] = ()):
+        self.console = console or Console()
+        if mode == "auto":
+            mode = "live" if self.console.is_terminal else "plain"
+        self.mode = mode
+        self.rows: dict[tuple[str, int], _Row] = {}
+        for member, fold, epochs in jobs:
+            self.rows[(member, fold)] = _Row(member, fold, epochs, "queued")
+        for member, fold in skipped:
+            self.rows[(member, fold)] = _Row(member, fold, 0, "done (before)")
+        self._live: Live | None = None
+
+    def __enter__(self) -> ProgressView:
+        if self.mode == "live":
+            self._live = Live(self._table(), console=self.console, refresh_per_second=4,
+                              transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def log(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self._live is not None:
+            self._live.console.print(text)
+        else:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def update(self, events: list[dict]) -> None:
+        for ev in events:
+            self._apply(ev)
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def fail(self, member: str, fold: int, why: str) -> None:
+        row = self.rows.get((member, fold))
+        if row is not None:
+            row.status, row.note = "failed", why
+        self.log(f"{member} fold {fold}: failed: {why}")
+
+    def _apply(self, ev: dict) -> None:
+        key = (ev.get("member"), ev.get("fold"))
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = _Row(key[0], key[1], ev.get("epochs", 0), "queued")
+        row.epochs = ev.get("epochs", row.epochs)
+        kind = ev.get("event")
+        name = f"{row.member} fold {row.fold}"
+        if kind == "start":
+            row.attempts += 1
+            row.status = "running"
+            row.epoch = ev.get("epoch", 0) - 1
+            row.epoch_t0 = ev.get("time", time.time())
+            resumed = ev.get("resumed_from")
+            row.note = f"resumed after epoch {resumed}" if resumed is not None else ""
+            if row.attempts > 1:
+                row.note = f"attempt {row.attempts}, " + (row.note or "from scratch")
+            if self.mode == "plain":
+                self.log(f"{name}: start ({ev.get('n_train')} train / {ev.get('n_val')} val images,"
+                         f" {ev.get('precision')} on {ev.get('device')}, pid {ev.get('pid')})"
+                         + (f" {row.note}" if row.note else ""))
+        elif kind == "batch":
+            row.batch, row.batches = ev.get("batch", 0), ev.get("batches", 0)
+            row.img_s = ev.get("img_s", row.img_s)
+        elif kind == "epoch":
+            row.epoch = ev["epoch"]
+            row.loss, row.val_miou = ev.get("loss"), ev.get("val_miou")
+            row.best, row.img_s = ev.get("best_miou"), ev.get("img_s")
+            row.epoch_s.append(ev.get("seconds") or 0.0)
+            row.epoch_t0 = ev.get("time", time.time())
+            row.batch = 0
+            if self.mode == "plain":
+                self.log(f"{name}: epoch {row.epoch + 1}/{row.epochs} loss {row.loss:.4f} "
+                         f"val mIoU {_pct(row.val_miou)} (best {_pct(row.best)}) "
+                         f"{row.img_s:.0f} img/s ETA {_fmt_s(row.eta())}")
+        elif kind == "done":
+            row.status = "done"
+            if self.mode == "plain":
+                self.log(f"{name}: done, best val mIoU {_pct(ev.get('val_miou'))}")
+
+    def _table(self) -> Table:
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("member", "fold", "status", "epoch", "loss", "val mIoU", "best", "img/s", "ETA"):
+            t.add_column(col, justify="left" if col in ("member", "status") else "right")
+        for (member, fold), r in sorted(self.rows.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            if r.status == "running" and r.batches:
+                ep = f"{r.epoch + 2}/{r.epochs} ({r.batch}/{r.batches})"
+            elif r.epochs:
+                ep = f"{r.epoch + 1}/{r.epochs}"
+            else:
+                ep = "-"
+            status = r.status + (f" ({r.note})" if r.note else "")
+            t.add_row(member, str(fold), status, ep,
+                      "-" if r.loss is None else f"{r.loss:.4f}", _pct(r.val_miou), _pct(r.best),
+                      "-" if r.img_s is None else f"{r.img_s:.0f}", _fmt_s(r.eta()))
+        return t

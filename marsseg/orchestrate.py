@@ -1,0 +1,351 @@
+"""train-folds: every (member, fold) of a recipe as one Ray task, then out-of-fold scores.
+
+Ray stays at this edge: each task only calls `train.train_one_fold`, which runs
+the same without Ray (`sequential=True`, tests, debugging). A run folder
+``<out>/`` holds ``recipe.toml`` (copy), ``splits.json`` (written once, before
+any task starts), one folder per member and fold, and ``ensemble.json``.
+
+Re-running the same command skips folds with ``done.json`` and resumes the
+others from their ``state/``; a task whose worker dies is retried by Ray
+(`max_retries`) and resumes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import NUM_CLASSES
+from .config import Recipe, check_precision, load_recipe, parse_recipe
+from .errors import InputError
+from .train import (
+    DONE,
+    OOF,
+    _load_train,
+    ensure_splits,
+    sha256_file,
+    train_one_fold,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what to learn): devices, parallelism, selection, display."""
+
+    precision: str = "auto"  # auto | bf16 | fp16 | no
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0  # fractional values share one GPU between tasks
+    threads: int | None = None  # torch threads per task; default max(1, int(cpus_per_task))
+    address: str | None = None  # join this Ray cluster; None = embedded local Ray
+    sequential: bool = False  # run in this process, one fold after another, no Ray
+    members: tuple[str, ...] | None = None  # subset of member names (None = all)
+    folds: tuple[int, ...] | None = None  # subset of folds (None = all)
+    max_retries: int = 3  # Ray retries of a task whose worker process died
+    progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
+
+    def check(self) -> None:
+        check_precision(self.precision, self.gpus_per_task)
+        if self.cpus_per_task <= 0:
+            raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
+        if self.gpus_per_task < 0:
+            raise InputError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {self.threads}")
+        if self.max_retries < 0:
+            raise InputError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.progress not in ("auto", "live", "plain", "none"):
+            raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
+
+
+def _fold_dir(out: Path, member: str, fold: int) -> Path:
+    return out / member / f"fold_{fold}"
+
+
+def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
+    names = [m.name for m in recipe.members]
+    members = list(opts.members) if opts.members else names
+    for name in members:
+        if name not in names:
+            raise InputError(f"--members: recipe {recipe.name!r} has no member {name!r} "
+                             f"(members: {', '.join(names)})")
+    folds = list(opts.folds) if opts.folds is not None else list(range(recipe.folds))
+    for f in folds:
+        if not 0 <= f < recipe.folds:
+            raise InputError(f"--folds: fold {f} is out of range 0..{recipe.folds - 1}")
+    return [(m, f) for m in members for f in sorted(set(folds))]
+
+
+def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path) -> None:
+    """Copy the recipe into the run folder; refuse a run folder made with another recipe."""
+    copy = out / "recipe.toml"
+    if copy.exists():
+        import tomllib
+
+        try:
+            old = parse_recipe(tomllib.loads(copy.read_text()), name=recipe.name,
+                               source=str(copy), check_models=False)
+        except (InputError, tomllib.TOMLDecodeError, OSError):
+            old = None
+        if old != recipe:
+            raise InputError(f"{copy}: this run folder was made with a different recipe; "
+                             f"use a new --out (or the recipe it was made with)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"recipe.toml.tmp-{os.getpid()}"
+    shutil.copyfile(recipe_path, tmp)
+    os.replace(tmp, copy)
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+def _fold_task(recipe, member, fold, data, out, precision, threads, board):
+    """Body of one Ray task: train one fold, sending progress events to the board actor."""
+    progress = None
+    if board is not None:
+        def progress(ev):
+            board.report.remote(ev)
+    return train_one_fold(recipe, member, fold, data, out, precision=precision,
+                          threads=threads, progress=progress)
+
+
+class ProgressBoard:
+    """A tiny Ray actor the tasks report events to; the driver drains it."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def report(self, ev: dict) -> None:
+        self.events.append(ev)
+
+    def drain(self) -> list[dict]:
+        ev, self.events = self.events, []
+        return ev
+
+
+def _unwrap_task_error(e: Exception) -> Exception:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, InputError) else e
+
+
+def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                  configure_logging=True)
+        if opts.address:
+            ray.init(address=opts.address, **kw)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **kw)
+        started = True
+    try:
+        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        task = ray.remote(_fold_task)
+        threads = opts.threads or max(1, int(opts.cpus_per_task))
+        refs = {}
+        for member, fold in jobs:
+            ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
+                               max_retries=opts.max_retries, retry_exceptions=False,
+                               name=f"{member}/fold_{fold}").remote(
+                recipe, member, fold, str(data), str(out), opts.precision, threads, board)
+            refs[ref] = (member, fold)
+        pending = list(refs)
+        results = []
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+                view.update(ray.get(board.drain.remote()))
+                for ref in ready:
+                    try:
+                        results.append(ray.get(ref))
+                    except ray.exceptions.RayTaskError as e:
+                        err = _unwrap_task_error(e)
+                        view.fail(*refs[ref], str(err).splitlines()[0])
+                        raise err from None
+            view.update(ray.get(board.drain.remote()))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- out-of-fold scores and ensemble.json -----------------------------------------------------
+
+
+def _read_oof(path: Path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f["ids"][()], f["probs"][()]
+    except (OSError, KeyError) as e:
+        raise InputError(f"{path}: unreadable out-of-fold file ({e})") from None
+
+
+def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str]) -> dict:
+    """Course mIoU over all out-of-fold pixels, per member and for their average (ensemble).
+
+    One confusion matrix per member over every validation image of every fold
+    (each training image is out-of-fold exactly once); the ensemble averages the
+    members' softmax with weight 1 before the argmax.
+    """
+    from .metrics import class_iou, confusion_matrix, course_miou
+
+    pos = {int(i): p for p, i in enumerate(split.ids)}
+    cms = {m: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for m in members}
+    ens = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for fold in range(splits["k"]):
+        total = None
+        truth = None
+        for m in members:
+            path = _fold_dir(out, m, fold) / OOF
+            ids, probs = _read_oof(path)
+            if truth is None:
+                rows = np.array([pos[int(i)] for i in ids])
+                truth = split.masks[rows]
+                first_ids = ids
+            elif not np.array_equal(ids, first_ids):
+                raise InputError(f"{path}: its ids differ from the other members' fold {fold}")
+            cms[m] += confusion_matrix(probs.argmax(1), truth)
+            p32 = probs.astype(np.float32)
+            total = p32 if total is None else total + p32
+        if total is not None:
+            ens += confusion_matrix(total.argmax(1), truth)
+
+    def score(cm):
+        v = course_miou(cm)
+        return None if not np.isfinite(v) else round(float(v), 6)
+
+    def ious(cm):
+        return [None if not np.isfinite(v) else round(float(v), 6) for v in class_iou(cm)]
+
+    return {"members": {m: {"oof_miou": score(cm), "oof_iou": ious(cm)} for m, cm in cms.items()},
+            "ensemble": {"oof_miou": score(ens) if members else None,
+                         "oof_iou": ious(ens) if members else None}}
+
+
+def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
+    """Build ensemble.json's dict from the finished folds in `out`."""
+    import json
+
+    members = []
+    complete = []
+    for m in recipe.members:
+        folds = []
+        for k in range(recipe.folds):
+            d = _fold_dir(out, m.name, k)
+            if (d / DONE).is_file():
+                done = json.loads((d / DONE).read_text())
+                folds.append({"fold": k, "path": f"{m.name}/fold_{k}",
+                              "sha256": sha256_file(d / "model.safetensors"),
+                              "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
+                              "epochs_run": done.get("epochs_run")})
+        if folds:
+            members.append({"name": m.name, "weight": 1.0, "folds": folds,
+                            "oof_miou": None, "oof_iou": None})
+            if len(folds) == recipe.folds:
+                complete.append(m.name)
+    scores = oof_scores(out, recipe, split, splits, complete)
+    for entry in members:
+        s = scores["members"].get(entry["name"])
+        if s:
+            entry.update(s)
+    return {"format_version": 1, "name": out.name, "recipe": recipe.name, "k": recipe.folds,
+            "seed": recipe.seed, "data": str(data) if data is not None else None,
+            "members": members,
+            "oof_miou_ensemble": scores["ensemble"]["oof_miou"],
+            "oof_iou_ensemble": scores["ensemble"]["oof_iou"],
+            "selected": complete or [e["name"] for e in members]}
+
+
+def summary_table(ens: dict):
+    """A rich table: val mIoU per member and fold, OOF mIoU per member and of the ensemble (x100)."""
+    from rich.table import Table
+
+    k = ens["k"]
+    t = Table(title=f"{ens['name']}: course mIoU x100 (recipe {ens['recipe']})", header_style="bold")
+    t.add_column("member")
+    for f in range(k):
+        t.add_column(f"fold {f}", justify="right")
+    t.add_column("OOF", justify="right")
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    for m in ens["members"]:
+        by = {f["fold"]: f["val_miou"] for f in m["folds"]}
+        t.add_row(m["name"], *[pct(by.get(f)) if f in by else "." for f in range(k)],
+                  pct(m["oof_miou"]))
+    t.add_row("ensemble", *[""] * k, pct(ens["oof_miou_ensemble"]), style="bold")
+    return t
+
+
+# --- the one entry point -------------------------------------------------------------------------
+
+
+def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
+                options: RunOptions = RunOptions(), *, console=None) -> dict:
+    """Train every selected (member, fold) of a recipe into `out`; returns ensemble.json's dict.
+
+    Everything the user could get wrong (recipe, precision, selection, data, a run
+    folder made with another recipe) is checked before Ray starts.
+    """
+    from rich.console import Console
+
+    from ._progress import ProgressView
+
+    t0 = time.perf_counter()
+    console = console or Console()
+    recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
+    recipe = load_recipe(recipe_path)
+    options.check()
+    selected = _select(recipe, options)
+    from .data import read_dataset
+
+    read_dataset(data)
+    split = _load_train(data)
+    _pin_recipe(recipe_path, recipe, out)
+    splits = ensure_splits(recipe, split, out)
+
+    jobs = [(m, f) for m, f in selected if not (_fold_dir(out, m, f) / DONE).is_file()]
+    skipped = [(m, f) for m, f in selected if (m, f) not in jobs]
+    epochs = {m.name: m.epochs for m in recipe.members}
+    view = ProgressView([(m, f, epochs[m]) for m, f in jobs], mode=options.progress,
+                        console=console, skipped=skipped)
+    if skipped:
+        view.log(f"{len(skipped)} fold(s) already finished in {out}, skipped")
+    if jobs:
+        with view:
+            if options.sequential:
+                for m, f in jobs:
+                    train_one_fold(recipe, m, f, split, out, precision=options.precision,
+                                   threads=options.threads,
+                                   progress=lambda ev: view.update([ev]))
+            else:
+                _run_ray(recipe, jobs, data, out, options, view)
+    ens = collect(out, recipe, split, splits, data)
+    write_json_atomic(out / "ensemble.json", ens)
+    if options.progress != "none":
+        console.print(summary_table(ens))
+        console.print(f"ensemble.json -> {out / 'ensemble.json'} "
+                      f"({len(jobs)} fold(s) trained, {time.perf_counter() - t0:.1f} s)",
+                      highlight=False)
+    ens_out = dict(ens)
+    ens_out["trained"] = [f"{m}/fold_{f}" for m, f in jobs]
+    ens_out["seconds"] = round(time.perf_counter() - t0, 3)
+    return ens_out
