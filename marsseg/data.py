@@ -301,11 +301,13 @@ def prepare(
     """
     src, out_dir = Path(src), Path(out_dir)
     if shard_size < 1:
-        raise InputError(f"--shard-size must be at least 1 (got {shard_size})")
+        raise InputError(f"{out_dir}: --shard-size must be at least 1 (got {shard_size})")
     if outlier_min_count < 2:
-        raise InputError(f"--outlier-min-count must be at least 2 (got {outlier_min_count})")
+        raise InputError(
+            f"{out_dir}: --outlier-min-count must be at least 2 (got {outlier_min_count})"
+        )
     if not 0.0 <= max_background <= 1.0:
-        raise InputError(f"--max-background must be in 0..1 (got {max_background})")
+        raise InputError(f"{out_dir}: --max-background must be in 0..1 (got {max_background})")
     _check_out_dir(out_dir, force)
     data = load_npz(src)
 
@@ -386,7 +388,12 @@ def prepare(
             json.dump(info, f, indent=1)
         if out_dir.exists():
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists():  # put the previous folder back
+                os.replace(old, out_dir)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
