@@ -231,4 +231,4 @@ def test_kaiming_init():
     w = model.encoders[1].conv1[0].weight  # 32 -> 64, 3x3: fan_out = 64*9
     expected_std = (2.0 / (64 * 9)) ** 0.5
     assert abs(float(w.detach().std()) / expected_std - 1) < 0.05
-    assert float(model.head.bias.abs().sum()) == 0.0
+    assert float(model.head.bias.detach().abs().sum()) == 0.0

@@ -95,18 +95,21 @@ class ASPP(nn.Module):
 
     Branches: 1x1 conv, one 3x3 conv per dilation rate, and image-level global
     average pooling broadcast back; concatenated and projected by a 1x1 conv.
+    Branches are `cout // 4` wide (DeepLab: 256 for 2048 in), so ASPP at a
+    512-channel bottleneck adds ~2.5 M parameters rather than ~10 M.
     """
 
     def __init__(self, cin: int, cout: int, rates: Sequence[int] = (1, 2, 3),
-                 norm: str = "batch", act: str = "relu"):
+                 norm: str = "batch", act: str = "relu", branch_channels: int | None = None):
         super().__init__()
-        self.branches = nn.ModuleList([conv_norm_act(cin, cout, norm, act, k=1)] +
-                                      [conv_norm_act(cin, cout, norm, act, k=3, dilation=r)
+        cb = branch_channels or max(4, cout // 4)
+        self.branches = nn.ModuleList([conv_norm_act(cin, cb, norm, act, k=1)] +
+                                      [conv_norm_act(cin, cb, norm, act, k=3, dilation=r)
                                        for r in rates])
         # no norm on the pooled branch: its spatial size is 1x1, so batch
         # statistics of a batch of one would be degenerate.
-        self.pool = nn.Sequential(nn.Conv2d(cin, cout, 1), make_act(act))
-        self.project = conv_norm_act(cout * (len(rates) + 2), cout, norm, act, k=1)
+        self.pool = nn.Sequential(nn.Conv2d(cin, cb, 1), make_act(act))
+        self.project = conv_norm_act(cb * (len(rates) + 2), cout, norm, act, k=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [b(x) for b in self.branches]
