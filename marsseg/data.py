@@ -728,6 +728,26 @@ class ShardDataset(_TorchDataset):
             mask = torch.zeros(IMAGE_SHAPE, dtype=torch.uint8)
         return image, mask
 
+    def __getitems__(self, positions: list[int]) -> list[tuple]:
+        """A whole batch with one HDF5 read per shard (DataLoader calls this when present)."""
+        import torch
+
+        pos = np.asarray(positions, np.int64)
+        pos[pos < 0] += len(self)
+        rows = self.indices[pos]
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        images = np.empty((len(rows), *IMAGE_SHAPE), np.uint8)
+        masks = np.zeros((len(rows), *IMAGE_SHAPE), np.uint8)
+        for k in np.unique(shard):
+            sel = np.flatnonzero(shard == k)
+            local, inverse = np.unique(rows[sel] - self._starts[k], return_inverse=True)
+            f = self._file(int(k))
+            images[sel] = f["images"][local][inverse]  # h5py wants increasing, unique rows
+            if self.labeled:
+                masks[sel] = f["masks"][local][inverse]
+        images_t, masks_t = torch.from_numpy(images), torch.from_numpy(masks)
+        return [(images_t[i, None], masks_t[i]) for i in range(len(rows))]
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -225,3 +226,46 @@ def test_read_dataset_errors(shards, tmp_path):
     (broken / "dataset.json").write_text("{oops")
     with pytest.raises(InputError, match="not valid JSON"):
         read_dataset(broken)
+
+
+def test_shard_dataset_batched_reads(shards, synth_arrays):
+    ds = ShardDataset(shards, "train", indices=np.arange(159, -1, -1))
+    picks = [0, 5, 5, 100, 3, -1]
+    batch = ds.__getitems__(picks)
+    for (img, mask), p in zip(batch, picks, strict=True):
+        one_img, one_mask = ds[p]
+        assert (
+            img.shape == (1, 64, 128) and torch.equal(img, one_img) and torch.equal(mask, one_mask)
+        )
+    loader = torch.utils.data.DataLoader(ds, batch_size=50, shuffle=True, num_workers=0)
+    n = sum(len(x) for x, _ in loader)
+    assert n == 160
+
+
+def test_empty_test_split(tmp_path):
+    from marsseg.data import prepare
+
+    tr = np.zeros((3, 2, 64, 128), np.uint8)
+    tr[:, 1] = 1
+    np.savez(tmp_path / "e.npz", training_set=tr, test_set=np.zeros((0, 64, 128), np.uint8))
+    info = prepare(tmp_path / "e.npz", tmp_path / "s")
+    assert info["splits"]["test"] == {"count": 0, "labeled": False, "grouped": False, "shards": []}
+    assert len(load_split(tmp_path / "s", "test")) == 0
+    assert list(iter_batches(tmp_path / "s", "test", 4)) == []
+    assert len(ShardDataset(tmp_path / "s", "test")) == 0
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mars" / "real_mars.npz"
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="real_mars.npz not present")
+def test_real_mars(tmp_path):
+    """Acceptance: the real file prepares into 2674 train and 515 labeled test images."""
+    from marsseg.data import prepare
+
+    info = prepare(REAL, tmp_path / "rm")
+    assert info["splits"]["train"]["count"] == 2674
+    assert info["splits"]["test"]["count"] == 515 and info["splits"]["test"]["labeled"]
+    assert info["class_pixel_counts"]["train"] == [8739705, 4963731, 6624495, 1476909, 100568]
+    assert info["cleaning"]["outlier_ids"] == []
+    assert len(np.unique(load_split(tmp_path / "rm", "train").groups)) == 1377
