@@ -28,16 +28,25 @@ def full_confusion_matrix(pred, target, num_classes: int = NUM_CLASSES) -> np.nd
     pred, target: integer arrays/tensors of the same shape with labels in
     0..num_classes-1. Returns int64 (C, C), rows = truth, columns = prediction.
     """
-    p = _as_numpy(pred).reshape(-1).astype(np.int64, copy=False)
-    t = _as_numpy(target).reshape(-1).astype(np.int64, copy=False)
+    if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
+        # count on the tensors' device (GPU eval): only C*C numbers cross to the host
+        p = pred.reshape(-1).long()
+        t = target.reshape(-1).to(p.device).long()
+        xp = torch
+    else:
+        p = _as_numpy(pred).reshape(-1).astype(np.int64, copy=False)
+        t = _as_numpy(target).reshape(-1).astype(np.int64, copy=False)
+        xp = np
     if p.shape != t.shape:
-        raise InputError(f"prediction has {p.size} pixels but truth has {t.size}")
-    for name, a in (("prediction", p), ("truth", t)):
-        if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise InputError(f"{name} labels must be in 0..{num_classes - 1}, "
-                             f"found {a.min()}..{a.max()}")
-    cm = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
-    return cm.reshape(num_classes, num_classes).astype(np.int64)
+        raise InputError(f"prediction has {p.numel() if xp is torch else p.size} pixels "
+                         f"but truth has {t.numel() if xp is torch else t.size}")
+    if p.shape[0]:
+        lo, hi = int(xp.minimum(p.min(), t.min())), int(xp.maximum(p.max(), t.max()))
+        if lo < 0 or hi >= num_classes:
+            raise InputError(f"labels must be in 0..{num_classes - 1}, found {lo}..{hi}")
+    cm = xp.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    cm = _as_numpy(cm).reshape(num_classes, num_classes).astype(np.int64)
+    return cm
 
 
 def confusion_matrix(pred, target, num_classes: int = NUM_CLASSES) -> np.ndarray:

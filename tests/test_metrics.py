@@ -100,3 +100,13 @@ def test_bad_labels_and_shapes():
         confusion_matrix(np.array([5]), np.array([1]))
     with pytest.raises(InputError, match="pixels"):
         confusion_matrix(np.array([1, 2]), np.array([1]))
+
+
+def test_torch_and_numpy_paths_agree():
+    rng = np.random.default_rng(1)
+    t, p = rng.integers(0, 5, (3, 8, 8)), rng.integers(0, 5, (3, 8, 8))
+    ref = full_confusion_matrix(p, t)
+    np.testing.assert_array_equal(full_confusion_matrix(torch.from_numpy(p), torch.from_numpy(t)), ref)
+    np.testing.assert_array_equal(full_confusion_matrix(torch.from_numpy(p).to(torch.uint8), t), ref)
+    with pytest.raises(InputError, match="0..4"):
+        confusion_matrix(torch.tensor([1]), torch.tensor([7]))
