@@ -1,0 +1,142 @@
+"""Recipe parsing: strict keys and types, errors that name the key, shipped recipes load."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from marsseg.config import Recipe, check_precision, load_recipe, parse_recipe
+from marsseg.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def doc(**member) -> dict:
+    m = {"name": "a", "model": {"name": "unet", "args": {"base_width": 4, "depth": 2}}}
+    m.update(member)
+    return {"folds": 2, "seed": 1, "members": [m]}
+
+
+def parse(d: dict, **kw) -> Recipe:
+    return parse_recipe(d, name="t", source="r.toml", **kw)
+
+
+def error_of(d: dict, **kw) -> str:
+    with pytest.raises(InputError) as e:
+        parse(d, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ensembles").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipes_load(path):
+    r = load_recipe(path)
+    assert r.name == path.stem and r.members and r.folds >= 2
+
+
+def test_ladder_adds_one_ingredient_per_step():
+    r = {n: load_recipe(ROOT / "ensembles" / f"{n}.toml").members[0]
+         for n in ("seed-unet1", "seed-unet2", "seed-unet3", "seed-unet4", "seed-final")}
+    assert r["seed-unet1"].model.name == "unet" and r["seed-unet1"].augment.cutmix == 0
+    assert r["seed-unet2"].model.name == "unet-se" and r["seed-unet2"].augment.cutmix > 0
+    assert r["seed-unet2"].augment.hflip > 0 and r["seed-unet2"].loss.class_weights == "none"
+    assert r["seed-unet3"].loss.class_weights != "none" and not r["seed-unet3"].loss.ignore_background
+    assert r["seed-unet4"].loss.ignore_background and r["seed-unet4"].augment.rock_target == 0
+    assert r["seed-final"].augment.rock_target == pytest.approx(0.05)
+    assert r["seed-final"].schedule.name == "cosine"
+
+
+def test_defaults_and_frozen():
+    r = parse(doc())
+    m = r.members[0]
+    assert m.epochs == 10 and m.loss.terms == {"ce": 1.0} and m.filters.max_background == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.epochs = 3
+    assert r == parse(doc())
+
+
+def test_defaults_table_is_merged_under_members():
+    d = doc()
+    d["defaults"] = {"epochs": 4, "optimizer": {"lr": 0.01, "name": "sgd"}}
+    d["members"][0]["optimizer"] = {"lr": 0.1}
+    m = parse(d).members[0]
+    assert m.epochs == 4 and m.optimizer.name == "sgd" and m.optimizer.lr == 0.1
+
+
+@pytest.mark.parametrize("member, key", [
+    ({"epochz": 3}, "members[0].epochz"),
+    ({"loss": {"terms": {"ce": 1.0}, "weights": "x"}}, "members[0].loss.weights"),
+    ({"augment": {"rotate": 0.5}}, "members[0].augment.rotate"),
+])
+def test_unknown_key_named(member, key):
+    msg = error_of(doc(**member))
+    assert msg.startswith(f"r.toml: {key}: unknown key")
+
+
+def test_unknown_top_level_key():
+    d = doc()
+    d["fold"] = 3
+    assert error_of(d).startswith("r.toml: fold: unknown key")
+
+
+@pytest.mark.parametrize("member, key", [
+    ({"epochs": -1}, "members[0].epochs"),
+    ({"epochs": 0}, "members[0].epochs"),
+    ({"epochs": "3"}, "members[0].epochs"),
+    ({"epochs": 2.5}, "members[0].epochs"),
+    ({"epochs": True}, "members[0].epochs"),
+    ({"batch_size": 0}, "members[0].batch_size"),
+    ({"augment": {"hflip": 1.5}}, "members[0].augment.hflip"),
+    ({"augment": {"cutmix": "yes"}}, "members[0].augment.cutmix"),
+    ({"loss": {"terms": {"lovasz": 1.0}}}, "members[0].loss.terms.lovasz"),
+    ({"loss": {"class_weights": "median"}}, "members[0].loss.class_weights"),
+    ({"loss": {"ignore_background": 1}}, "members[0].loss.ignore_background"),
+    ({"optimizer": {"name": "adam"}}, "members[0].optimizer.name"),
+    ({"optimizer": {"lr": -0.1}}, "members[0].optimizer.lr"),
+    ({"schedule": {"name": "onecycle"}}, "members[0].schedule.name"),
+    ({"filters": {"max_background": 2}}, "members[0].filters.max_background"),
+    ({"name": "a b"}, "members[0].name"),
+    ({"model": "unet"}, "members[0].model"),
+])
+def test_bad_values_named(member, key):
+    assert error_of(doc(**member)).startswith(f"r.toml: {key}:")
+
+
+def test_missing_model_and_duplicate_names():
+    d = doc()
+    del d["members"][0]["model"]
+    assert error_of(d).startswith("r.toml: members[0].model: is required")
+    d = doc()
+    d["members"].append(dict(d["members"][0]))
+    assert "duplicate member name" in error_of(d)
+    assert "members" in error_of({"folds": 2})
+    assert error_of({**doc(), "folds": 1}).startswith("r.toml: folds:")
+
+
+def test_unknown_model_and_bad_model_arg():
+    msg = error_of(doc(model={"name": "unet9"}))
+    assert msg.startswith("r.toml: members[0].model.name: unknown model 'unet9'") and "unet-se" in msg
+    msg = error_of(doc(model={"name": "unet", "args": {"widht": 4}}))
+    assert msg.startswith("r.toml: members[0].model.args:") and "widht" in msg
+    parse(doc(model={"name": "unet9"}), check_models=False)  # structure alone is fine
+
+
+def test_load_recipe_file_errors(tmp_path):
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    p = tmp_path / "bad.toml"
+    p.write_text("folds = [\n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_recipe(p)
+
+
+def test_fp16_is_gpu_only():
+    with pytest.raises(InputError, match="GPU-only"):
+        check_precision("fp16", gpus=0)
+    check_precision("fp16", gpus=0.5)
+    check_precision("bf16", gpus=0)
+    with pytest.raises(InputError, match="--precision"):
+        check_precision("fp8", gpus=1)

@@ -1,0 +1,147 @@
+"""train_one_fold: artifacts, reload, resume after an interruption, determinism, precision errors."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from marsseg.config import ScheduleConfig, parse_recipe
+from marsseg.data import load_split
+from marsseg.errors import InputError
+from marsseg.models.registry import load_pretrained
+from marsseg.train import ensure_splits, fold_rows, lr_at, train_one_fold
+
+ARTIFACTS = ("model.safetensors", "config.json", "metrics.jsonl", "oof.h5", "done.json",
+             "state/trainer.json", "state/model.safetensors", "state/optimizer.bin")
+
+
+def tiny_recipe(epochs: int = 2, **member) -> object:
+    m = {"name": "tiny", "epochs": epochs, "batch_size": 16,
+         "model": {"name": "unet-se", "args": {"base_width": 4, "depth": 2}},
+         "loss": {"class_weights": "inverse_sqrt", "ignore_background": True},
+         "augment": {"hflip": 0.5, "cutmix": 0.5, "rock_target": 0.05},
+         "schedule": {"name": "cosine", "warmup_epochs": 1},
+         "filters": {"max_background": 0.8, "skip_outliers": True}}
+    m.update(member)
+    return parse_recipe({"folds": 2, "seed": 3, "members": [m]}, name="tiny")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(epoch: int):
+    def progress(ev):
+        if ev["event"] == "epoch" and ev["epoch"] == epoch:
+            raise Interrupt
+    return progress
+
+
+def metrics(fold_dir):
+    return [json.loads(x) for x in (fold_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_at():
+    s = ScheduleConfig(name="cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    assert lr_at(s, 1.0, 0, 10, 5) == pytest.approx(0.1)
+    assert lr_at(s, 1.0, 9, 10, 5) == pytest.approx(1.0)
+    assert lr_at(s, 1.0, 10, 10, 5) == pytest.approx(1.0)
+    assert lr_at(s, 1.0, 50, 10, 5) == pytest.approx(0.1)
+    step = ScheduleConfig(name="step", step_epochs=2, gamma=0.5)
+    assert [lr_at(step, 1.0, e * 10, 10, 6) for e in range(5)] == [1, 1, 0.5, 0.5, 0.25]
+    plateau = ScheduleConfig(name="plateau")
+    assert lr_at(plateau, 2.0, 99, 10, 5, plateau_scale=0.1) == pytest.approx(0.2)
+    assert lr_at(ScheduleConfig(), 3.0, 7, 10, 5) == 3.0
+
+
+def test_filters_apply_to_training_rows_only(shards, tmp_path):
+    r = tiny_recipe()
+    split = load_split(shards, "train")
+    splits = ensure_splits(r, split, tmp_path)
+    train, val, n_filtered = fold_rows(split, splits, 0, r.members[0])
+    assert sorted(split.ids[val].tolist()) == sorted(splits["folds"][0]["val_ids"])
+    assert n_filtered > 0 and not split.outlier[train].any()
+    assert (split.bg_fraction[train] <= 0.8).all()
+    assert split.outlier[val].any() or (split.bg_fraction[val] > 0.8).any()  # val keeps them
+    with pytest.raises(InputError, match="k=3"):
+        ensure_splits(parse_recipe({"folds": 3, "seed": 3, "members": [
+            {"name": "t", "model": {"name": "unet"}}]}, name="x", check_models=False), split, tmp_path)
+
+
+def test_smoke_writes_every_artifact_and_reloads(shards, tmp_path):
+    r = tiny_recipe()
+    done = train_one_fold(r, "tiny", 1, shards, tmp_path, threads=1)
+    d = tmp_path / "tiny" / "fold_1"
+    for name in ARTIFACTS:
+        assert (d / name).is_file(), name
+    rows = metrics(d)
+    assert [x["epoch"] for x in rows] == [0, 1]
+    for x in rows:
+        assert {"loss", "val_miou", "val_iou", "lr", "img_s", "seconds"} <= set(x)
+        assert len(x["val_iou"]) == 5 and x["img_s"] > 0
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["member"] == "tiny" and cfg["fold"] == 1 and cfg["recipe"] == "tiny"
+    assert cfg["val_miou"] == done["val_miou"] == max(x["val_miou"] for x in rows)
+    model = load_pretrained(d)
+    assert model(torch.zeros(2, 1, 64, 128)).shape == (2, 5, 64, 128)
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    with h5py.File(d / "oof.h5") as f:
+        ids, probs = f["ids"][()], f["probs"][()]
+    assert ids.tolist() == sorted(splits["folds"][1]["val_ids"])
+    assert probs.dtype == np.float16 and probs.shape == (len(ids), 5, 64, 128)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(1), 1.0, atol=5e-3)
+    assert done["n_val"] == len(ids) and done["precision"] == "bf16" and done["epochs_run"] == 2
+    assert json.loads((d / "state" / "trainer.json").read_text())["epoch"] == 1
+
+    # a finished fold is not trained again
+    events = []
+    again = train_one_fold(r, "tiny", 1, shards, tmp_path, progress=events.append)
+    assert again == done and events == []
+
+
+def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp_path):
+    r = tiny_recipe(epochs=3)
+    whole = train_one_fold(r, "tiny", 0, shards, tmp_path / "a", threads=1, precision="no")
+
+    with pytest.raises(Interrupt):
+        train_one_fold(r, "tiny", 0, shards, tmp_path / "b", threads=1, precision="no",
+                       progress=stop_after(1))
+    d = tmp_path / "b" / "tiny" / "fold_0"
+    assert not (d / "done.json").exists()
+    assert [x["epoch"] for x in metrics(d)] == [0, 1]
+    events = []
+    resumed = train_one_fold(r, "tiny", 0, shards, tmp_path / "b", threads=1, precision="no",
+                             progress=events.append)
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [2]
+    assert events[0]["event"] == "start" and events[0]["resumed_from"] == 1
+    rows = metrics(d)
+    assert [x["epoch"] for x in rows] == [0, 1, 2] and rows[2].get("resumed") is True
+    # every epoch is seeded, so the resumed fold retraces the uninterrupted one exactly
+    a = load_file(str(tmp_path / "a" / "tiny" / "fold_0" / "model.safetensors"))
+    b = load_file(str(d / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert resumed["val_miou"] == whole["val_miou"]
+    assert resumed["sha256"] == whole["sha256"]
+
+
+def test_early_stopping_and_plateau(shards, tmp_path):
+    r = tiny_recipe(epochs=6, patience=1, optimizer={"lr": 1e-9},
+                    schedule={"name": "plateau", "plateau_patience": 1, "gamma": 0.5})
+    done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no")
+    rows = metrics(tmp_path / "tiny" / "fold_0")
+    # lr 1e-9 cannot improve on epoch 0 except by noise: stop after one epoch without gain
+    assert done["stopped_early"] and len(rows) < 6
+
+
+def test_fp16_on_cpu_is_an_input_error(shards, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(InputError, match="GPU-only"):
+        train_one_fold(tiny_recipe(), "tiny", 0, shards, tmp_path, precision="fp16")
+    assert not (tmp_path / "tiny").exists()
