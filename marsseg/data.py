@@ -116,8 +116,11 @@ def check_file(path: Path) -> Path:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an .npz file")
-    with open(path, "rb") as f:
-        head = f.read(6)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     if head == b"\x93NUMPY":
         raise InputError(f"{path}: is a single .npy array, not an .npz archive")
     if not zipfile.is_zipfile(path):
@@ -309,6 +312,8 @@ def prepare(
     if not 0.0 <= max_background <= 1.0:
         raise InputError(f"{out_dir}: --max-background must be in 0..1 (got {max_background})")
     _check_out_dir(out_dir, force)
+    if out_dir.exists() and src.resolve().is_relative_to(out_dir.resolve()):
+        raise InputError(f"{src}: is inside {out_dir}, which --force would replace")
     data = load_npz(src)
 
     n, m = len(data.train_images), len(data.test_images)
@@ -339,11 +344,11 @@ def prepare(
     if data.test_groups is not None:
         test["groups"] = np.array(data.test_groups, dtype=str)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         info = {
             "format_version": FORMAT_VERSION,
@@ -394,6 +399,8 @@ def prepare(
             if old.exists():  # put the previous folder back
                 os.replace(old, out_dir)
             raise
+    except OSError as e:  # disk full, permissions, a file where a folder should be
+        raise InputError(f"{out_dir}: cannot write the shard folder ({e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -368,3 +368,23 @@ def test_inspect_bad_inputs(tmp_path):
     empty = tmp_path / "folder"
     empty.mkdir()
     assert_user_error(run("inspect", empty), empty, "dataset.json")
+
+
+def test_prepare_unwritable_destination(tmp_path):
+    src = save(tmp_path / "ok.npz", small())
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    out = blocker / "shards"
+    assert_user_error(run("prepare", src, out), out, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "ok.npz"]
+    res = run("synth", blocker / "s.npz", "--n-train", 3)
+    assert_user_error(res, blocker / "s.npz", "cannot write")
+
+
+def test_prepare_force_refuses_to_delete_its_source(tmp_path):
+    npz = save(tmp_path / "a.npz", small())
+    out = tmp_path / "shards"
+    assert run("prepare", npz, out).exit_code == 0
+    inner = save(out / "copy.npz", small())
+    assert_user_error(run("prepare", inner, out, "--force"), inner, "inside")
+    assert inner.exists() and (out / "dataset.json").exists()
