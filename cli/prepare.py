@@ -36,7 +36,7 @@ def prepare(
         ),
     ] = 0.8,
 ) -> None:
-    """Check keys, shapes, whole-number values and labels 0..4; flag (never drop) outliers."""
+    """Validate an npz and write HDF5 shards + dataset.json; flags outliers, never drops them."""
     from marsseg.data import prepare as run_prepare
 
     with user_errors():

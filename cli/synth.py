@@ -27,7 +27,7 @@ def synth(
         ),
     ] = None,
 ) -> None:
-    """Procedural terrain (soil, bedrock, sand, rare big rocks, sky and rover as background)."""
+    """Write synthetic Mars-like terrain in the course npz layout (deterministic per seed)."""
     from marsseg.synth import default_n_outliers, write_synthetic
 
     with user_errors():

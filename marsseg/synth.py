@@ -151,8 +151,11 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             rng.uniform(SCENE_H - 12, SCENE_H), x0, rng.uniform(8, 14), rng.uniform(8, 14)
         )
         edge = body & ~np.roll(body, 2, axis=0)
-        rel[body] = rng.normal(-30, 8) + 4.0 * np.sin(_XX[body] / 2.0)
-        rel[edge] = 55.0
+        # Hardware is far darker or brighter than terrain, with panel seams and a lit rim.
+        tone = rng.choice([-45.0, 70.0]) + rng.normal(0, 6)
+        seams = (np.abs(np.sin(_XX[body] / 5.0)) < 0.15) | (np.abs(np.sin(_YY[body] / 4.0)) < 0.15)
+        rel[body] = tone - 25.0 * np.sign(tone) * seams
+        rel[edge] = 80.0
         mask[body] = 0
     # Unlabeled patch, like gaps in crowd-sourced polygons.
     if rng.random() < 0.08:
