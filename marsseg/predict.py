@@ -248,11 +248,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward_tta(model: nn.Module, x: torch.Tensor,
-                views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> torch.Tensor:
-    """Softmax of ``model`` averaged over TTA views, all views in one forward pass.
+def forward_views(model: nn.Module, x: torch.Tensor,
+                  views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> list[torch.Tensor]:
+    """Softmax of each TTA view, flipped back, from ONE forward pass over the stacked views.
 
-    Shape: x float (B, 1, H, W) in 0..255 -> probs float32 (B, C, H, W).
+    Shape: x float (B, 1, H, W) in 0..255 -> list of float32 (B, C, H, W), one per view.
     """
     b = x.shape[0]
     xx = torch.cat([x.flip(d) if d else x for d in views]) if len(views) > 1 else x
@@ -260,12 +260,23 @@ def forward_tta(model: nn.Module, x: torch.Tensor,
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
     p = torch.softmax(logits.float(), dim=1)
-    out = None
-    for k, d in enumerate(views):
-        pk = p[k * b:(k + 1) * b]
-        pk = pk.flip(d) if d else pk
-        out = pk if out is None else out + pk
-    return out / len(views) if len(views) > 1 else out
+    return [p[k * b:(k + 1) * b].flip(d) if d else p[k * b:(k + 1) * b]
+            for k, d in enumerate(views)]
+
+
+def forward_tta(model: nn.Module, x: torch.Tensor,
+                views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> torch.Tensor:
+    """Softmax of ``model`` averaged over TTA views, all views in one forward pass.
+
+    Shape: x float (B, 1, H, W) in 0..255 -> probs float32 (B, C, H, W).
+    """
+    ps = forward_views(model, x, views)
+    if len(ps) == 1:
+        return ps[0]
+    out = ps[0].clone()
+    for p in ps[1:]:
+        out += p
+    return out.div_(len(ps))
 
 
 def to_labels(probs: torch.Tensor, classes: str = "foreground") -> torch.Tensor:

@@ -1,0 +1,278 @@
+"""Score a run folder on labeled data: every single fold, the ensemble, the ensemble with TTA.
+
+One pass over the data: per batch, each fold model sees all TTA views in one
+forward pass, which gives its plain score (identity view) and its TTA score,
+and feeds the plain and TTA ensemble averages. Scores follow the course metric
+(``metrics.course_miou``: truth-0 pixels dropped), beside per-class IoU and
+pixel accuracy.
+
+Two modes:
+- ``test``: all models on all images of a labeled split (test shards with masks,
+  or an npz with ``test_masks``).
+- ``oof`` (split ``train``): each fold model only on its own validation images
+  (``splits.json``), the ensemble per image from the folds that held it out —
+  the honest score when the test split has no masks.
+
+Results go to ``<run>/scores.json`` (atomic write).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import CLASS_NAMES, NUM_CLASSES
+from .errors import InputError
+from .metrics import class_iou, confusion_matrix, course_miou, full_confusion_matrix, pixel_accuracy
+from .predict import (
+    PredictConfig,
+    Predictor,
+    _autocast,
+    _check_images,
+    check_shards,
+    forward_views,
+    load_ensemble,
+    progress_bar,
+    to_labels,
+)
+
+SCORES_NAME = "scores.json"
+
+
+@dataclass
+class _Meter:
+    """Course confusion matrix (truth 0 dropped) plus the full one, and an image count."""
+
+    cm: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES,) * 2, np.int64))
+    full: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES,) * 2, np.int64))
+    images: int = 0
+
+    def update(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        f = full_confusion_matrix(pred, truth)
+        self.full += f
+        f[0, :] = 0
+        self.cm += f
+        self.images += len(pred)
+
+    def row(self, name: str, kind: str, tta: bool) -> dict:
+        iou = class_iou(self.cm)
+        return {"name": name, "kind": kind, "tta": tta, "images": self.images,
+                "miou": _num(course_miou(self.cm)), "pixel_accuracy": _num(pixel_accuracy(self.cm)),
+                "iou": [_num(v) for v in iou]}
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+
+
+def per_image_miou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Course mIoU of each image on its own. Shape: (b, H, W) x2 -> float (b,), NaN if unlabeled."""
+    return np.array([course_miou(confusion_matrix(p, t)) for p, t in zip(pred, truth, strict=True)])
+
+
+def _labeled(data: Path, split: str) -> bool:
+    from .data import split_info
+
+    return bool(split_info(data, split)["labeled"])
+
+
+def choose_split(data: str | os.PathLike, split: str | None) -> str:
+    """``test`` when it has masks, else ``train`` (out-of-fold); an explicit split must be labeled."""
+    data = Path(data)
+    if split is None:
+        return "test" if _labeled(data, "test") else "train"
+    if split == "test" and not _labeled(data, "test"):
+        raise InputError(f"{data}: the test split has no masks; use --split train for "
+                         "out-of-fold scores")
+    return split
+
+
+def _oof_folds(run_dir: Path) -> dict[int, np.ndarray]:
+    path = run_dir / "splits.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; out-of-fold scores need the run's splits")
+    try:
+        spec = json.loads(path.read_text())
+        return {int(f["fold"]): np.asarray(f["val_ids"], np.int64) for f in spec["folds"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: malformed ({e})") from None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
+             cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
+             folds: Sequence[int] | None = None, split: str | None = None,
+             progress: bool = False, write: bool = True) -> dict:
+    """Score single folds, the ensemble and the ensemble with TTA on labeled data.
+
+    ``cfg.tta`` False skips the TTA rows. Returns the scores dict (also written to
+    ``<run_dir>/scores.json`` when ``write``); scores are fractions 0..1.
+    """
+    from .data import as_batches, split_info
+
+    run_dir, data = Path(run_dir), Path(data)
+    if not data.exists():
+        raise InputError(f"{data}: data path does not exist")
+    split = choose_split(data, split)
+    if data.is_dir():
+        check_shards(data, split)
+    total = int(split_info(data, split)["count"])
+    ens = load_ensemble(run_dir, members, folds)
+    oof = split == "train"
+    val_ids = _oof_folds(run_dir) if oof else None
+    pred = Predictor(ens, cfg)
+    views = cfg.views
+    tta = len(views) > 1
+    member_names = list(dict.fromkeys(m.member for m in ens.models))
+    # OOF: one fold per member sees each image, so that fold carries the member's whole share.
+    member_share = {n: sum(m.weight for m in ens.models if m.member == n) for n in member_names}
+
+    fold_m = {m.name: _Meter() for m in ens.models}
+    fold_t = {m.name: _Meter() for m in ens.models}
+    ens_m, ens_t = _Meter(), _Meter()
+    img_ids: list[np.ndarray] = []
+    img_scores: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    stream = as_batches(data, split, cfg.batch_size, with_masks=True)
+    with progress_bar(total, f"evaluate ({'out-of-fold' if oof else split})", progress) as advance, \
+            torch.inference_mode():
+        for ids, images, masks in _with_masks(stream, str(data)):
+            x = pred._input(images)
+            b = len(ids)
+            acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
+            acc_t = torch.zeros_like(acc_m)
+            cover = np.zeros(b)
+            for fm, model in zip(ens.models, pred.models, strict=True):
+                if oof:
+                    if fm.fold not in val_ids:
+                        raise InputError(f"{run_dir / 'splits.json'}: no fold {fm.fold}")
+                    rows = np.isin(ids, val_ids[fm.fold])
+                    if not rows.any():
+                        continue
+                    w = member_share[fm.member]
+                else:
+                    rows = np.ones(b, bool)
+                    w = fm.weight
+                sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
+                with _autocast(pred.device, pred.precision):
+                    ps = forward_views(model, x[sel] if oof else x, views)
+                plain = ps[0]
+                both = sum(ps[1:], ps[0].clone()) / len(ps) if tta else plain
+                truth = masks[rows]
+                fold_m[fm.name].update(to_labels(plain, cfg.classes).cpu().numpy(), truth)
+                if tta:
+                    fold_t[fm.name].update(to_labels(both, cfg.classes).cpu().numpy(), truth)
+                acc_m.index_add_(0, sel, plain * w)
+                acc_t.index_add_(0, sel, both * w)
+                cover[rows] += w
+            done = cover > 1 - 1e-6  # every selected member contributed (always, in test mode)
+            if done.any():
+                truth = masks[done]
+                lab_m = to_labels(acc_m[done], cfg.classes).cpu().numpy()
+                ens_m.update(lab_m, truth)
+                lab_t = to_labels(acc_t[done], cfg.classes).cpu().numpy() if tta else lab_m
+                if tta:
+                    ens_t.update(lab_t, truth)
+                img_ids.append(ids[done])
+                img_scores.append(per_image_miou(lab_t, truth))
+            advance(b)
+    dt = time.perf_counter() - t0
+    rows_out = [fold_m[m.name].row(m.name, "fold", False) for m in ens.models]
+    if tta:
+        for r, m in zip(rows_out, ens.models, strict=True):
+            t = fold_t[m.name].row(m.name, "fold", True)
+            r["miou_tta"] = t["miou"]
+    rows_out.append(ens_m.row("ensemble", "ensemble", False))
+    best = ens_m
+    if tta:
+        rows_out.append(ens_t.row("ensemble+tta", "ensemble", True))
+        best = ens_t
+    ids_all = np.concatenate(img_ids) if img_ids else np.zeros(0, np.int64)
+    scores_all = np.concatenate(img_scores) if img_scores else np.zeros(0)
+    result = {
+        "format_version": 1,
+        "run": str(run_dir), "data": str(data), "split": split,
+        "mode": "oof" if oof else "test", "images": total,
+        "classes": cfg.classes, "views": len(views), "precision": pred.precision,
+        "device": str(pred.device), "seconds": round(dt, 2),
+        "class_names": list(CLASS_NAMES), "members": member_names, "models": ens.names,
+        "rows": rows_out,
+        "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
+        "per_image": {"ids": ids_all.tolist(), "miou": [_num(v) for v in scores_all]},
+    }
+    if write:
+        target = run_dir if run_dir.is_dir() else run_dir.parent
+        _write_json(target / SCORES_NAME, result)
+        result["path"] = str(target / SCORES_NAME)
+    return result
+
+
+def _with_masks(stream, where: str):
+    """Check (ids, images, masks) batches: image/mask shape, increasing ids; read errors of a
+    shard become InputError. ``as_batches`` already yields fixed-size batches."""
+    last = None
+    it = iter(stream)
+    while True:
+        try:
+            ids, images, masks = next(it)
+        except StopIteration:
+            return
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{where}: cannot read labeled images ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        ids = np.asarray(ids, np.int64)
+        _check_images(np.asarray(images), where)
+        if np.shape(masks) != np.shape(images):
+            raise InputError(f"{where}: masks have shape {np.shape(masks)[1:]}, images "
+                             f"{np.shape(images)[1:]}")
+        if len(ids) and (np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last)):
+            raise InputError(f"{where}: image ids are not in increasing order")
+        if len(ids):
+            last = int(ids[-1])
+            yield ids, np.asarray(images), np.asarray(masks)
+
+
+def format_table(result: dict):
+    """A rich Table of a scores dict (values x100)."""
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    t = Table(title=f"scores on {result['data']} ({result['mode']}, {result['images']} images, "
+                    f"classes={result['classes']})")
+    t.add_column("model")
+    t.add_column("mIoU", justify="right")
+    if any("miou_tta" in r for r in result["rows"]):
+        t.add_column("mIoU +TTA", justify="right")
+    t.add_column("pixel acc", justify="right")
+    for name in result["class_names"][1:]:
+        t.add_column(name, justify="right")
+    has_tta_col = any("miou_tta" in r for r in result["rows"])
+    for r in result["rows"]:
+        cells = [r["name"], pct(r["miou"])]
+        if has_tta_col:
+            cells.append(pct(r.get("miou_tta")))
+        cells.append(pct(r["pixel_accuracy"]))
+        cells += [pct(v) for v in r["iou"][1:]]
+        style = "bold" if r["kind"] == "ensemble" else None
+        t.add_row(*cells, style=style)
+    return t

@@ -1,0 +1,307 @@
+"""Plots of a run: confusion matrix, per-class IoU, training curves, best/worst overlays.
+
+Figures are built with ``matplotlib.figure.Figure`` (Agg canvas, no pyplot
+global state) and written atomically. Scores come from ``evaluate`` on the
+given labeled data, else from the run's ``scores.json``; training curves come
+from every fold's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import CLASS_NAMES, NUM_CLASSES
+from .errors import InputError
+from .predict import PredictConfig, Predictor, load_ensemble, read_ensemble_json
+
+#: background, soil, bedrock, sand, big rock
+CLASS_COLORS = ("#000000", "#c48a50", "#7f7f7f", "#f2d16b", "#d62728")
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), layout="constrained")
+
+
+# --------------------------------------------------------------------------- single plots
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str = "confusion (rows: truth)") -> Path:
+    """Row-normalised confusion matrix with counts. cm int (C, C), rows = truth."""
+    cm = np.asarray(cm, dtype=np.int64)
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    fig = _figure(6.2, 5.2)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    n = cm.shape[0]
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{100 * share[i, j]:.1f}%\n{cm[i, j]:,}", ha="center", va="center",
+                    fontsize=7, color="white" if share[i, j] > 0.55 else "black")
+    names = list(CLASS_NAMES[:n])
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of truth row")
+    return _save(fig, path)
+
+
+def plot_iou(rows: Sequence[dict], path: Path) -> Path:
+    """Per-class IoU bars: each fold (light), ensemble and ensemble+TTA (dark)."""
+    fig = _figure(8, 4.2)
+    ax = fig.add_subplot()
+    classes = np.arange(1, NUM_CLASSES)
+    folds = [r for r in rows if r["kind"] == "fold"]
+    ens = [r for r in rows if r["kind"] == "ensemble"]
+    groups = folds + ens
+    width = 0.8 / max(len(groups), 1)
+    for k, r in enumerate(groups):
+        iou = np.array([np.nan if v is None else v for v in r["iou"]], dtype=float)[classes]
+        is_ens = r["kind"] == "ensemble"
+        color = ("#1f4e79" if r.get("tta") else "#3a7dc2") if is_ens else "#b0c4de"
+        miou = "-" if r["miou"] is None else f"{100 * r['miou']:.1f}"
+        ax.bar(classes - 0.4 + width * (k + 0.5), 100 * iou, width, color=color,
+               edgecolor="white", linewidth=0.3,
+               label=(f"{r['name']} (mIoU {miou})" if is_ens
+                      else f"{len(folds)} single folds" if k == 0 else None))
+    ax.set_xticks(classes, [CLASS_NAMES[c] for c in classes])
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("per-class IoU: folds (light) and ensemble (dark)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
+    """``{"member/fold_k": [epoch records]}`` from every fold's metrics.jsonl (all members)."""
+    run_dir = Path(run_dir)
+    out: dict[str, list[dict]] = {}
+    if (run_dir / "ensemble.json").is_file():
+        spec = read_ensemble_json(run_dir)
+        folders = [(f"{m['name']}/fold_{f['fold']}", run_dir / f.get("path", ""))
+                   for m in spec["members"] for f in m.get("folds", [])]
+    else:
+        folders = [(run_dir.name, run_dir)]
+    for name, folder in folders:
+        path = folder / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        recs = []
+        for line in path.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+        if recs:
+            out[name] = recs
+    return out
+
+
+def plot_curves(metrics: dict[str, list[dict]], path: Path) -> Path | None:
+    """One panel per numeric metric (loss, mIoU, lr ...), one line per fold, x = epoch."""
+    keys: list[str] = []
+    for recs in metrics.values():
+        for r in recs:
+            for k, v in r.items():
+                if (k not in ("epoch", "step", "fold", "time", "seconds", "wall_s")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and k not in keys):
+                    keys.append(k)
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig = _figure(4.2 * cols, 3.0 * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    members = list(dict.fromkeys(n.split("/")[0] for n in metrics))
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    cmap = colormaps["tab10"]
+    for ax, key in zip(axes, keys, strict=False):
+        for name, recs in metrics.items():
+            pts = [(r.get("epoch", i), r[key]) for i, r in enumerate(recs)
+                   if isinstance(r.get(key), (int, float))]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                color = cmap(members.index(name.split("/")[0]) % 10)
+                ax.plot(x, y, color=color, alpha=0.8, lw=1.2, marker="." if len(x) < 15 else None,
+                        label=name)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "lr":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6, ncol=1 + len(metrics) // 8)
+    fig.suptitle("training curves of every fold")
+    return _save(fig, path)
+
+
+def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, disagreement: np.ndarray,
+                  titles: Sequence[str], path: Path, heading: str) -> Path:
+    """Rows of image | truth | prediction | member disagreement. Shapes (n, H, W)."""
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(CLASS_COLORS)
+    n = len(images)
+    fig = _figure(13, 1.9 * n + 0.6)
+    axes = fig.subplots(n, 4, squeeze=False)
+    for i in range(n):
+        panels = ((images[i], "gray", 0, 255, "image"),
+                  (truth[i], cmap, 0, NUM_CLASSES - 1, "truth"),
+                  (pred[i], cmap, 0, NUM_CLASSES - 1, "prediction"),
+                  (disagreement[i], "magma", 0, 1, "member disagreement"))
+        for ax, (a, cm, lo, hi, name) in zip(axes[i], panels, strict=True):
+            ax.imshow(a, cmap=cm, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+        axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=c, label=nm) for c, nm in zip(CLASS_COLORS, CLASS_NAMES,
+                                                                  strict=True)],
+               loc="lower center", ncol=NUM_CLASSES, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(heading)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _pick_rows(data: Path, split: str, ids: np.ndarray, batch_size: int = 256):
+    """images and masks of the given ids (streaming; only those rows are kept)."""
+    from .data import as_batches
+
+    want = set(int(i) for i in ids)
+    got: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for b_ids, b_img, b_mask in as_batches(data, split, batch_size, with_masks=True):
+        for k, i in enumerate(b_ids):
+            if int(i) in want:
+                got[int(i)] = (b_img[k], b_mask[k])
+    return (np.stack([got[int(i)][0] for i in ids]), np.stack([got[int(i)][1] for i in ids]))
+
+
+def _overlay_predictions(run_dir: Path, scores: dict, ids: np.ndarray, images: np.ndarray,
+                         cfg: PredictConfig, members, folds):
+    """Ensemble labels and disagreement for the chosen images; out-of-fold in OOF mode."""
+    labels = np.zeros(images.shape, np.uint8)
+    dis = np.zeros(images.shape, np.float32)
+    if scores.get("mode") == "oof":
+        from .evaluate import _oof_folds
+
+        val = _oof_folds(run_dir)
+        for k, vids in val.items():
+            if folds is not None and k not in folds:
+                continue
+            rows = np.flatnonzero(np.isin(ids, vids))
+            if len(rows):
+                r = Predictor(load_ensemble(run_dir, members, [k]), cfg)(
+                    ids[rows], images[rows], want_disagreement=True)
+                labels[rows], dis[rows] = r.labels, r.disagreement
+    else:
+        r = Predictor(load_ensemble(run_dir, members, folds), cfg)(
+            ids, images, want_disagreement=True)
+        labels, dis = r.labels, r.disagreement
+    return labels, dis
+
+
+def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+           data: str | os.PathLike | None = None, cfg: PredictConfig = PredictConfig(),
+           members: Sequence[str] | None = None, folds: Sequence[int] | None = None,
+           split: str | None = None, n_overlays: int = 4, progress: bool = False) -> dict:
+    """Write the report PNGs into ``out_dir`` (created); returns {"files": [...], "notes": [...]}.
+
+    With ``data`` (labeled) the scores are computed now (``evaluate``, also updating
+    scores.json); without it they come from ``<run>/scores.json`` and overlays are skipped.
+    """
+    from .evaluate import SCORES_NAME
+    from .evaluate import evaluate as run_evaluate
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: run folder does not exist")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"{out_dir}: parent folder {out_dir.parent} does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")
+    files: list[str] = []
+    notes: list[str] = []
+    scores = None
+    if data is not None:
+        scores = run_evaluate(run_dir, data, cfg=cfg, members=members, folds=folds, split=split,
+                              progress=progress)
+    elif (run_dir / SCORES_NAME).is_file():
+        try:
+            scores = json.loads((run_dir / SCORES_NAME).read_text())
+        except ValueError as e:
+            raise InputError(f"{run_dir / SCORES_NAME}: not valid JSON ({e})") from None
+        notes.append(f"scores from {run_dir / SCORES_NAME}; pass --data for overlays")
+    else:
+        notes.append("no --data and no scores.json: only training curves")
+    out_dir.mkdir(exist_ok=True)
+
+    curves = plot_curves(read_metrics(run_dir), out_dir / "training_curves.png")
+    if curves:
+        files.append(str(curves))
+    else:
+        notes.append("no metrics.jsonl found: no training curves")
+    if scores:
+        best = scores["rows"][-1]
+        files.append(str(plot_confusion(
+            np.array(scores["confusion"]), out_dir / "confusion.png",
+            f"{best['name']} on {'out-of-fold ' if scores['mode'] == 'oof' else ''}"
+            f"{scores['split']} split "
+            f"(mIoU {100 * (best['miou'] or 0):.2f}; rows: truth)")))
+        files.append(str(plot_iou(scores["rows"], out_dir / "iou.png")))
+    if scores and data is not None and scores["per_image"]["ids"]:
+        ids = np.array(scores["per_image"]["ids"], np.int64)
+        s = np.array([np.nan if v is None else v for v in scores["per_image"]["miou"]])
+        ok = np.flatnonzero(np.isfinite(s))
+        order = ok[np.argsort(s[ok], kind="stable")]
+        k = min(n_overlays, len(order) // 2 if len(order) > 1 else len(order))
+        for tag, pick in (("best", order[::-1][:k]), ("worst", order[:k])):
+            if not len(pick):
+                continue
+            pick_ids = ids[pick]
+            srt = np.argsort(pick_ids)
+            images, truth = _pick_rows(Path(data), scores["split"], pick_ids[srt])
+            back = np.argsort(srt)  # restore best-first / worst-first order
+            images, truth = images[back], truth[back]
+            labels, dis = _overlay_predictions(run_dir, scores, pick_ids, images, cfg,
+                                               members, folds)
+            titles = [f"id {i}\nmIoU {100 * s[p]:.1f}" for i, p in zip(pick_ids, pick,
+                                                                       strict=True)]
+            files.append(str(plot_overlays(images, truth, labels, dis, titles,
+                                           out_dir / f"overlays_{tag}.png",
+                                           f"{tag} {k} images by per-image mIoU "
+                                           f"({scores['rows'][-1]['name']})")))
+    return {"files": files, "notes": notes, "scores": scores.get("path") if scores else None}
