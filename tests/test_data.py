@@ -269,3 +269,16 @@ def test_real_mars(tmp_path):
     assert info["class_pixel_counts"]["train"] == [8739705, 4963731, 6624495, 1476909, 100568]
     assert info["cleaning"]["outlier_ids"] == []
     assert len(np.unique(load_split(tmp_path / "rm", "train").groups)) == 1377
+
+
+def test_course_sized_outlier_group_flagged_exactly(tmp_path):
+    """Acceptance: a synthetic file with 110 identical-mask outliers gets exactly those flagged."""
+    from marsseg.data import prepare
+    from marsseg.synth import write_synthetic
+
+    arrays = write_synthetic(tmp_path / "s.npz", 220, 0, seed=11, n_outliers=110)
+    planted = [i for i, s in enumerate(arrays["training_source"]) if "-alien-" in s]
+    info = prepare(tmp_path / "s.npz", tmp_path / "shards")
+    assert len(planted) == 110
+    assert info["cleaning"]["outlier_ids"] == planted
+    assert [g["count"] for g in info["cleaning"]["duplicate_mask_groups"]] == [110]
