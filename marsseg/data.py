@@ -102,6 +102,8 @@ def _groups(z, path: Path, key: str, n: int) -> list[str] | None:
     g = _read_member(z, path, key)
     if g.ndim != 1 or len(g) != n:
         raise InputError(f"{path}: '{key}' has shape {_shape_str(g.shape)}, expected ({n},)")
+    if n == 0:
+        return []
     if g.dtype.kind not in "USiu":
         raise InputError(f"{path}: '{key}' has dtype {g.dtype}, expected strings")
     if g.dtype.kind == "S":

@@ -234,8 +234,8 @@ def make_synthetic(
         "training_set": np.stack([tr_img, tr_mask], axis=1),
         "test_set": te_img,
         "test_masks": te_mask,
-        "training_source": np.array(tr_src),
-        "test_source": np.array(te_src),
+        "training_source": np.array(tr_src, dtype=str),
+        "test_source": np.array(te_src, dtype=str),
     }
 
 
