@@ -195,6 +195,8 @@ def load_npz(path: Path) -> NpzData:
 def class_counts(masks: np.ndarray) -> np.ndarray:
     """Per-image class pixel counts: masks uint8 (n, H, W) -> int64 (n, 5)."""
     n = masks.shape[0]
+    if n == 0:
+        return np.zeros((0, NUM_CLASSES), np.int64)
     flat = masks.reshape(n, -1).astype(np.int64) + NUM_CLASSES * np.arange(n)[:, None]
     return np.bincount(flat.ravel(), minlength=n * NUM_CLASSES).reshape(n, NUM_CLASSES)
 
