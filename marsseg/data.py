@@ -79,7 +79,7 @@ def _whole_numbers(a: np.ndarray, path: Path, key: str, lo: int, hi: int, what: 
         if frac.any():
             idx = tuple(np.argwhere(frac)[0])
             raise InputError(
-                f"{path}: '{key}' has non-integer {what} values, e.g. {a[idx]!r} in row {idx[0]}"
+                f"{path}: '{key}' has non-integer {what} values, e.g. {float(a[idx])} in row {idx[0]}"
             )
     bad = (a < lo) | (a > hi)
     if bad.any():
