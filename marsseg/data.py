@@ -539,8 +539,13 @@ def load_split(shard_dir: Path, split: str) -> Split:
     parts: dict[str, list] = {}
     for p in paths:
         with _open_h5(p) as f:
+            if "images" not in f or "ids" not in f:
+                raise InputError(f"{p}: not a marsseg shard (no 'images' or 'ids' dataset)")
             for k in f.keys():
-                a = f[k][()]
+                try:
+                    a = f[k][()]
+                except OSError as e:
+                    raise InputError(f"{p}: dataset '{k}' is unreadable ({e})") from None
                 if k == "groups":
                     a = np.array(
                         [s.decode() if isinstance(s, bytes) else str(s) for s in a], dtype=str

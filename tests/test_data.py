@@ -282,3 +282,16 @@ def test_course_sized_outlier_group_flagged_exactly(tmp_path):
     assert len(planted) == 110
     assert info["cleaning"]["outlier_ids"] == planted
     assert [g["count"] for g in info["cleaning"]["duplicate_mask_groups"]] == [110]
+
+
+def test_corrupt_shard_is_an_input_error(shards, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    data = (bad / "train-001.h5").read_bytes()
+    (bad / "train-001.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="train-001.h5"):
+        load_split(bad, "train")
+    with pytest.raises(InputError, match="train-001.h5"):
+        list(iter_batches(bad, "train", 50))
