@@ -38,6 +38,7 @@ ray_cluster_down() {
   [ "$_ray_stopped" = 1 ] && return "$rc"
   _ray_stopped=1
   trap - EXIT INT TERM
+  set +e  # best effort from here on: a process already gone is not an error
   _ray_log "stopping Ray (exit code $rc)"
   if [ -n "$_ray_driver_pid" ]; then
     # A driver whose cluster is going away can hang in its own shutdown; give it
@@ -62,7 +63,7 @@ ray_cluster_down() {
   done
   for pid in "${_ray_step_pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
   wait 2>/dev/null
-  [ "$rc" = 0 ] && rm -rf "$RAY_TMP"
+  if [ "$rc" = 0 ]; then rm -rf "$RAY_TMP"; fi
   return "$rc"
 }
 
