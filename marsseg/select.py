@@ -1,0 +1,141 @@
+"""Choose ensemble members and weights by out-of-fold score (Caruana et al. 2004).
+
+nnU-Net picks its final configuration (or pair) by cross-validation score; we
+generalise that to greedy forward selection with replacement over the members
+of a run: start empty, repeatedly add the member whose inclusion gives the best
+out-of-fold course mIoU of the weighted softmax average, stop when nothing
+improves. A member picked twice gets twice the weight. The choice uses only the
+out-of-fold predictions that train-folds wrote (``oof.h5``), never test masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import InputError
+from .metrics import class_iou, confusion_matrix, course_miou
+
+
+@dataclass(frozen=True)
+class Selection:
+    weights: dict[str, float]      # member -> weight (sums to 1)
+    oof_miou: float                # OOF course mIoU of the weighted ensemble
+    single: dict[str, float]       # member -> its own OOF course mIoU
+    trace: list[dict]              # one entry per greedy step
+
+
+def read_ensemble(run_dir: Path) -> dict:
+    path = Path(run_dir) / "ensemble.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no ensemble.json (not a finished train-folds run folder)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable ensemble.json ({e})") from None
+
+
+def load_oof(run_dir: Path, member: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold softmax of one member over all its folds.
+
+    Returns ids int64 (n,) sorted, probs float16 (n, 5, H, W).
+    """
+    ids, probs = [], []
+    for fold in member["folds"]:
+        path = Path(run_dir) / fold["path"] / "oof.h5"
+        try:
+            with h5py.File(path, "r") as f:
+                ids.append(f["ids"][:])
+                probs.append(f["probs"][:])
+        except (OSError, KeyError) as e:
+            raise InputError(f"{path}: cannot read out-of-fold predictions ({e})") from None
+    ids_a = np.concatenate(ids)
+    order = np.argsort(ids_a, kind="stable")
+    return ids_a[order], np.concatenate(probs)[order]
+
+
+def _score(probs: np.ndarray, masks: np.ndarray, chunk: int = 256) -> tuple[float, np.ndarray]:
+    """Course mIoU and per-class IoU of foreground argmax (classes 1-4), as submissions are made."""
+    cm = np.zeros((5, 5), np.int64)
+    for s in range(0, len(probs), chunk):
+        pred = probs[s:s + chunk, 1:].argmax(1) + 1
+        cm += confusion_matrix(pred, masks[s:s + chunk])
+    return course_miou(cm), class_iou(cm)
+
+
+def select_members(oof: dict[str, np.ndarray], masks: np.ndarray, max_steps: int | None = None,
+                   ) -> Selection:
+    """Greedy forward selection with replacement on out-of-fold probabilities.
+
+    oof: member -> float probs (n, 5, H, W) aligned with masks uint8 (n, H, W).
+    """
+    if not oof:
+        raise InputError("no members with out-of-fold predictions to select from")
+    names = sorted(oof)
+    max_steps = max_steps or 2 * len(names)
+    single = {m: _score(oof[m], masks)[0] for m in names}
+    picks: list[str] = []
+    total = None
+    best = -1.0
+    trace = []
+    for step in range(max_steps):
+        cand = {}
+        for m in names:
+            trial = oof[m].astype(np.float32) if total is None else total + oof[m]
+            cand[m] = _score(trial, masks)[0]
+        m_best = max(names, key=lambda m: (cand[m], -names.index(m)))
+        if cand[m_best] <= best + 1e-6:
+            break
+        best = cand[m_best]
+        picks.append(m_best)
+        total = oof[m_best].astype(np.float32) if total is None else total + oof[m_best]
+        trace.append({"step": step, "added": m_best, "oof_miou": best})
+    counts = Counter(picks)
+    weights = {m: counts[m] / len(picks) for m in names if counts[m]}
+    return Selection(weights=weights, oof_miou=best, single=single, trace=trace)
+
+
+def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
+               data: Path | None = None, max_steps: int | None = None) -> Selection:
+    """Select members of a run folder by OOF score and write the choice into ensemble.json."""
+    from .data import load_split
+
+    run_dir = Path(run_dir)
+    ens = read_ensemble(run_dir)
+    if data is None:
+        if not ens.get("data"):
+            raise InputError(f"{run_dir / 'ensemble.json'}: no data folder recorded; pass --data")
+        data = Path(ens["data"])
+    split = load_split(Path(data), "train")
+    row = {int(i): r for r, i in enumerate(split.ids)}
+    oof, ref_ids = {}, None
+    for member in ens["members"]:
+        ids, probs = load_oof(run_dir, member)
+        if ref_ids is None:
+            ref_ids = ids
+        elif not np.array_equal(ids, ref_ids):
+            raise InputError(f"{run_dir}: member {member['name']!r} covers other images than the "
+                             "first member; selection needs the same folds for every member")
+        oof[member["name"]] = probs
+    try:
+        masks = split.masks[[row[int(i)] for i in ref_ids]]
+    except KeyError as e:
+        raise InputError(f"{data}: out-of-fold id {e} is not in the train shards") from None
+    sel = select_members(oof, masks, max_steps=max_steps)
+    for member in ens["members"]:
+        member["weight"] = sel.weights.get(member["name"], 0.0)
+        member["oof_miou_single"] = sel.single[member["name"]]
+    ens["selected"] = [m for m in sorted(sel.weights)]
+    ens["selection"] = {"method": "greedy forward selection with replacement (Caruana 2004)",
+                        "oof_miou": sel.oof_miou, "trace": sel.trace}
+    path = run_dir / "ensemble.json"
+    tmp = path.with_name(f".ensemble.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(ens, indent=2) + "\n")
+    os.replace(tmp, path)
+    return sel
