@@ -29,6 +29,7 @@ from .train import (
     OOF,
     _load_train,
     ensure_splits,
+    labeled_argmax,
     sha256_file,
     train_one_fold,
     write_json_atomic,
@@ -53,7 +54,12 @@ class RunOptions:
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
 
     def check(self) -> None:
-        check_precision(self.precision, self.gpus_per_task)
+        if self.sequential:  # in-process: whatever this machine has
+            import torch
+
+            check_precision(self.precision, 1 if torch.cuda.is_available() else 0)
+        else:
+            check_precision(self.precision, self.gpus_per_task)
         if self.cpus_per_task <= 0:
             raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
@@ -202,7 +208,8 @@ def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str
 
     One confusion matrix per member over every validation image of every fold
     (each training image is out-of-fold exactly once); the ensemble averages the
-    members' softmax with weight 1 before the argmax.
+    members' softmax with weight 1. Predictions are the argmax over classes 1..4,
+    as submissions are (`train.labeled_argmax`).
     """
     from .metrics import class_iou, confusion_matrix, course_miou
 
@@ -221,11 +228,11 @@ def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str
                 first_ids = ids
             elif not np.array_equal(ids, first_ids):
                 raise InputError(f"{path}: its ids differ from the other members' fold {fold}")
-            cms[m] += confusion_matrix(probs.argmax(1), truth)
+            cms[m] += confusion_matrix(labeled_argmax(probs), truth)
             p32 = probs.astype(np.float32)
             total = p32 if total is None else total + p32
         if total is not None:
-            ens += confusion_matrix(total.argmax(1), truth)
+            ens += confusion_matrix(labeled_argmax(total), truth)
 
     def score(cm):
         v = course_miou(cm)

@@ -233,8 +233,17 @@ def _to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().contiguous(memory_format=torch.channels_last)
 
 
+def labeled_argmax(scores):
+    """Argmax over classes 1..4 of (B,5,H,W) logits or probabilities (torch or numpy).
+
+    Class 0 is "unlabeled": predicting it can only lower the course score, so
+    validation, out-of-fold scores and submissions all use this argmax.
+    """
+    return scores[:, 1:].argmax(1) + 1
+
+
 def evaluate(model, loader, accelerator) -> tuple[np.ndarray, float]:
-    """Course confusion matrix (truth 0 dropped) over `loader`, and images/s of the pass.
+    """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`, and images/s.
 
     The matrix is accumulated on the device with bincount; predictions and masks
     go through `gather_for_metrics`, so several processes count each pixel once.
@@ -245,7 +254,7 @@ def evaluate(model, loader, accelerator) -> tuple[np.ndarray, float]:
     with torch.no_grad():
         for images, masks in loader:
             logits = model(_to_model_input(images))
-            pred, truth = accelerator.gather_for_metrics((logits.argmax(1), masks.long()))
+            pred, truth = accelerator.gather_for_metrics((labeled_argmax(logits), masks.long()))
             cm += torch.bincount((truth * NUM_CLASSES + pred).reshape(-1),
                                  minlength=NUM_CLASSES * NUM_CLASSES)
             n += len(pred)
