@@ -20,6 +20,7 @@ only spreads batches over N Ray actors that each hold a ``Predictor``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -594,19 +595,50 @@ def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         yield pred(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
 
 
+def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
+    cfg = cfg or PredictConfig()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - set(PredictConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown predict option(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def predict_probs(run_dir: str | os.PathLike, data: str | os.PathLike, *,
+                  cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
+                  folds: Sequence[int] | None = None, split: str = "test",
+                  **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Averaged probabilities in memory (small sets; use ``predict(probs_path=...)`` for big ones).
+
+    Returns ids int64 (n,), probs float16 (n, C, H, W), disagreement float16 (n, H, W).
+    ``options`` override fields of ``cfg`` (tta=..., batch_size=..., precision=...).
+    """
+    cfg = _config(cfg, options)
+    res = list(iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
+                                split=split, want_probs=True, want_disagreement=True))
+    if not res:
+        h, w = IMAGE_SHAPE
+        return (np.zeros(0, np.int64), np.zeros((0, NUM_CLASSES, h, w), np.float16),
+                np.zeros((0, h, w), np.float16))
+    return (np.concatenate([r.ids for r in res]), np.concatenate([r.probs for r in res]),
+            np.concatenate([r.disagreement for r in res]))
+
+
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
-            cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
+            cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
             workers: int = 0, address: str | None = None, split: str = "test",
             progress: bool = False,
-            on_batch: Callable[[BatchResult], None] | None = None) -> dict:
+            on_batch: Callable[[BatchResult], None] | None = None, **options) -> dict:
     """Predict ``split`` of ``data`` with the run folder's ensemble and write the submission CSV.
 
+    ``options`` override fields of ``cfg`` (e.g. ``tta=False, precision="no"``).
     Returns a summary dict (rows, seconds, images/s, models, views, precision, paths).
     Any failure (bad input, Ctrl-C) leaves neither CSV nor probs file behind.
     """
     from .submission import SubmissionWriter, check_out_path
 
+    cfg = _config(cfg, options)
     out_csv = check_out_path(out_csv)
     probs_path = check_out_path(probs_path) if probs_path else None
     total = count_images(data, split)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 from _runfolder import make_npz, make_run
-from marsseg.cli import app
 from typer.testing import CliRunner
 
 from marsseg import predict as P
+from marsseg.cli import app
 from marsseg.evaluate import evaluate
 from marsseg.metrics import confusion_matrix, course_miou
 from marsseg.report import report
