@@ -6,8 +6,9 @@
    validation part per epoch in both. train_one_fold's wall time includes
    everything it does besides: accelerate set-up, metrics, best-weight saves,
    save_state every epoch, the OOF pass and oof.h5. Runs are interleaved
-   (bare, fold, bare, fold) and the best of the repeats is kept, so a load spike
-   from other processes does not decide the ratio. Goal: >= 0.95x.
+   (bare, fold, bare, fold, ...) and the best of the repeats is kept, so a load
+   spike from other processes does not decide the ratio; the CPU-time ratio of
+   the same runs (1 thread) is reported beside it. Goal: >= 0.95x.
 2. Two folds as two Ray tasks (1 CPU, 1 torch thread each) against the same two
    folds one after another in-process with 2 threads (`--sequential`). Ray is
    started before the clock (a cluster is normally up already); its start-up
@@ -98,7 +99,7 @@ def _run(tmp: Path, quick: bool) -> dict:
     epochs = 1 if quick else 3
     bs = 16
     threads = 1
-    repeats = 1 if quick else 2
+    repeats = 1 if quick else 3
     precision = "bf16"
     write_synthetic(tmp / "s.npz", n_train, 8, seed=0)
     prepare(tmp / "s.npz", tmp / "shards")
@@ -109,15 +110,21 @@ def _run(tmp: Path, quick: bool) -> dict:
     tr, va, _ = fold_rows(split, splits, 0, recipe.members[0])
     n_imgs = (len(tr) // bs) * bs * epochs  # both drop the last partial batch
 
-    # 1. train_one_fold vs bare loop, interleaved
-    bare_s, fold_s, fold_train_s = [], [], []
+    # 1. train_one_fold vs bare loop, interleaved, after an untimed warm-up (kernel selection)
+    bare_loop(split.images[tr][:2 * bs], split.masks[tr][:2 * bs], split.images[va][:bs], epochs=1,
+              batch_size=bs, precision=precision, threads=threads)
+    bare_s, fold_s, fold_train_s, bare_cpu, fold_cpu = [], [], [], [], []
+    load_before = os.getloadavg()[0]
     for r in range(repeats):
+        c0 = time.process_time()
         bare_s.append(bare_loop(split.images[tr], split.masks[tr], split.images[va], epochs=epochs,
                                 batch_size=bs, precision=precision, threads=threads))
+        bare_cpu.append(time.process_time() - c0)
         out = tmp / f"fold-{r}"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         done = train_one_fold(recipe, "bench", 0, split, out, precision=precision, threads=threads)
         fold_s.append(time.perf_counter() - t0)
+        fold_cpu.append(time.process_time() - c0)
         fold_train_s.append(done["train_seconds"])
     bare_ips = n_imgs / min(bare_s)
     fold_ips = n_imgs / min(fold_s)
@@ -144,12 +151,17 @@ def _run(tmp: Path, quick: bool) -> dict:
         "setup": {"n_train_fold": int(len(tr)), "n_val_fold": int(len(va)), "epochs": epochs,
                   "batch_size": bs, "model": {"name": "unet-se", **MODEL}, "precision": precision,
                   "threads": threads, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                  "torch": torch.__version__, "repeats": repeats},
+                  "torch": torch.__version__, "repeats": repeats,
+                  "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         "fold_vs_bare": {
             "bare_img_s": round(bare_ips, 2), "train_one_fold_img_s": round(fold_ips, 2),
             "ratio": round(fold_ips / bare_ips, 3),
             "bare_s": [round(s, 3) for s in bare_s], "train_one_fold_s": [round(s, 3) for s in fold_s],
             "train_one_fold_train_phase_s": [round(s, 3) for s in fold_train_s],
+            # CPU seconds of this process (1 torch thread): robust to other load on a shared machine
+            "bare_cpu_s": [round(s, 3) for s in bare_cpu],
+            "train_one_fold_cpu_s": [round(s, 3) for s in fold_cpu],
+            "ratio_cpu_time": round(min(bare_cpu) / min(fold_cpu), 3),
         },
         "parallel_vs_sequential": {
             "parallel_2x1thread_s": round(par_s, 3), "sequential_2threads_s": round(seq_s, 3),
