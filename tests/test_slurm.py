@@ -236,6 +236,24 @@ def test_fold_array_trains_every_fold_into_one_run(cluster):
         assert log.is_file(), job.logs()
         assert f"fold {fold} done" in log.read_text(), log.read_text()
 
+    # Submitting the array again trains nothing: every fold is already finished.
+    done = {p: p.stat().st_mtime_ns for p in run.glob("*/fold_*/done.json")}
+    again = Job(ARRAY, root, {**export, "RUN": run}, args=[f"--array=0-{k - 1}"])
+    assert again.finish() == 0, again.logs()
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/fold_*/done.json")} == done
+    assert again.logs().count("already finished") == k, again.logs()
+    _check_run(run, k)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(_MISSING is not None, reason=f"SLURM: {_MISSING}")
+def test_job_with_a_missing_path_fails_at_once_naming_it(cluster):
+    root, export = cluster
+    job = Job(TRAIN, root, {**export, "DATA": root / "no-such-shards", "RUN": root / "runs" / "x"})
+    assert job.finish(timeout=120) == 2, job.logs()
+    assert f"{root / 'no-such-shards'} does not exist" in job.logs(), job.logs()
+    assert not (root / "runs" / "x").exists()
+
 
 @pytest.mark.slurm
 @pytest.mark.skipif(_MISSING is not None, reason=f"SLURM: {_MISSING}")
