@@ -121,43 +121,84 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+#: columns of metrics.jsonl that are bookkeeping, not training curves
+_NOT_CURVES = {"epoch", "step", "fold", "time", "seconds", "wall_s", "pid", "img_s",
+               "images_per_s", "best_epoch"}
+
+
+def _series(recs: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Curve name -> (epoch, value) points; per-class lists become one curve per class."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for i, r in enumerate(recs):
+        x = r.get("epoch", i)
+        for k, v in r.items():
+            if k in _NOT_CURVES or isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                out.setdefault(k, []).append((x, v))
+            elif isinstance(v, list) and len(v) == NUM_CLASSES:
+                for c, vc in enumerate(v):
+                    if isinstance(vc, (int, float)):
+                        out.setdefault(f"{k} {CLASS_NAMES[c]}", []).append((x, vc))
+    return out
+
+
+def _panel(name: str) -> str:
+    """train_loss / val_loss / loss share the 'loss' panel."""
+    for pre in ("train_", "val_"):
+        if name.startswith(pre) and name[len(pre):] in ("loss",):
+            return name[len(pre):]
+    return name
+
+
 def plot_curves(metrics: dict[str, list[dict]], path: Path) -> Path | None:
-    """One panel per numeric metric (loss, mIoU, lr ...), one line per fold, x = epoch."""
-    keys: list[str] = []
-    for recs in metrics.values():
-        for r in recs:
-            for k, v in r.items():
-                if (k not in ("epoch", "step", "fold", "time", "seconds", "wall_s")
-                        and isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and k not in keys):
-                    keys.append(k)
-    if not keys:
+    """One panel per metric (loss, mIoU, per-class IoU, lr ...), one line per fold, x = epoch.
+
+    Train and validation losses share a panel (validation dashed)."""
+    series = {name: _series(recs) for name, recs in metrics.items()}
+    panels: list[str] = []
+    for s in series.values():
+        for k in s:
+            if _panel(k) not in panels:
+                panels.append(_panel(k))
+    if not panels:
         return None
-    cols = min(3, len(keys))
-    nrows = (len(keys) + cols - 1) // cols
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
     fig = _figure(4.2 * cols, 3.0 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
-    members = list(dict.fromkeys(n.split("/")[0] for n in metrics))
     from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
     cmap = colormaps["tab10"]
-    for ax, key in zip(axes, keys, strict=False):
-        for name, recs in metrics.items():
-            pts = [(r.get("epoch", i), r[key]) for i, r in enumerate(recs)
-                   if isinstance(r.get(key), (int, float))]
-            if pts:
+    names = list(metrics)
+    members = list(dict.fromkeys(n.split("/")[0] for n in names))
+
+    def color(name):  # one colour per fold when few, else per member
+        if len(names) <= 10:
+            return cmap(names.index(name))
+        return cmap(members.index(name.split("/")[0]) % 10)
+
+    for ax, panel in zip(axes, panels, strict=False):
+        for name, s in series.items():
+            for key, pts in s.items():
+                if _panel(key) != panel:
+                    continue
                 x, y = zip(*pts, strict=True)
-                color = cmap(members.index(name.split("/")[0]) % 10)
-                ax.plot(x, y, color=color, alpha=0.8, lw=1.2, marker="." if len(x) < 15 else None,
-                        label=name)
-        ax.set_title(key)
+                ax.plot(x, y, color=color(name), alpha=0.85, lw=1.2,
+                        ls="--" if key.startswith("val_") and panel == "loss" else "-",
+                        marker="." if len(x) < 15 else None,
+                        label=name if key == panel or panel != "loss" else None)
+        has_val = any(k.startswith("val_") and _panel(k) == panel
+                      for s in series.values() for k in s)
+        ax.set_title(panel + (" (train solid, val dashed)" if panel == "loss" and has_val
+                              else ""), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if key == "lr":
+        if panel == "lr":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=6, ncol=1 + len(metrics) // 8)
     fig.suptitle("training curves of every fold")
