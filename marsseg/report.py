@@ -180,15 +180,18 @@ def plot_curves(metrics: dict[str, list[dict]], path: Path) -> Path | None:
         return cmap(members.index(name.split("/")[0]) % 10)
 
     for ax, panel in zip(axes, panels, strict=False):
+        labeled: set[str] = set()
         for name, s in series.items():
             for key, pts in s.items():
                 if _panel(key) != panel:
                     continue
                 x, y = zip(*pts, strict=True)
+                label = None if name in labeled else name
+                labeled.add(name)
                 ax.plot(x, y, color=color(name), alpha=0.85, lw=1.2,
                         ls="--" if key.startswith("val_") and panel == "loss" else "-",
                         marker="." if len(x) < 15 else None,
-                        label=name if key == panel or panel != "loss" else None)
+                        label=label)
         has_val = any(k.startswith("val_") and _panel(k) == panel
                       for s in series.values() for k in s)
         ax.set_title(panel + (" (train solid, val dashed)" if panel == "loss" and has_val
