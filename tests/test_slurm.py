@@ -91,6 +91,9 @@ class Job:
 
     def __init__(self, script: Path, workdir: Path, export: dict, args=(), wait=True):
         self.workdir = workdir
+        # `ray stop` ends every Ray process of this user on the node; skip that final
+        # sweep when someone else's Ray runs here (a shared development machine).
+        export = {"RAY_STOP": "0" if _foreign_ray() else "1", **export}
         exp = ",".join(["ALL"] + [f"{k}={v}" for k, v in export.items()])
         cmd = ["sbatch", "--parsable", f"--chdir={workdir}", f"--export={exp}",
                "--time=15", *args, *(["--wait"] if wait else []), str(script)]
@@ -196,10 +199,7 @@ def cluster(tmp_path_factory):
                     "--n-test", str(N_TEST), "--seed", "0"], check=True, capture_output=True)
     subprocess.run([cli, "prepare", str(root / "synth.npz"), str(root / "shards")], check=True,
                    capture_output=True)
-    export = {"VENV": VENV, "DATA": root / "shards", "RAY_AUTH_MODE": "token",
-              # `ray stop` ends every Ray process of this user on the node; skip that
-              # final sweep when someone else's Ray runs here (a shared dev machine).
-              "RAY_STOP": "0" if _foreign_ray() else "1"}
+    export = {"VENV": VENV, "DATA": root / "shards", "RAY_AUTH_MODE": "token"}
     return root, export
 
 
