@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 import zlib
 from collections.abc import Callable
@@ -242,25 +243,30 @@ def labeled_argmax(scores):
     return scores[:, 1:].argmax(1) + 1
 
 
-def evaluate(model, loader, accelerator) -> tuple[np.ndarray, float]:
-    """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`, and images/s.
+def evaluate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
+    """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`.
 
     The matrix is accumulated on the device with bincount; predictions and masks
     go through `gather_for_metrics`, so several processes count each pixel once.
+    With `probs_out` (n,5,H,W) f16 the softmax of every image is stored there too
+    (kept for the out-of-fold file when this epoch turns out best).
     """
     model.eval()
     cm = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
-    n, t0 = 0, time.perf_counter()
+    n = 0
     with torch.no_grad():
         for images, masks in loader:
             logits = model(_to_model_input(images))
             pred, truth = accelerator.gather_for_metrics((labeled_argmax(logits), masks.long()))
             cm += torch.bincount((truth * NUM_CLASSES + pred).reshape(-1),
                                  minlength=NUM_CLASSES * NUM_CLASSES)
+            if probs_out is not None:
+                p = accelerator.gather_for_metrics(torch.softmax(logits.float(), dim=1).half())
+                probs_out[n:n + len(p)] = p.cpu().numpy()
             n += len(pred)
     cm = cm.reshape(NUM_CLASSES, NUM_CLASSES).cpu().numpy()
     cm[0, :] = 0
-    return cm, n / max(time.perf_counter() - t0, 1e-9)
+    return cm
 
 
 def _save_state(accelerator, fold_dir: Path, trainer: dict) -> None:
@@ -430,6 +436,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
            n_train=len(train_rows), n_val=len(val_rows), precision=prec, device=str(device))
 
     base_lr = m.optimizer.lr
+    # Softmax of the validation fold from the current epoch / from the best epoch so far.
+    epoch_probs = np.empty((len(val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
+    best_probs = None
     last_report = time.perf_counter()
     for epoch in range(trainer["epoch"] + 1, m.epochs):
         if trainer["stopped_early"]:
@@ -473,12 +482,14 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             raise InputError(f"member {m.name!r} fold {fold}: loss became {mean_loss} at epoch "
                              f"{epoch}; lower optimizer.lr or use precision 'no'")
 
-        cm, _ = evaluate(model, val_dl, accelerator)
+        cm = evaluate(model, val_dl, accelerator, probs_out=epoch_probs)
         miou, iou = course_miou(cm), class_iou(cm)
         score = miou if math.isfinite(miou) else -1.0
         best = trainer["best_miou"]
         if best is None or score > best:
             trainer.update(best_miou=score, best_epoch=epoch, bad_epochs=0, plateau_bad=0)
+            spare = best_probs if best_probs is not None else np.empty_like(epoch_probs)
+            best_probs, epoch_probs = epoch_probs, spare
             save_pretrained(accelerator.unwrap_model(model), fold_dir,
                             extra={"member": m.name, "fold": fold, "recipe": recipe.name,
                                    "epoch": epoch, "val_miou": _score(miou),
@@ -494,7 +505,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         seconds = time.perf_counter() - t_epoch
         row = {"epoch": epoch, "loss": round(mean_loss, 6), "val_miou": _score(miou),
                "val_iou": _nan_to_none(iou), "lr": lr, "img_s": round(n_img / train_s, 2),
-               "seconds": round(seconds, 3), "pid": os.getpid()}
+               "seconds": round(seconds, 3),
+               "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True
         _append_metrics(metrics_path, row)
@@ -503,9 +515,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=trainer["best_miou"], img_s=row["img_s"], seconds=row["seconds"])
 
-    val_images = split.images[val_rows]
-    probs = predict_oof(fold_dir, val_images, accelerator, 2 * bs)
-    _write_oof(fold_dir / OOF, split.ids[val_rows], probs)
+    if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
+        best_probs = predict_oof(fold_dir, split.images[val_rows], accelerator, 2 * bs)
+    _write_oof(fold_dir / OOF, split.ids[val_rows], best_probs)
     rows = _read_metrics(metrics_path)
     best_row = next((r for r in rows if r["epoch"] == trainer["best_epoch"]), {})
     done = {"member": m.name, "fold": fold, "recipe": recipe.name,

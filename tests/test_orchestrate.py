@@ -126,6 +126,9 @@ def test_cli_fp16_on_cpu_exits_2(shards, tmp_path):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # another test module's cluster: reuse it, leave it running
+        yield ray
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -159,8 +162,9 @@ def test_killed_worker_is_retried_and_resumes(shards, tmp_path, local_ray):
             except (FileNotFoundError, json.JSONDecodeError):
                 rows = []
             if len(rows) >= 2:
-                os.kill(rows[-1]["pid"], signal.SIGKILL)
-                killed.append((rows[-1]["pid"], rows[-1]["epoch"]))
+                pid = rows[-1]["worker"]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, rows[-1]["epoch"]))
             time.sleep(0.02)
 
     t = threading.Thread(target=killer, daemon=True)
@@ -171,7 +175,7 @@ def test_killed_worker_is_retried_and_resumes(shards, tmp_path, local_ray):
     assert killed, "the fold finished before the worker could be killed"
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(8))  # no epoch trained twice
-    pids = [r["pid"] for r in rows]
+    pids = [r["worker"]["pid"] for r in rows]
     dead_pid, dead_epoch = killed[0]
     assert dead_pid in pids and len(set(pids)) == 2  # the retry is another worker process
     first_new = pids.index(next(p for p in pids if p != dead_pid))

@@ -95,6 +95,13 @@ def test_smoke_writes_every_artifact_and_reloads(shards, tmp_path):
     assert ids.tolist() == sorted(splits["folds"][1]["val_ids"])
     assert probs.dtype == np.float16 and probs.shape == (len(ids), 5, 64, 128)
     np.testing.assert_allclose(probs.astype(np.float32).sum(1), 1.0, atol=5e-3)
+    # the OOF softmax kept from the best epoch's validation pass = the reloaded best weights'
+    split = load_split(shards, "train")
+    rows = [list(split.ids).index(i) for i in ids]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.from_numpy(split.images[rows]).unsqueeze(1).float()
+        ref = torch.softmax(model(x).float(), dim=1).numpy()
+    np.testing.assert_allclose(probs.astype(np.float32), ref, atol=1e-2)  # bf16, other batching
     assert done["n_val"] == len(ids) and done["precision"] == "bf16" and done["epochs_run"] == 2
     assert json.loads((d / "state" / "trainer.json").read_text())["epoch"] == 1
 
@@ -127,6 +134,8 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert resumed["val_miou"] == whole["val_miou"]
+    oof = [h5py.File(p / "tiny" / "fold_0" / "oof.h5")["probs"][()] for p in (tmp_path / "a", tmp_path / "b")]
+    np.testing.assert_allclose(oof[0].astype(np.float32), oof[1].astype(np.float32), atol=1e-3)
     assert resumed["sha256"] == whole["sha256"]
 
 
