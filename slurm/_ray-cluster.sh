@@ -11,7 +11,8 @@
 #   RAY_PORT        head GCS port; default 20000 + job id % 10000, so two jobs that
 #                   share a node do not collide (Ray's own default is 6379)
 #   RAY_TMP         per-node Ray temp dir, kept short: Ray puts unix sockets under
-#                   it and socket paths are limited to 107 bytes (default /tmp/ray-<job id>)
+#                   it and socket paths are limited to 107 bytes (default /tmp/ray-<job id>);
+#                   removed after a successful job, kept after a failed one for its logs
 #   RAY_AUTH_MODE   "token" (default): a fresh random token per job, passed to every
 #                   node in RAY_AUTH_TOKEN through srun's environment; "disabled" turns
 #                   authentication off. A RAY_AUTH_TOKEN you set yourself is used as is.

@@ -289,6 +289,7 @@ def test_cancelled_job_resumes_when_submitted_again(cluster):
     subprocess.run(["scancel", first.id], check=True)
     first.finish()  # sbatch --wait's exit code for a cancelled job varies by version
     _wait_gone(first.id)
+    shutil.rmtree(f"/tmp/ray-{first.id}", ignore_errors=True)  # kept by a failed job for its logs
 
     saved = {d: _saved_epoch(d) for d in folds}
     done_before = {d for d in folds if (d / "done.json").is_file()}
