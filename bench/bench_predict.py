@@ -146,7 +146,7 @@ def run(quick: bool = False) -> dict:
 
     members = 5
     n_naive = 1 if quick else 3
-    n_fast = 16 if quick else 96
+    n_fast = 16 if quick else 64
     batch = 16 if quick else 32
     out: dict = {"threads": torch.get_num_threads(), "members": members, "views": 2,
                  "model": "unet base_width=32 depth=4", "cpu_bf16_native": None}

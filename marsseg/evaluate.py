@@ -184,9 +184,10 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
             done = cover > 1 - 1e-6  # every selected member contributed (always, in test mode)
             if done.any():
                 truth = masks[done]
-                lab_m = to_labels(acc_m[done], cfg.classes).cpu().numpy()
+                dsel = torch.from_numpy(np.flatnonzero(done)).to(x.device)
+                lab_m = to_labels(acc_m[dsel], cfg.classes).cpu().numpy()
                 ens_m.update(lab_m, truth)
-                lab_t = to_labels(acc_t[done], cfg.classes).cpu().numpy() if tta else lab_m
+                lab_t = to_labels(acc_t[dsel], cfg.classes).cpu().numpy() if tta else lab_m
                 if tta:
                     ens_t.update(lab_t, truth)
                 img_ids.append(ids[done])
