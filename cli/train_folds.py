@@ -39,6 +39,7 @@ def train_folds(
     folds: Annotated[str | None, typer.Option(help="comma-separated fold numbers to train (default all)")] = None,
     max_retries: Annotated[int, typer.Option(help="Ray retries of a task whose worker died; it resumes from its state/")] = 3,
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
+    epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
 ) -> None:
     """Train every (member, fold) of RECIPE on DATA into OUT; writes ensemble.json."""
     with user_errors():
@@ -50,4 +51,4 @@ def train_folds(
                           sequential=sequential, members=_csv(members, "--members"),
                           folds=_csv(folds, "--folds", int), max_retries=max_retries,
                           progress=progress)
-        run(recipe, data, out, opts)
+        run(recipe, data, out, opts, epochs=epochs)

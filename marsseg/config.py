@@ -328,6 +328,16 @@ def load_recipe(path: str | Path, *, check_models: bool = True) -> Recipe:
     return parse_recipe(doc, name=path.stem, source=str(path), check_models=check_models)
 
 
+def with_epochs(recipe: Recipe, epochs: int | None) -> Recipe:
+    """The recipe with every member's epochs set to `epochs` (a training budget; None = as is)."""
+    if epochs is None:
+        return recipe
+    if epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {epochs}")
+    members = tuple(dataclasses.replace(m, epochs=epochs) for m in recipe.members)
+    return dataclasses.replace(recipe, members=members)
+
+
 def check_precision(precision: str, gpus: float) -> None:
     """Reject a precision that cannot run on the requested devices (before any worker starts)."""
     if precision not in PRECISIONS:

@@ -12,6 +12,7 @@ others from their ``state/``; a task whose worker dies is retried by Ray
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
-from .config import Recipe, check_precision, load_recipe, parse_recipe
+from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
 from .train import (
     DONE,
@@ -90,22 +91,28 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path) -> None:
-    """Copy the recipe into the run folder; refuse a run folder made with another recipe."""
+def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None = None) -> None:
+    """Copy the recipe (and an --epochs budget) into the run folder; refuse a run folder made
+    with another recipe or budget."""
     copy = out / "recipe.toml"
+    budget = out / "overrides.json"
     if copy.exists():
         import tomllib
 
         try:
             old = parse_recipe(tomllib.loads(copy.read_text()), name=recipe.name,
                                source=str(copy), check_models=False)
-        except (InputError, tomllib.TOMLDecodeError, OSError):
+            if old is not None and budget.exists():
+                old = with_epochs(old, json.loads(budget.read_text()).get("epochs"))
+        except (InputError, tomllib.TOMLDecodeError, json.JSONDecodeError, OSError):
             old = None
         if old != recipe:
-            raise InputError(f"{copy}: this run folder was made with a different recipe; "
-                             f"use a new --out (or the recipe it was made with)")
+            raise InputError(f"{copy}: this run folder was made with a different recipe or "
+                             f"--epochs; use a new --out (or the recipe and --epochs it was made with)")
         return
     out.mkdir(parents=True, exist_ok=True)
+    if epochs is not None:
+        write_json_atomic(budget, {"epochs": epochs})
     tmp = out / f"recipe.toml.tmp-{os.getpid()}"
     shutil.copyfile(recipe_path, tmp)
     os.replace(tmp, copy)
@@ -156,6 +163,11 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ray.init(num_cpus=os.cpu_count(), **kw)
         started = True
     try:
+        have = ray.cluster_resources()
+        for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
+                                ("--gpus-per-task", "GPU", opts.gpus_per_task)):
+            if want > have.get(key, 0):  # Ray would wait forever for such a task
+                raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         task = ray.remote(_fold_task)
         threads = opts.threads or max(1, int(opts.cpus_per_task))
@@ -306,11 +318,13 @@ def summary_table(ens: dict):
 
 
 def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
-                options: RunOptions = RunOptions(), *, console=None) -> dict:
+                options: RunOptions = RunOptions(), *, epochs: int | None = None,
+                console=None) -> dict:
     """Train every selected (member, fold) of a recipe into `out`; returns ensemble.json's dict.
 
-    Everything the user could get wrong (recipe, precision, selection, data, a run
-    folder made with another recipe) is checked before Ray starts.
+    epochs: a training budget that replaces every member's epochs (recorded in
+    `<out>/overrides.json`). Everything the user could get wrong (recipe, precision,
+    selection, data, a run folder made with another recipe) is checked before Ray starts.
     """
     from rich.console import Console
 
@@ -319,14 +333,14 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     t0 = time.perf_counter()
     console = console or Console()
     recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
-    recipe = load_recipe(recipe_path)
+    recipe = with_epochs(load_recipe(recipe_path), epochs)
     options.check()
     selected = _select(recipe, options)
     from .data import read_dataset
 
     read_dataset(data)
     split = _load_train(data)
-    _pin_recipe(recipe_path, recipe, out)
+    _pin_recipe(recipe_path, recipe, out, epochs)
     splits = ensure_splits(recipe, split, out)
 
     jobs = [(m, f) for m, f in selected if not (_fold_dir(out, m, f) / DONE).is_file()]
