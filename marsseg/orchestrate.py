@@ -160,7 +160,9 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
         if opts.address:
             ray.init(address=opts.address, **kw)
         else:
-            ray.init(num_cpus=os.cpu_count(), **kw)
+            # "local" always starts a private instance; a bare ray.init() would join
+            # whatever cluster `ray start` last left running on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), **kw)
         started = True
     try:
         have = ray.cluster_resources()

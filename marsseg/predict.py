@@ -504,7 +504,8 @@ def _ray_results(run_dir, members, folds, cfg, batches, workers, address, want_p
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kw = {"address": address} if address else {"num_cpus": max(workers, 1)}
+        # "local" starts a private instance instead of joining a `ray start` cluster.
+        kw = {"address": address} if address else {"address": "local", "num_cpus": max(workers, 1)}
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kw)
         started = True
     try:
