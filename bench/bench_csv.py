@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def run(quick: bool = False) -> dict:
         assert (got_ids == ids).all() and (got == masks).all()
     mb = size / 1e6
     return {
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
         "rows": n,
         "file_mb": round(mb, 2),
         "ours_s": round(t_ours, 4),

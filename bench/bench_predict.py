@@ -148,7 +148,8 @@ def run(quick: bool = False) -> dict:
     n_naive = 1 if quick else 3
     n_fast = 16 if quick else 64
     batch = 16 if quick else 32
-    out: dict = {"threads": torch.get_num_threads(), "members": members, "views": 2,
+    out: dict = {"load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
+                 "threads": torch.get_num_threads(), "members": members, "views": 2,
                  "model": "unet base_width=32 depth=4", "cpu_bf16_native": None}
     from marsseg.predict import cpu_bf16_fast
     out["cpu_bf16_native"] = cpu_bf16_fast()
@@ -214,4 +215,5 @@ def run(quick: bool = False) -> dict:
                            "growth": round(b / a - 1, 4), "goal_growth": 0.10,
                            "note": "fresh subprocess each; 2-member width-8 ensemble, TTA, "
                                    "shards -> CSV + probs.h5"}
+    out["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return out
