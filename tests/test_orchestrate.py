@@ -10,10 +10,10 @@ import threading
 import time
 
 import pytest
-from marsseg.cli import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from marsseg.cli import app
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
 from marsseg.orchestrate import RunOptions, train_folds
@@ -129,7 +129,7 @@ def local_ray():
     if ray.is_initialized():  # another test module's cluster: reuse it, leave it running
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -183,3 +183,11 @@ def test_killed_worker_is_retried_and_resumes(shards, tmp_path, local_ray):
     assert ens["trained"] == ["a/fold_0"]
     model = load_pretrained(out / "a" / "fold_0")
     assert model.marsseg_name == "unet"
+
+
+@pytest.mark.slow
+def test_resources_the_cluster_lacks_are_an_input_error(shards, tmp_path, local_ray):
+    with pytest.raises(InputError, match="has 0 GPUs"):
+        train_folds(write_recipe(tmp_path), shards, tmp_path / "run",
+                    RunOptions(gpus_per_task=1, precision="bf16", progress="none"))
+    assert not (tmp_path / "run" / "a").exists()
