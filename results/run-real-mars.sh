@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reproduce results/real-mars.md: the reference ladder and marsseg-best on real-mars.
+#   results/run-real-mars.sh prepare            # shards from ../shared/data/real-mars/real_mars.npz
+#   results/run-real-mars.sh train RECIPE...    # 5-fold train-folds at the CPU budget, resumable
+#   results/run-real-mars.sh score RECIPE...    # select (multi-member), evaluate with and without TTA
+# Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CLI=${CLI:-.venv/bin/marsseg-cli}
+NPZ=${NPZ:-../shared/data/real-mars/real_mars.npz}
+ROOT=${ROOT:-runs/real-mars}
+EPOCHS=${EPOCHS:-8}           # the CPU budget: every member trains EPOCHS epochs per fold
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+cmd=${1:?usage: $0 prepare | train RECIPE... | score RECIPE...}; shift || true
+case "$cmd" in
+  prepare)
+    [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare "$NPZ" "$ROOT/shards"
+    ;;
+  train)
+    for r in "$@"; do
+      # Re-running resumes unfinished folds, so a run killed midway is simply retried.
+      for attempt in 1 2 3; do
+        /usr/bin/time -f "$r wall %e s" $CLI train-folds --data "$ROOT/shards" \
+          --recipe "ensembles/$r.toml" --out "$ROOT/$r" --epochs "$EPOCHS" --progress plain \
+          && break
+        echo "train-folds $r failed (attempt $attempt); resuming" >&2; sleep 5
+      done
+    done
+    ;;
+  score)
+    for r in "$@"; do
+      n=$(python3 -c "import json,sys;print(len(json.load(open(sys.argv[1]))['members']))" "$ROOT/$r/ensemble.json")
+      [ "$n" -gt 1 ] && $CLI select --run "$ROOT/$r"
+      $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --tta
+    done
+    ;;
+  *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
