@@ -2,6 +2,7 @@
 # Reproduce results/real-mars.md: the reference ladder and marsseg-best on real-mars.
 #   results/run-real-mars.sh prepare            # shards from ../shared/data/real-mars/real_mars.npz
 #   results/run-real-mars.sh train RECIPE...    # 5-fold train-folds at the CPU budget, resumable
+#   FOLDS=0,1 results/run-real-mars.sh train RECIPE...   # only some folds
 #   results/run-real-mars.sh score RECIPE...    # select (multi-member), evaluate with and without TTA
 # Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
 set -euo pipefail
@@ -10,6 +11,7 @@ CLI=${CLI:-.venv/bin/marsseg-cli}
 NPZ=${NPZ:-../shared/data/real-mars/real_mars.npz}
 ROOT=${ROOT:-runs/real-mars}
 EPOCHS=${EPOCHS:-8}           # the CPU budget: every member trains EPOCHS epochs per fold
+FOLDS=${FOLDS:-}              # e.g. FOLDS=0,1 trains only those folds (default: all 5)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 cmd=${1:?usage: $0 prepare | train RECIPE... | score RECIPE...}; shift || true
@@ -22,7 +24,7 @@ case "$cmd" in
       # Re-running resumes unfinished folds, so a run killed midway is simply retried.
       for attempt in 1 2 3; do
         /usr/bin/time -f "$r wall %e s" $CLI train-folds --data "$ROOT/shards" \
-          --recipe "ensembles/$r.toml" --out "$ROOT/$r" --epochs "$EPOCHS" --progress plain \
+          --recipe "ensembles/$r.toml" --out "$ROOT/$r" --epochs "$EPOCHS" ${FOLDS:+--folds "$FOLDS"} --progress plain \
           && break
         echo "train-folds $r failed (attempt $attempt); resuming" >&2; sleep 5
       done
