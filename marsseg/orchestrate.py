@@ -294,6 +294,20 @@ def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = 
             "selected": complete or [e["name"] for e in members]}
 
 
+def _same_folds(path: Path, ens: dict) -> bool:
+    """True if `path` already lists exactly these members, folds and weight files."""
+    import json
+
+    def key(e):
+        return sorted((m["name"], f["fold"], f["sha256"]) for m in e.get("members", [])
+                      for f in m.get("folds", []))
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and old.get("recipe") == ens["recipe"] and key(old) == key(ens)
+
+
 def summary_table(ens: dict):
     """A rich table: val mIoU per member and fold, OOF mIoU per member and of the ensemble (x100)."""
     from rich.table import Table
@@ -362,7 +376,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
             else:
                 _run_ray(recipe, jobs, data, out, options, view)
     ens = collect(out, recipe, split, splits, data)
-    write_json_atomic(out / "ensemble.json", ens)
+    if not _same_folds(out / "ensemble.json", ens):
+        # Keep an up-to-date ensemble.json as it is: `select` may have set weights in it.
+        write_json_atomic(out / "ensemble.json", ens)
     if options.progress != "none":
         console.print(summary_table(ens))
         console.print(f"ensemble.json -> {out / 'ensemble.json'} "

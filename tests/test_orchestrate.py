@@ -72,10 +72,14 @@ def test_sequential_run_writes_ensemble_and_rerun_skips(shards, tmp_path):
     assert 0 <= on_disk["oof_miou_ensemble"] <= 1
     assert (out / "splits.json").is_file() and (out / "recipe.toml").read_text() == recipe.read_text()
 
+    # `select` may edit weights in ensemble.json: a rerun that trains nothing keeps the file
+    on_disk["members"][1]["weight"] = 0.0
+    (out / "ensemble.json").write_text(json.dumps(on_disk))
     t0 = time.perf_counter()
     again = train_folds(recipe, shards, out, opts)
     assert again["trained"] == [] and time.perf_counter() - t0 < 10
     assert again["oof_miou_ensemble"] == on_disk["oof_miou_ensemble"]
+    assert json.loads((out / "ensemble.json").read_text()) == on_disk
 
 
 def test_selection_and_changed_recipe(shards, tmp_path):
