@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from marsseg.cli import app
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
-from marsseg.orchestrate import RunOptions, train_folds
+from marsseg.orchestrate import RunOptions, start_ray, train_folds
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
@@ -133,7 +133,7 @@ def local_ray():
     if ray.is_initialized():  # another test module's cluster: reuse it, leave it running
         yield ray
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray()  # the private embedded instance train-folds starts
     yield ray
     ray.shutdown()
 
@@ -195,3 +195,9 @@ def test_resources_the_cluster_lacks_are_an_input_error(shards, tmp_path, local_
         train_folds(write_recipe(tmp_path), shards, tmp_path / "run",
                     RunOptions(gpus_per_task=1, precision="bf16", progress="none"))
     assert not (tmp_path / "run" / "a").exists()
+
+
+@pytest.mark.slow
+def test_embedded_ray_workers_are_not_niced(local_ray):
+    # Ray's default worker niceness 15 would starve Ray folds next to --sequential ones
+    assert local_ray.get(local_ray.remote(lambda: os.nice(0)).remote()) == 0
