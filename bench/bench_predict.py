@@ -31,8 +31,8 @@ N_FULL = 10022
 
 
 def _make_run(run: Path, members: int, args: dict, seed: int = 0) -> Path:
+    from marsseg._io import sha256_file
     from marsseg.models.registry import build_model, save_pretrained
-    from marsseg.predict import _sha256
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +45,7 @@ def _make_run(run: Path, members: int, args: dict, seed: int = 0) -> Path:
                 mod.running_var.uniform_(0.5, 1.5, generator=g)
         folder = save_pretrained(m, run / f"m{k}" / "fold_0", {"member": f"m{k}", "fold": 0})
         entries.append({"name": f"m{k}", "weight": 1.0, "folds": [
-            {"fold": 0, "path": f"m{k}/fold_0", "sha256": _sha256(folder / "model.safetensors")}]})
+            {"fold": 0, "path": f"m{k}/fold_0", "sha256": sha256_file(folder / "model.safetensors")}]})
     spec = {"format_version": 1, "name": run.name, "k": 1, "members": entries,
             "selected": [e["name"] for e in entries]}
     (run / "ensemble.json").write_text(json.dumps(spec))

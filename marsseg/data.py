@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
+from ._io import sha256_file
 from .errors import InputError
 
 FORMAT_VERSION = 1
@@ -240,13 +241,6 @@ def clean_keep(outlier: np.ndarray, bg_fraction: np.ndarray, max_background: flo
 # ----------------------------------------------------------------------------- shards
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _write_shard(path: Path, split: str, arrays: dict[str, np.ndarray]) -> None:
     import h5py
@@ -273,7 +267,7 @@ def _write_split(
             tmp / name, split, {key: a[start : start + shard_size] for key, a in arrays.items()}
         )
         shards.append(
-            {"file": name, "count": min(shard_size, n - start), "sha256": _sha256(tmp / name)}
+            {"file": name, "count": min(shard_size, n - start), "sha256": sha256_file(tmp / name)}
         )
     return shards
 
@@ -356,7 +350,7 @@ def prepare(
         tmp.mkdir()
         info = {
             "format_version": FORMAT_VERSION,
-            "source": {"path": str(src.resolve()), "sha256": _sha256(src)},
+            "source": {"path": str(src.resolve()), "sha256": sha256_file(src)},
             "image_shape": list(IMAGE_SHAPE),
             "class_names": list(CLASS_NAMES),
             "splits": {

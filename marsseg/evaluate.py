@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
+from ._io import write_json_atomic
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, full_confusion_matrix, pixel_accuracy
 from .predict import (
@@ -103,16 +104,6 @@ def _oof_folds(run_dir: Path) -> dict[int, np.ndarray]:
         return {int(f["fold"]): np.asarray(f["val_ids"], np.int64) for f in spec["folds"]}
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: malformed ({e})") from None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
@@ -219,7 +210,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     }
     if write:
         target = run_dir if run_dir.is_dir() else run_dir.parent
-        _write_json(target / SCORES_NAME, result)
+        write_json_atomic(target / SCORES_NAME, result)
         result["path"] = str(target / SCORES_NAME)
     return result
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
+from ._io import sha256_file, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
 from .train import (
@@ -31,9 +32,7 @@ from .train import (
     _load_train,
     ensure_splits,
     labeled_argmax,
-    sha256_file,
     train_one_fold,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)

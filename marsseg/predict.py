@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from . import IMAGE_SHAPE, NUM_CLASSES
+from ._io import sha256_file
 from .errors import InputError
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
@@ -86,13 +86,6 @@ class Ensemble:
         return [m.name for m in self.models]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
     from .models.registry import load_pretrained
@@ -102,7 +95,7 @@ def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
         raise InputError(f"{folder}: fold folder is missing")
     if not weights.is_file():
         raise InputError(f"{weights}: weight file is missing")
-    if sha256 and _sha256(weights) != sha256:
+    if sha256 and sha256_file(weights) != sha256:
         raise InputError(f"{weights}: sha256 differs from ensemble.json (corrupted or replaced)")
     try:
         model = load_pretrained(folder, map_location=map_location)

@@ -11,7 +11,6 @@ out-of-fold predictions that train-folds wrote (``oof.h5``), never test masks.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._io import write_json_atomic
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou
 
@@ -134,8 +134,5 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
     ens["selected"] = [m for m in sorted(sel.weights)]
     ens["selection"] = {"method": "greedy forward selection with replacement (Caruana 2004)",
                         "oof_miou": sel.oof_miou, "trace": sel.trace}
-    path = run_dir / "ensemble.json"
-    tmp = path.with_name(f".ensemble.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(ens, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(run_dir / "ensemble.json", ens)
     return sel

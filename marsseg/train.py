@@ -21,7 +21,6 @@ recipes with different filters stay comparable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import IMAGE_SHAPE, NUM_CLASSES
+from ._io import sha256_file, write_json_atomic
 from .config import MemberConfig, Recipe, ScheduleConfig, check_precision
 from .errors import InputError
 
@@ -89,22 +89,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp16"
         return "bf16"
     return precision
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `<path>.tmp-<pid>` then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _nan_to_none(values) -> list:
