@@ -11,8 +11,9 @@ import os
 
 import numpy as np
 import pytest
-from marsseg.cli import app
 from typer.testing import CliRunner
+
+from marsseg.cli import app
 
 runner = CliRunner()
 
