@@ -39,6 +39,7 @@ from .predict import (
     _check_images,
     check_shards,
     forward_views,
+    guard_reads,
     load_ensemble,
     progress_bar,
     to_labels,
@@ -219,17 +220,7 @@ def _with_masks(stream, where: str):
     """Check (ids, images, masks) batches: image/mask shape, increasing ids; read errors of a
     shard become InputError. ``as_batches`` already yields fixed-size batches."""
     last = None
-    it = iter(stream)
-    while True:
-        try:
-            ids, images, masks = next(it)
-        except StopIteration:
-            return
-        except InputError:
-            raise
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{where}: cannot read labeled images ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for ids, images, masks in guard_reads(stream, where, "labeled images"):
         ids = np.asarray(ids, np.int64)
         _check_images(np.asarray(images), where)
         if np.shape(masks) != np.shape(images):

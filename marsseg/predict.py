@@ -432,14 +432,10 @@ def rebatch(stream: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
         yield np.concatenate(buf_ids), np.concatenate(buf_img)
 
 
-def stream_batches(data: str | os.PathLike, split: str, batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, images) batches of ``batch_size`` from a shard folder or npz; read errors of a
-    shard (truncated HDF5 ...) become InputError."""
-    from . import data as D
-
-    src = D.as_batches(Path(data), split, batch_size)
-    it = iter(src)
+def guard_reads(stream, where, what: str) -> Iterator:
+    """Pass ``stream`` through; a read error of a shard (truncated HDF5, missing key ...)
+    becomes one InputError line naming ``where`` and ``what`` was being read."""
+    it = iter(stream)
     while True:
         try:
             piece = next(it)
@@ -448,9 +444,18 @@ def stream_batches(data: str | os.PathLike, split: str, batch_size: int
         except InputError:
             raise
         except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{data}: cannot read {split} images ({type(e).__name__}: "
+            raise InputError(f"{where}: cannot read {what} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
         yield piece
+
+
+def stream_batches(data: str | os.PathLike, split: str, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, images) batches of ``batch_size`` from a shard folder or npz; read errors of a
+    shard (truncated HDF5 ...) become InputError."""
+    from . import data as D
+
+    return guard_reads(D.as_batches(Path(data), split, batch_size), data, f"{split} images")
 
 
 # --------------------------------------------------------------------------- progress
