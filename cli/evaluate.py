@@ -7,17 +7,19 @@ from typing import Annotated
 
 import typer
 
+from marsseg.runfolder import ENSEMBLE, SPLITS
+
 from ._app import app, user_errors
 from .predict import int_list, split_list
 
 
 @app.command("evaluate")
 def evaluate(
-    ensemble: Annotated[Path, typer.Option(help="run folder (ensemble.json) or one fold folder")],
+    ensemble: Annotated[Path, typer.Option(help=f"run folder ({ENSEMBLE}) or one fold folder")],
     data: Annotated[Path, typer.Option(help="prepared shard folder or .npz with labeled test images (test_masks)")],
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="also score with flip TTA")] = True,
     tta_vflip: Annotated[bool, typer.Option(help="TTA also with vertical flips (4 views)")] = False,
-    split: Annotated[str | None, typer.Option(help="test (needs masks) | train (out-of-fold, via splits.json); default: test if labeled, else train")] = None,
+    split: Annotated[str | None, typer.Option(help=f"test (needs masks) | train (out-of-fold, via {SPLITS}; the run's own data only); default: test if labeled, else train")] = None,
     members: Annotated[list[str] | None, typer.Option(help="members to use (default: selected); repeat or comma-separate")] = None,
     folds: Annotated[list[str] | None, typer.Option(help="fold numbers to use (default: all)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass (x views)")] = 64,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from marsseg.runfolder import ENSEMBLE
+
 from ._app import app, user_errors
 
 
@@ -31,12 +33,12 @@ def int_list(values: list[str] | None, what: str) -> list[int] | None:
 
 @app.command("predict")
 def predict(
-    ensemble: Annotated[Path, typer.Option(help="run folder (ensemble.json) or one fold folder")],
+    ensemble: Annotated[Path, typer.Option(help=f"run folder ({ENSEMBLE}) or one fold folder")],
     data: Annotated[Path, typer.Option(help="prepared shard folder or an .npz in the course layout")],
     out: Annotated[Path, typer.Option(help="submission CSV to write (its folder must exist)")],
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average over horizontal flips")] = True,
     tta_vflip: Annotated[bool, typer.Option(help="also vertical flips (4 views)")] = False,
-    members: Annotated[list[str] | None, typer.Option(help="members to use (default: selected in ensemble.json); repeat or comma-separate")] = None,
+    members: Annotated[list[str] | None, typer.Option(help=f"members to use (default: selected in {ENSEMBLE}); repeat or comma-separate")] = None,
     folds: Annotated[list[str] | None, typer.Option(help="fold numbers to use (default: all)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass (x views)")] = 64,
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")] = "auto",

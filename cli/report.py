@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
+from marsseg.runfolder import ENSEMBLE
+
 from ._app import app, user_errors
 from .predict import int_list, split_list
 
 
 @app.command("report")
 def report(
-    ensemble: Annotated[Path, typer.Option(help="run folder (ensemble.json)")],
+    ensemble: Annotated[Path, typer.Option(help=f"run folder ({ENSEMBLE})")],
     out: Annotated[Path, typer.Option(help="folder for the PNGs (created; its parent must exist)")],
     data: Annotated[Path | None, typer.Option(help="labeled shards or .npz: scores + overlays computed now (else scores.json)")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="score and overlay with flip TTA")] = True,

@@ -9,16 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from marsseg.runfolder import ENSEMBLE, RunFolder
+
 from ._app import app, user_errors
 
 
-@app.command("select")
+@app.command("select", help=f"Pick members and weights by out-of-fold mIoU and write them into {ENSEMBLE}.")
 def select(
-    run: Annotated[Path, typer.Option("--run", "--ensemble", help="train-folds run folder (has ensemble.json)")],
-    data: Annotated[Path | None, typer.Option(help="prepared shard folder the run was trained on (default: recorded in ensemble.json)")] = None,
+    run: Annotated[Path, typer.Option("--run", "--ensemble", help=f"train-folds run folder (has {ENSEMBLE})")],
+    data: Annotated[Path | None, typer.Option(help=f"prepared shard folder the run was trained on (default: recorded in {ENSEMBLE}); other data is refused")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="greedy steps (default 2 x members)")] = None,
 ) -> None:
-    """Pick members and weights by out-of-fold mIoU and write them into ensemble.json."""
     with user_errors():
         from marsseg.select import select_run
 
@@ -30,4 +31,4 @@ def select(
         for name, score in sorted(sel.single.items(), key=lambda kv: -kv[1]):
             table.add_row(name, f"{100 * score:.2f}", f"{sel.weights.get(name, 0.0):.2f}")
         Console().print(table)
-        print(f"selected ensemble OOF mIoU {100 * sel.oof_miou:.2f} -> {run / 'ensemble.json'}")
+        print(f"selected ensemble OOF mIoU {100 * sel.oof_miou:.2f} -> {RunFolder(run).ensemble}")

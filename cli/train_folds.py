@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from marsseg.runfolder import ENSEMBLE
+
 from ._app import app, user_errors
 
 
@@ -24,7 +26,7 @@ def _csv(value: str | None, what: str, cast=str):
     return items
 
 
-@app.command("train-folds")
+@app.command("train-folds", help=f"Train every (member, fold) of RECIPE on DATA into OUT; writes {ENSEMBLE}.")
 def train_folds(
     data: Annotated[Path, typer.Option(help="prepared shard folder (marsseg-cli prepare)")],
     recipe: Annotated[Path, typer.Option(help="recipe TOML, e.g. ensembles/seed-final.toml")],
@@ -41,7 +43,6 @@ def train_folds(
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
 ) -> None:
-    """Train every (member, fold) of RECIPE on DATA into OUT; writes ensemble.json."""
     with user_errors():
         from marsseg.orchestrate import RunOptions
         from marsseg.orchestrate import train_folds as run

@@ -9,10 +9,10 @@ and recipes choose what to skip.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
-from ._io import sha256_file
+from ._io import atomic_path, sha256_file
 from .errors import InputError
 
 FORMAT_VERSION = 1
@@ -342,12 +342,7 @@ def prepare(
     if data.test_groups is not None:
         test["groups"] = np.array(data.test_groups, dtype=str)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    with _new_folder(out_dir) as tmp:
         info = {
             "format_version": FORMAT_VERSION,
             "source": {"path": str(src.resolve()), "sha256": sha256_file(src)},
@@ -389,20 +384,19 @@ def prepare(
         }
         with open(tmp / "dataset.json", "w") as f:
             json.dump(info, f, indent=1)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old.exists():  # put the previous folder back
-                os.replace(old, out_dir)
-            raise
+    return info
+
+
+@contextlib.contextmanager
+def _new_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder that replaces `out_dir` only once it is whole (`atomic_path`)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            yield tmp
     except OSError as e:  # disk full, permissions, a file where a folder should be
         raise InputError(f"{out_dir}: cannot write the shard folder ({e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return info
 
 
 # ----------------------------------------------------------------------------- reading

@@ -10,15 +10,15 @@ Two modes:
 - ``test``: all models on all images of a labeled split (test shards with masks,
   or an npz with ``test_masks``).
 - ``oof`` (split ``train``): each fold model only on its own validation images
-  (``splits.json``), the ensemble per image from the folds that held it out —
-  the honest score when the test split has no masks.
+  (the run's splits), the ensemble per image from the folds that held it out —
+  the honest score when the test split has no masks; the data must be the data
+  the run was made from.
 
-Results go to ``<run>/scores.json`` (atomic write).
+Results go to the run folder's scores file (atomic write, under the run's lock).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -44,8 +44,9 @@ from .predict import (
     progress_bar,
     to_labels,
 )
+from .runfolder import SCORES, RunFolder
 
-SCORES_NAME = "scores.json"
+SCORES_NAME = SCORES
 
 
 @dataclass
@@ -96,15 +97,14 @@ def choose_split(data: str | os.PathLike, split: str | None) -> str:
     return split
 
 
-def _oof_folds(run_dir: Path) -> dict[int, np.ndarray]:
-    path = run_dir / "splits.json"
-    if not path.is_file():
-        raise InputError(f"{path}: missing; out-of-fold scores need the run's splits")
-    try:
-        spec = json.loads(path.read_text())
-        return {int(f["fold"]): np.asarray(f["val_ids"], np.int64) for f in spec["folds"]}
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: malformed ({e})") from None
+def _check_oof_data(run: RunFolder, data: Path) -> None:
+    """Out-of-fold scores only mean something on the data the run was trained on."""
+    from .runfolder import data_fingerprint
+
+    if data.is_dir():
+        run.check_data(data_fingerprint(data))
+    else:
+        run.check_source(data)
 
 
 def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
@@ -114,7 +114,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     """Score single folds, the ensemble and the ensemble with TTA on labeled data.
 
     ``cfg.tta`` False skips the TTA rows. Returns the scores dict (also written to
-    ``<run_dir>/scores.json`` when ``write``); scores are fractions 0..1.
+    the run folder's scores file when ``write``); scores are fractions 0..1.
     """
     from .data import as_batches, split_info
 
@@ -122,12 +122,17 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     if not data.exists():
         raise InputError(f"{data}: data path does not exist")
     split = choose_split(data, split)
+    run = RunFolder(run_dir if run_dir.is_dir() else run_dir.parent)
+    oof = split == "train"
+    if oof:
+        _check_oof_data(run, data)
     if data.is_dir():
         check_shards(data, split)
     total = int(split_info(data, split)["count"])
     ens = load_ensemble(run_dir, members, folds)
-    oof = split == "train"
-    val_ids = _oof_folds(run_dir) if oof else None
+    if write:
+        run.check_writable()
+    val_ids = {k: np.asarray(v, np.int64) for k, v in run.val_ids().items()} if oof else None
     pred = Predictor(ens, cfg)
     views = cfg.views
     tta = len(views) > 1
@@ -153,7 +158,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
             for fm, model in zip(ens.models, pred.models, strict=True):
                 if oof:
                     if fm.fold not in val_ids:
-                        raise InputError(f"{run_dir / 'splits.json'}: no fold {fm.fold}")
+                        raise InputError(f"{run.splits}: no fold {fm.fold}")
                     rows = np.isin(ids, val_ids[fm.fold])
                     if not rows.any():
                         continue
@@ -210,9 +215,9 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         "per_image": {"ids": ids_all.tolist(), "miou": [_num(v) for v in scores_all]},
     }
     if write:
-        target = run_dir if run_dir.is_dir() else run_dir.parent
-        write_json_atomic(target / SCORES_NAME, result)
-        result["path"] = str(target / SCORES_NAME)
+        with run.lock():
+            write_json_atomic(run.scores, result)
+        result["path"] = str(run.scores)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Seeded k-fold splits, grouped and stratified by big rock, written once to splits.json.
+"""Seeded k-fold splits, grouped and stratified by big rock, made once per run folder.
 
 Groups (e.g. the two bands of one real_mars image, or a whole NAVCAM sequence) never
 straddle folds, so validation scores are honest. Groups holding Big Rock pixels are
@@ -8,10 +8,7 @@ fold can score class 4; the rest go largest first to the smallest fold.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -58,10 +55,9 @@ def make_splits(
     return [np.flatnonzero(row_fold == f) for f in range(k)]
 
 
-def save_splits(
-    path: Path, folds: Sequence[np.ndarray], ids: Sequence[int], k: int, seed: int
-) -> dict:
-    """Write splits.json {"k","seed","folds":[{"fold","val_ids","train_ids"}]} (ids = source rows)."""
+def splits_dict(folds: Sequence[np.ndarray], ids: Sequence[int], k: int, seed: int) -> dict:
+    """{"k","seed","folds":[{"fold","val_ids","train_ids"}]} (ids = source rows), as the run
+    folder stores it (`runfolder.save_splits`)."""
     ids = np.asarray(ids, np.int64)
     out = {"k": int(k), "seed": int(seed), "folds": []}
     for f, pos in enumerate(folds):
@@ -70,38 +66,4 @@ def save_splits(
         out["folds"].append(
             {"fold": f, "val_ids": ids[val].tolist(), "train_ids": ids[~val].tolist()}
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(out))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
-
-
-def load_splits(path: Path) -> dict:
-    """Read and check splits.json (keys, one entry per fold, val sets disjoint)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        d = json.loads(path.read_text())
-        k, folds = int(d["k"]), d["folds"]
-        if len(folds) != k or [f["fold"] for f in folds] != list(range(k)):
-            raise InputError(f"{path}: expected folds 0..{k - 1}")
-        seen: set[int] = set()
-        for f in folds:
-            val = set(f["val_ids"])
-            if seen & val:
-                raise InputError(
-                    f"{path}: fold {f['fold']} shares validation ids with another fold"
-                )
-            seen |= val
-            f["train_ids"]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed splits file ({type(e).__name__}: {e})") from None
-    return d

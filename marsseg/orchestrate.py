@@ -1,18 +1,22 @@
 """train-folds: every (member, fold) of a recipe as one Ray task, then out-of-fold scores.
 
 Ray stays at this edge: each task only calls `train.train_one_fold`, which runs
-the same without Ray (`sequential=True`, tests, debugging). A run folder
-``<out>/`` holds ``recipe.toml`` (copy), ``splits.json`` (written once, before
-any task starts), one folder per member and fold, and ``ensemble.json``.
+the same without Ray (`sequential=True`, tests, debugging). The run folder
+(`runfolder.RunFolder`) holds a copy of the recipe, the data record, the splits
+(written once, before any task starts), one folder per member and fold, and the
+ensemble file.
 
-Re-running the same command skips folds with ``done.json`` and resumes the
-others from their ``state/``; a task whose worker dies is retried by Ray
-(`max_retries`) and resumes the same way.
+Everything a user can get wrong is checked before anything is written or Ray
+starts. Then, under the run folder's lock, the shared files are written and the
+folds to train are locked; the ensemble file is collected under the lock again.
+Re-running the same command skips finished folds (their weights checked against
+their sha256) and resumes the others from their ``state/``; a task whose worker
+dies is retried by Ray (`max_retries`) and resumes the same way.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import shutil
@@ -23,17 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
-from ._io import sha256_file, write_json_atomic
+from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
-from .train import (
-    DONE,
-    OOF,
-    _load_train,
-    ensure_splits,
-    labeled_argmax,
-    train_one_fold,
-)
+from .runfolder import OOF, RunFolder, data_fingerprint, fold_name, read_oof
+from .train import _load_train, fold_rows, labeled_argmax, plan_splits, train_one_fold
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +70,6 @@ class RunOptions:
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
 
 
-def _fold_dir(out: Path, member: str, fold: int) -> Path:
-    return out / member / f"fold_{fold}"
-
-
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     names = [m.name for m in recipe.members]
     members = list(opts.members) if opts.members else names
@@ -90,31 +84,68 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None = None) -> None:
-    """Copy the recipe (and an --epochs budget) into the run folder; refuse a run folder made
-    with another recipe or budget."""
-    copy = out / "recipe.toml"
-    budget = out / "overrides.json"
-    if copy.exists():
-        import tomllib
-
-        try:
-            old = parse_recipe(tomllib.loads(copy.read_text()), name=recipe.name,
-                               source=str(copy), check_models=False)
-            if old is not None and budget.exists():
-                old = with_epochs(old, json.loads(budget.read_text()).get("epochs"))
-        except (InputError, tomllib.TOMLDecodeError, json.JSONDecodeError, OSError):
-            old = None
-        if old != recipe:
-            raise InputError(f"{copy}: this run folder was made with a different recipe or "
-                             f"--epochs; use a new --out (or the recipe and --epochs it was made with)")
+def _check_recipe(run: RunFolder, recipe: Recipe) -> None:
+    """Refuse a run folder made with another recipe or --epochs budget."""
+    if not run.recipe.exists():
         return
-    out.mkdir(parents=True, exist_ok=True)
-    if epochs is not None:
-        write_json_atomic(budget, {"epochs": epochs})
-    tmp = out / f"recipe.toml.tmp-{os.getpid()}"
-    shutil.copyfile(recipe_path, tmp)
-    os.replace(tmp, copy)
+    import tomllib
+
+    try:
+        old = parse_recipe(tomllib.loads(run.recipe.read_text()), name=recipe.name,
+                           source=str(run.recipe), check_models=False)
+        if old is not None:
+            old = with_epochs(old, run.read_overrides().get("epochs"))
+    except (InputError, tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+        old = None
+    if old != recipe:
+        raise InputError(f"{run.recipe}: this run folder was made with a different recipe or "
+                         f"--epochs; use a new --out (or the recipe and --epochs it was made with)")
+
+
+def _check_resources(opts: RunOptions) -> None:
+    """The embedded Ray gets this machine's CPUs and GPUs: refuse a task that could never run."""
+    if opts.sequential or opts.address:
+        return  # a cluster's resources are checked once joined (_run_ray)
+    import torch
+
+    have = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
+                            ("--gpus-per-task", "GPU", opts.gpus_per_task)):
+        if want > have[key]:
+            raise InputError(f"{flag} {want:g}: this machine has {have[key]:g} {key}s")
+
+
+def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
+    """Every check that needs no writing, in one place: (train split, splits, new?, data record)."""
+    run.check_target()
+    fp = data_fingerprint(data)  # verifies the train shards against dataset.json
+    run.check_data(fp)
+    split = _load_train(data)
+    _check_recipe(run, recipe)
+    splits, new = plan_splits(recipe, split, run)
+    for m, f in selected:  # filters that leave no training image
+        fold_rows(split, splits, f, recipe.member(m))
+    for m in recipe.members:  # collect reads every finished fold, selected or not
+        for f in range(recipe.folds):
+            if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
+                run.check_state(m.name, f)
+    _check_resources(opts)
+    return split, splits, new, fp
+
+
+def _start_run(recipe_path: Path, run: RunFolder, splits: dict, new_splits: bool, fp: dict,
+               epochs: int | None) -> None:
+    """Write the shared files a new run folder needs (under the run folder's lock)."""
+    run.check_writable()
+    if not run.recipe.exists():
+        if epochs is not None:
+            write_json_atomic(run.overrides, {"epochs": epochs})
+        with atomic_path(run.recipe) as tmp:
+            shutil.copyfile(recipe_path, tmp)
+    if run.read_data() is None:
+        run.write_data(fp)
+    if new_splits and run.read_splits() is None:
+        run.write_splits(splits)
 
 
 # --- Ray ---------------------------------------------------------------------------------------
@@ -188,7 +219,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
         for member, fold in jobs:
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
-                               name=f"{member}/fold_{fold}").remote(
+                               name=fold_name(member, fold)).remote(
                 recipe, member, fold, str(data), str(out), opts.precision, threads, board)
             refs[ref] = (member, fold)
         pending = list(refs)
@@ -215,20 +246,10 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ray.shutdown()
 
 
-# --- out-of-fold scores and ensemble.json -----------------------------------------------------
+# --- out-of-fold scores and the ensemble file -------------------------------------------------
 
 
-def _read_oof(path: Path):
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return f["ids"][()], f["probs"][()]
-    except (OSError, KeyError) as e:
-        raise InputError(f"{path}: unreadable out-of-fold file ({e})") from None
-
-
-def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str]) -> dict:
+def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
     """Course mIoU over all out-of-fold pixels, per member and for their average (ensemble).
 
     One confusion matrix per member over every validation image of every fold
@@ -245,8 +266,8 @@ def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str
         total = None
         truth = None
         for m in members:
-            path = _fold_dir(out, m, fold) / OOF
-            ids, probs = _read_oof(path)
+            path = run.fold_dir(m, fold) / OOF
+            ids, probs = read_oof(path)
             if truth is None:
                 rows = np.array([pos[int(i)] for i in ids])
                 truth = split.masks[rows]
@@ -271,20 +292,16 @@ def oof_scores(out: Path, recipe: Recipe, split, splits: dict, members: list[str
                          "oof_iou": ious(ens) if members else None}}
 
 
-def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
-    """Build ensemble.json's dict from the finished folds in `out`."""
-    import json
-
+def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
+    """Build the ensemble file's dict from the finished folds (weights checked) of `run`."""
     members = []
     complete = []
     for m in recipe.members:
         folds = []
         for k in range(recipe.folds):
-            d = _fold_dir(out, m.name, k)
-            if (d / DONE).is_file():
-                done = json.loads((d / DONE).read_text())
-                folds.append({"fold": k, "path": f"{m.name}/fold_{k}",
-                              "sha256": sha256_file(d / "model.safetensors"),
+            done = run.verify_fold(m.name, k)
+            if done is not None:
+                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done["sha256"],
                               "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
                               "epochs_run": done.get("epochs_run")})
         if folds:
@@ -292,12 +309,12 @@ def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = 
                             "oof_miou": None, "oof_iou": None})
             if len(folds) == recipe.folds:
                 complete.append(m.name)
-    scores = oof_scores(out, recipe, split, splits, complete)
+    scores = oof_scores(run, split, splits, complete)
     for entry in members:
         s = scores["members"].get(entry["name"])
         if s:
             entry.update(s)
-    return {"format_version": 1, "name": out.name, "recipe": recipe.name, "k": recipe.folds,
+    return {"format_version": 1, "name": run.path.name, "recipe": recipe.name, "k": recipe.folds,
             "seed": recipe.seed, "data": str(data) if data is not None else None,
             "members": members,
             "oof_miou_ensemble": scores["ensemble"]["oof_miou"],
@@ -305,18 +322,16 @@ def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = 
             "selected": complete or [e["name"] for e in members]}
 
 
-def _same_folds(path: Path, ens: dict) -> bool:
-    """True if `path` already lists exactly these members, folds and weight files."""
-    import json
-
+def _same_folds(run: RunFolder, ens: dict) -> bool:
+    """True if the run's ensemble file already lists exactly these members, folds and weights."""
     def key(e):
-        return sorted((m["name"], f["fold"], f["sha256"]) for m in e.get("members", [])
+        return sorted((m["name"], f["fold"], f.get("sha256")) for m in e.get("members", [])
                       for f in m.get("folds", []))
     try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
+        old = run.read_ensemble()
+    except InputError:
         return False
-    return isinstance(old, dict) and old.get("recipe") == ens["recipe"] and key(old) == key(ens)
+    return old.get("recipe") == ens["recipe"] and key(old) == key(ens)
 
 
 def summary_table(ens: dict):
@@ -347,15 +362,15 @@ def summary_table(ens: dict):
 def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                 options: RunOptions = RunOptions(), *, epochs: int | None = None,
                 console=None) -> dict:
-    """Train every selected (member, fold) of a recipe into `out`; returns ensemble.json's dict.
+    """Train every selected (member, fold) of a recipe into run folder `out`; returns the
+    ensemble file's dict (plus "trained" and "seconds").
 
-    epochs: a training budget that replaces every member's epochs (recorded in
-    `<out>/overrides.json`). Everything the user could get wrong (recipe, precision,
-    selection, data, a run folder made with another recipe) is checked before Ray starts.
+    epochs: a training budget that replaces every member's epochs (recorded in the run
+    folder). Everything the user could get wrong (recipe, precision, selection, resources,
+    data, a run folder made with other data or another recipe, finished folds whose weights
+    changed, unreadable saved states) is checked before anything is written or Ray starts.
     """
     from rich.console import Console
-
-    from ._progress import ProgressView
 
     t0 = time.perf_counter()
     console = console or Console()
@@ -363,39 +378,48 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     recipe = with_epochs(load_recipe(recipe_path), epochs)
     options.check()
     selected = _select(recipe, options)
-    from .data import read_dataset
+    run = RunFolder(out)
+    split, splits, new_splits, fp = _validate(recipe, selected, data, run, options)
 
-    read_dataset(data)
-    split = _load_train(data)
-    _pin_recipe(recipe_path, recipe, out, epochs)
-    splits = ensure_splits(recipe, split, out)
+    with contextlib.ExitStack() as held:
+        with run.lock():
+            _start_run(recipe_path, run, splits, new_splits, fp, epochs)
+            jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
+            held.enter_context(run.lock_folds(jobs))
+        _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
+               console)
+        with run.lock():
+            ens = collect(run, recipe, split, splits, data)
+            if not _same_folds(run, ens):
+                # Keep an up-to-date ensemble file as it is: `select` may have set weights in it.
+                run.write_ensemble(ens)
+    if options.progress != "none":
+        console.print(summary_table(ens))
+        console.print(f"{run.ensemble.name} -> {run.ensemble} "
+                      f"({len(jobs)} fold(s) trained, {time.perf_counter() - t0:.1f} s)",
+                      highlight=False)
+    ens_out = dict(ens)
+    ens_out["trained"] = [fold_name(m, f) for m, f in jobs]
+    ens_out["seconds"] = round(time.perf_counter() - t0, 3)
+    return ens_out
 
-    jobs = [(m, f) for m, f in selected if not (_fold_dir(out, m, f) / DONE).is_file()]
-    skipped = [(m, f) for m, f in selected if (m, f) not in jobs]
+
+def _train(recipe: Recipe, jobs, skipped, split, data: Path, run: RunFolder, options: RunOptions,
+           console) -> None:
+    """Train `jobs` in this process or on Ray, with the progress view."""
+    from ._progress import ProgressView
+
     epochs = {m.name: m.epochs for m in recipe.members}
     view = ProgressView([(m, f, epochs[m]) for m, f in jobs], mode=options.progress,
                         console=console, skipped=skipped)
     if skipped:
-        view.log(f"{len(skipped)} fold(s) already finished in {out}, skipped")
-    if jobs:
-        with view:
-            if options.sequential:
-                for m, f in jobs:
-                    train_one_fold(recipe, m, f, split, out, precision=options.precision,
-                                   threads=options.threads,
-                                   progress=lambda ev: view.update([ev]))
-            else:
-                _run_ray(recipe, jobs, data, out, options, view)
-    ens = collect(out, recipe, split, splits, data)
-    if not _same_folds(out / "ensemble.json", ens):
-        # Keep an up-to-date ensemble.json as it is: `select` may have set weights in it.
-        write_json_atomic(out / "ensemble.json", ens)
-    if options.progress != "none":
-        console.print(summary_table(ens))
-        console.print(f"ensemble.json -> {out / 'ensemble.json'} "
-                      f"({len(jobs)} fold(s) trained, {time.perf_counter() - t0:.1f} s)",
-                      highlight=False)
-    ens_out = dict(ens)
-    ens_out["trained"] = [f"{m}/fold_{f}" for m, f in jobs]
-    ens_out["seconds"] = round(time.perf_counter() - t0, 3)
-    return ens_out
+        view.log(f"{len(skipped)} fold(s) already finished in {run.path}, skipped")
+    if not jobs:
+        return
+    with view:
+        if options.sequential:
+            for m, f in jobs:
+                train_one_fold(recipe, m, f, split, run.path, precision=options.precision,
+                               threads=options.threads, progress=lambda ev: view.update([ev]))
+        else:
+            _run_ray(recipe, jobs, data, run.path, options, view)

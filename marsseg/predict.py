@@ -1,8 +1,8 @@
 """Ensemble prediction: load a run folder, batched flip TTA, streaming over shards.
 
-An ensemble is every fold model of the selected members of a run folder
-(``ensemble.json``); each fold is rebuilt from its own folder alone
-(``config.json`` + ``model.safetensors`` via ``load_pretrained``). A member's
+An ensemble is every fold model of the selected members of a run folder (its
+ensemble file, read by `runfolder.RunFolder`); each fold is rebuilt from its own
+folder alone (config + weights via ``load_pretrained``). A member's
 weight is shared equally by its folds, so a 5-fold member and a 3-fold member
 with the same weight count the same.
 
@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from . import IMAGE_SHAPE, NUM_CLASSES
-from ._io import sha256_file
+from ._io import atomic_path, sha256_file
 from .errors import InputError
+from .runfolder import CONFIG, WEIGHTS, RunFolder, fold_name
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
 #: (the mirror group nnU-Net uses). Rover images have the sky on top, so vflip is opt-in.
@@ -65,7 +66,7 @@ class FoldModel:
 
     @property
     def name(self) -> str:
-        return f"{self.member}/fold_{self.fold}"
+        return fold_name(self.member, self.fold)
 
 
 @dataclass
@@ -90,13 +91,14 @@ class Ensemble:
 def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
     from .models.registry import load_pretrained
 
-    weights = folder / "model.safetensors"
+    weights = folder / WEIGHTS
     if not folder.is_dir():
         raise InputError(f"{folder}: fold folder is missing")
     if not weights.is_file():
         raise InputError(f"{weights}: weight file is missing")
     if sha256 and sha256_file(weights) != sha256:
-        raise InputError(f"{weights}: sha256 differs from ensemble.json (corrupted or replaced)")
+        raise InputError(f"{weights}: sha256 differs from the run's ensemble file "
+                         "(corrupted or replaced)")
     try:
         model = load_pretrained(folder, map_location=map_location)
     except InputError:
@@ -106,40 +108,24 @@ def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
     return model.eval()
 
 
-def read_ensemble_json(run_dir: str | os.PathLike) -> dict:
-    """Read and sanity-check ``<run_dir>/ensemble.json``."""
-    run_dir = Path(run_dir)
-    path = run_dir / "ensemble.json"
-    if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: run folder does not exist")
-    if not path.is_file():
-        raise InputError(f"{path}: missing (not a finished run folder)")
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("members"), list):
-        raise InputError(f"{path}: no 'members' list")
-    return spec
-
-
 def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = None,
                   folds: Sequence[int] | None = None, map_location="cpu",
                   verify: bool = True) -> Ensemble:
     """Load the fold models of a run folder.
 
-    ``members`` defaults to ensemble.json's "selected" (else all members);
-    ``folds`` filters fold numbers. A single fold folder (config.json +
-    model.safetensors, no ensemble.json) loads as a one-model ensemble.
-    ``verify`` checks each weight file against the sha256 in ensemble.json.
+    ``members`` defaults to the ensemble file's "selected" (else all members);
+    ``folds`` filters fold numbers. A single fold folder (config + weights, no
+    ensemble file) loads as a one-model ensemble.
+    ``verify`` checks each weight file against the sha256 in the ensemble file.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file() and not (run_dir / "ensemble.json").exists():
+    run = RunFolder(run_dir)
+    if run.is_fold_folder():
         model = _load_fold(run_dir, None, map_location)
-        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = json.loads((run_dir / CONFIG).read_text())
         return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
                                             int(cfg.get("fold", 0)), 1.0, model, run_dir)])
-    spec = read_ensemble_json(run_dir)
+    spec = run.read_ensemble()
     by_name = {m.get("name"): m for m in spec["members"]}
     if members:
         unknown = [m for m in members if m not in by_name]
@@ -151,15 +137,13 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
         chosen = spec.get("selected") or list(by_name)
         missing = [m for m in chosen if m not in by_name]
         if missing:
-            raise InputError(f"{run_dir / 'ensemble.json'}: selected member(s) "
+            raise InputError(f"{run.ensemble}: selected member(s) "
                              f"{', '.join(missing)} not in members")
     plan: list[tuple[str, float, dict]] = []
     for name in chosen:
         m = by_name[name]
         fl = [f for f in m.get("folds", []) if folds is None or int(f["fold"]) in set(folds)]
-        w = float(m.get("weight", 1.0))
-        if w < 0:
-            raise InputError(f"member {name}: negative weight {w}")
+        w = float(m.get("weight", 1.0))  # finite and >= 0: checked by read_ensemble
         if w == 0:  # deselected by `select`: no point running it
             continue
         plan += [(name, w / len(fl), f) for f in fl]
@@ -173,7 +157,7 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
         raise InputError(f"{run_dir}: no fold models selected")
     out = Ensemble(run_dir)
     for name, w, f in plan:
-        folder = run_dir / f.get("path", f"{name}/fold_{f['fold']}")
+        folder = run.fold_path(name, f)
         model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
         out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder))
     return out
@@ -380,11 +364,12 @@ def count_images(data: str | os.PathLike, split: str = "test") -> int:
 
 
 def check_shards(shard_dir: Path, split: str) -> None:
-    """Open every shard of ``split`` and check its image shape (HDF5 metadata only), so a
-    truncated or foreign shard fails before any prediction work."""
+    """Check every shard of ``split`` against its sha256 in dataset.json and its image shape
+    (HDF5 metadata), so an edited, truncated or foreign shard fails before any prediction work."""
     import h5py
 
     from . import data as D
+    from .runfolder import verify_shards
 
     for path in D.shard_paths(shard_dir, split):
         try:
@@ -401,6 +386,7 @@ def check_shards(shard_dir: Path, split: str) -> None:
                              f"expected {tuple(IMAGE_SHAPE)}")
         if n_ids != shape[0]:
             raise InputError(f"{path}: {n_ids} ids for {shape[0]} images")
+    verify_shards(shard_dir, split)
 
 
 def rebatch(stream: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
@@ -545,7 +531,8 @@ class _ProbsWriter:
         import h5py
 
         self.path = path
-        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self._atomic = atomic_path(path)
+        self.tmp = self._atomic.__enter__()
         self.f = h5py.File(self.tmp, "w")
         h, w = IMAGE_SHAPE
         self.ids = self.f.create_dataset("ids", (total,), dtype="i8")
@@ -567,9 +554,9 @@ class _ProbsWriter:
     def close(self, ok: bool) -> None:
         self.f.close()
         if ok:
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
+            self._atomic.__exit__(None, None, None)
+        else:  # atomic_path removes the temporary file
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,

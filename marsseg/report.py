@@ -2,8 +2,8 @@
 
 Figures are built with ``matplotlib.figure.Figure`` (Agg canvas, no pyplot
 global state) and written atomically. Scores come from ``evaluate`` on the
-given labeled data, else from the run's ``scores.json``; training curves come
-from every fold's ``metrics.jsonl``.
+given labeled data, else from the run's scores file; training curves come from
+every fold's metrics (read through `runfolder`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASS_NAMES, NUM_CLASSES
+from ._io import atomic_path, check_writable
 from .errors import InputError
-from .predict import PredictConfig, Predictor, load_ensemble, read_ensemble_json
+from .predict import PredictConfig, Predictor, load_ensemble
+from .runfolder import METRICS, RunFolder, fold_name
+from .runfolder import read_metrics as read_metrics_file
 
 #: background, soil, bedrock, sand, big rock
 CLASS_COLORS = ("#000000", "#c48a50", "#7f7f7f", "#f2d16b", "#d62728")
@@ -27,13 +30,8 @@ def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
     return path
 
 
@@ -97,31 +95,23 @@ def plot_iou(rows: Sequence[dict], path: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
-    """``{"member/fold_k": [epoch records]}`` from every fold's metrics.jsonl (all members)."""
-    run_dir = Path(run_dir)
-    out: dict[str, list[dict]] = {}
-    if (run_dir / "ensemble.json").is_file():
-        spec = read_ensemble_json(run_dir)
-        folders = [(f"{m['name']}/fold_{f['fold']}", run_dir / f.get("path", ""))
+    """``{"member/fold_k": [epoch records]}`` from every fold's metrics (all members)."""
+    run = RunFolder(run_dir)
+    if run.ensemble.is_file():
+        spec = run.read_ensemble()
+        folders = [(fold_name(m["name"], f["fold"]), run.fold_path(m["name"], f))
                    for m in spec["members"] for f in m.get("folds", [])]
     else:
-        folders = [(run_dir.name, run_dir)]
+        folders = [(run.path.name, run.path)]
+    out: dict[str, list[dict]] = {}
     for name, folder in folders:
-        path = folder / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        recs = []
-        for line in path.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a crash
+        recs = read_metrics_file(folder / METRICS)
         if recs:
             out[name] = recs
     return out
 
 
-#: columns of metrics.jsonl that are bookkeeping, not training curves
+#: columns of the metrics lines that are bookkeeping, not training curves
 _NOT_CURVES = {"epoch", "step", "fold", "time", "seconds", "wall_s", "pid", "img_s",
                "images_per_s", "best_epoch"}
 
@@ -260,10 +250,7 @@ def _overlay_predictions(run_dir: Path, scores: dict, ids: np.ndarray, images: n
     labels = np.zeros(images.shape, np.uint8)
     dis = np.zeros(images.shape, np.float32)
     if scores.get("mode") == "oof":
-        from .evaluate import _oof_folds
-
-        val = _oof_folds(run_dir)
-        for k, vids in val.items():
+        for k, vids in RunFolder(run_dir).val_ids().items():
             if folds is not None and k not in folds:
                 continue
             rows = np.flatnonzero(np.isin(ids, vids))
@@ -287,7 +274,6 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     With ``data`` (labeled) the scores are computed now (``evaluate``, also updating
     scores.json); without it they come from ``<run>/scores.json`` and overlays are skipped.
     """
-    from .evaluate import SCORES_NAME
     from .evaluate import evaluate as run_evaluate
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -300,15 +286,17 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     files: list[str] = []
     notes: list[str] = []
     scores = None
+    scores_path = RunFolder(run_dir).scores
+    check_writable(out_dir if out_dir.is_dir() else out_dir.parent)
     if data is not None:
         scores = run_evaluate(run_dir, data, cfg=cfg, members=members, folds=folds, split=split,
                               progress=progress)
-    elif (run_dir / SCORES_NAME).is_file():
+    elif scores_path.is_file():
         try:
-            scores = json.loads((run_dir / SCORES_NAME).read_text())
+            scores = json.loads(scores_path.read_text())
         except ValueError as e:
-            raise InputError(f"{run_dir / SCORES_NAME}: not valid JSON ({e})") from None
-        notes.append(f"scores from {run_dir / SCORES_NAME}; pass --data for overlays")
+            raise InputError(f"{scores_path}: not valid JSON ({e})") from None
+        notes.append(f"scores from {scores_path}; pass --data for overlays")
     else:
         notes.append("no --data and no scores.json: only training curves")
     out_dir.mkdir(exist_ok=True)
@@ -317,7 +305,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if curves:
         files.append(str(curves))
     else:
-        notes.append("no metrics.jsonl found: no training curves")
+        notes.append("no training metrics found: no training curves")
     if scores:
         best = scores["rows"][-1]
         files.append(str(plot_confusion(

@@ -5,22 +5,20 @@ generalise that to greedy forward selection with replacement over the members
 of a run: start empty, repeatedly add the member whose inclusion gives the best
 out-of-fold course mIoU of the weighted softmax average, stop when nothing
 improves. A member picked twice gets twice the weight. The choice uses only the
-out-of-fold predictions that train-folds wrote (``oof.h5``), never test masks.
+out-of-fold predictions that train-folds wrote into the run folder, never test masks.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from ._io import write_json_atomic
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou
+from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
 
 
 @dataclass(frozen=True)
@@ -31,30 +29,18 @@ class Selection:
     trace: list[dict]              # one entry per greedy step
 
 
-def read_ensemble(run_dir: Path) -> dict:
-    path = Path(run_dir) / "ensemble.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no ensemble.json (not a finished train-folds run folder)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: unreadable ensemble.json ({e})") from None
-
-
-def load_oof(run_dir: Path, member: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold softmax of one member over all its folds.
+def load_oof(run: RunFolder, member: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold softmax of one member (an ensemble file entry) over all its folds.
 
     Returns ids int64 (n,) sorted, probs float16 (n, 5, H, W).
     """
     ids, probs = [], []
     for fold in member["folds"]:
-        path = Path(run_dir) / fold["path"] / "oof.h5"
-        try:
-            with h5py.File(path, "r") as f:
-                ids.append(f["ids"][:])
-                probs.append(f["probs"][:])
-        except (OSError, KeyError) as e:
-            raise InputError(f"{path}: cannot read out-of-fold predictions ({e})") from None
+        i, p = read_oof(run.fold_path(member["name"], fold) / OOF)
+        ids.append(i)
+        probs.append(p)
+    if not ids:
+        raise InputError(f"{run.ensemble}: member {member['name']!r} has no folds")
     ids_a = np.concatenate(ids)
     order = np.argsort(ids_a, kind="stable")
     return ids_a[order], np.concatenate(probs)[order]
@@ -103,24 +89,37 @@ def select_members(oof: dict[str, np.ndarray], masks: np.ndarray, max_steps: int
 
 def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
                data: Path | None = None, max_steps: int | None = None) -> Selection:
-    """Select members of a run folder by OOF score and write the choice into ensemble.json."""
+    """Select members of a run folder by OOF score and write the choice into its ensemble file.
+
+    `data` defaults to the shard folder the run recorded; other data is refused.
+    """
     from .data import load_split
 
-    run_dir = Path(run_dir)
-    ens = read_ensemble(run_dir)
+    run = RunFolder(run_dir)
+    ens = run.read_ensemble()
     if data is None:
         if not ens.get("data"):
-            raise InputError(f"{run_dir / 'ensemble.json'}: no data folder recorded; pass --data")
+            raise InputError(f"{run.ensemble}: no data folder recorded; pass --data")
         data = Path(ens["data"])
-    split = load_split(Path(data), "train")
+    run.check_data(data_fingerprint(data))  # also verifies the train shards
+    run.check_writable()
+    with run.lock(LOCK_WAIT):
+        ens = run.read_ensemble()  # as it is now, under the lock
+        split = load_split(Path(data), "train")
+        sel = _select_into(run, ens, split, data, max_steps)
+        run.write_ensemble(ens)
+    return sel
+
+
+def _select_into(run: RunFolder, ens: dict, split, data: Path, max_steps: int | None) -> Selection:
     row = {int(i): r for r, i in enumerate(split.ids)}
     oof, ref_ids = {}, None
     for member in ens["members"]:
-        ids, probs = load_oof(run_dir, member)
+        ids, probs = load_oof(run, member)
         if ref_ids is None:
             ref_ids = ids
         elif not np.array_equal(ids, ref_ids):
-            raise InputError(f"{run_dir}: member {member['name']!r} covers other images than the "
+            raise InputError(f"{run.path}: member {member['name']!r} covers other images than the "
                              "first member; selection needs the same folds for every member")
         oof[member["name"]] = probs
     try:
@@ -134,5 +133,4 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
     ens["selected"] = [m for m in sorted(sel.weights)]
     ens["selection"] = {"method": "greedy forward selection with replacement (Caruana 2004)",
                         "oof_miou": sel.oof_miou, "trace": sel.trace}
-    write_json_atomic(run_dir / "ensemble.json", ens)
     return sel

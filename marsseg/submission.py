@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import IMAGE_SHAPE, NUM_CLASSES
+from ._io import atomic_path
 from .errors import InputError
 
 _ZERO = ord("0")
@@ -90,7 +91,8 @@ class SubmissionWriter:
     def __init__(self, path: str | os.PathLike, *, expected_rows: int | None = None,
                  validate: bool = True):
         self.path = check_out_path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._atomic = atomic_path(self.path)
+        self.tmp: Path | None = None
         self.expected_rows = expected_rows
         self.validate = validate
         self.rows = 0
@@ -99,6 +101,7 @@ class SubmissionWriter:
         self._f = None
 
     def __enter__(self) -> SubmissionWriter:
+        self.tmp = self._atomic.__enter__()
         self._f = open(self.tmp, "wb")
         return self
 
@@ -130,10 +133,10 @@ class SubmissionWriter:
                 if self.validate:
                     validate_submission(self.tmp, expected_rows=self.expected_rows,
                                         num_pixels=self.num_pixels)
-                os.replace(self.tmp, self.path)
-        finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the temporary file
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or removed on error
 
 
 def write_submission(path: str | os.PathLike, ids: np.ndarray, masks: np.ndarray) -> Path:

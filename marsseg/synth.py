@@ -15,12 +15,11 @@ Everything is numpy, deterministic per seed, and fast (hundreds of images per se
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_path
 from .errors import InputError
 
 H, W = 64, 128  # one band
@@ -247,15 +246,10 @@ def write_synthetic(
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an output .npz file name")
     arrays = make_synthetic(n_train, n_test, seed, n_outliers)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz"
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # a file object keeps numpy from appending ".npz"
     except OSError as e:
         raise InputError(f"{path}: cannot write ({e})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return arrays

@@ -1,12 +1,12 @@
 """train_one_fold: one (member, fold) of a recipe, the accelerate loop written out.
 
-Writes ``<out>/<member>/fold_<k>/``:
-  model.safetensors + config.json  best weights by validation course mIoU (save_pretrained)
-  metrics.jsonl                    one JSON line per finished epoch
+Writes a fold folder of the run folder (names and readers: `runfolder`):
+  weights + config                 best weights by validation course mIoU (save_pretrained)
+  metrics                          one JSON line per finished epoch
   state/                           accelerate.save_state of the last finished epoch + trainer.json
-  oof.h5                           ids i64 (n,), probs f16 (n,5,64,128): softmax of the best
+  out-of-fold file                 ids i64 (n,), probs f16 (n,5,64,128): softmax of the best
                                    weights on the validation fold (out-of-fold predictions)
-  done.json                        written last; its presence means the fold is finished
+  done                             written last (with the weights' sha256): the fold is finished
 
 Resuming: a fold folder with ``state/`` continues after its last finished epoch.
 Every epoch's randomness (shuffle order, augmentation, dropout) is seeded from
@@ -21,10 +21,8 @@ recipes with different filters stay comparable.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import socket
 import time
 import zlib
@@ -36,15 +34,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import IMAGE_SHAPE, NUM_CLASSES
-from ._io import sha256_file, write_json_atomic
+from ._io import atomic_path, sha256_file
 from .config import MemberConfig, Recipe, ScheduleConfig, check_precision
 from .errors import InputError
-
-STATE_DIR = "state"
-TRAINER_STATE = "trainer.json"
-DONE = "done.json"
-METRICS = "metrics.jsonl"
-OOF = "oof.h5"
+from .runfolder import (
+    METRICS,
+    OOF,
+    STATE,
+    WEIGHTS,
+    RunFolder,
+    append_metrics,
+    find_state,
+    read_metrics,
+    read_trainer,
+    truncate_metrics,
+    write_oof,
+    write_trainer,
+)
 
 Progress = Callable[[dict], None]
 
@@ -116,29 +122,34 @@ def _load_train(data) -> object:
     return split
 
 
-def ensure_splits(recipe: Recipe, split, out: Path) -> dict:
-    """Read `<out>/splits.json`, or make it once (grouped, big-rock stratified) and write it.
+def plan_splits(recipe: Recipe, split, run: RunFolder) -> tuple[dict, bool]:
+    """The run's splits (read, or made now: grouped, big-rock stratified) and whether they are new.
 
-    An existing file must match the recipe's k and seed and the data's ids.
+    Existing splits must match the recipe's k and seed and the data's ids. Writes nothing.
     """
-    from .folds import load_splits, make_splits, save_splits
+    from .folds import make_splits, splits_dict
 
-    out = Path(out)
-    path = out / "splits.json"
-    if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
+    splits = run.read_splits()
+    if splits is None:
         big_rock = (split.masks == 4).any(axis=(1, 2))
         folds = make_splits(list(split.groups), list(big_rock), recipe.folds, recipe.seed)
-        tmp = out / f"splits.json.tmp-{os.getpid()}"
-        save_splits(tmp, folds, split.ids, recipe.folds, recipe.seed)
-        os.replace(tmp, path)
-    splits = load_splits(path)
+        return splits_dict(folds, split.ids, recipe.folds, recipe.seed), True
     if splits["k"] != recipe.folds or splits["seed"] != recipe.seed:
-        raise InputError(f"{path}: made with k={splits['k']} seed={splits['seed']} but the recipe "
-                         f"asks for k={recipe.folds} seed={recipe.seed}; use a new --out")
+        raise InputError(f"{run.splits}: made with k={splits['k']} seed={splits['seed']} but the "
+                         f"recipe asks for k={recipe.folds} seed={recipe.seed}; use a new --out")
     ids = set(int(i) for f in splits["folds"] for i in f["val_ids"])
     if ids != set(int(i) for i in split.ids):
-        raise InputError(f"{path}: its ids do not match the train split of the data; use a new --out")
+        raise InputError(f"{run.splits}: its ids do not match the train split of the data; "
+                         "use a new --out")
+    return splits, False
+
+
+def ensure_splits(recipe: Recipe, split, out: Path) -> dict:
+    """`plan_splits`, writing new splits into the run folder `out` (created)."""
+    run = RunFolder(out)
+    splits, new = plan_splits(recipe, split, run)
+    if new:
+        run.write_splits(splits)
     return splits
 
 
@@ -254,71 +265,19 @@ def evaluate(model, loader, accelerator, probs_out: np.ndarray | None = None) ->
 
 
 def _save_state(accelerator, fold_dir: Path, trainer: dict) -> None:
-    """accelerate.save_state into a temp folder + trainer.json, then swap it in as state/."""
-    state = fold_dir / STATE_DIR
-    tmp = fold_dir / f"{STATE_DIR}.tmp-{os.getpid()}"
-    old = fold_dir / f"{STATE_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if state.exists():
-        os.replace(state, old)
-    os.replace(tmp, state)
-    shutil.rmtree(old, ignore_errors=True)
+    """accelerate.save_state + trainer.json into a temp folder, then swapped in as state/."""
+    with atomic_path(fold_dir / STATE) as tmp:
+        accelerator.save_state(str(tmp))
+        write_trainer(tmp, trainer)
 
 
-def _find_state(fold_dir: Path) -> Path | None:
-    """The last complete state folder (state/, or state.old/ if a swap was interrupted)."""
-    for p in fold_dir.glob(f"{STATE_DIR}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for name in (STATE_DIR, f"{STATE_DIR}.old"):
-        p = fold_dir / name
-        if (p / TRAINER_STATE).is_file():
-            if name != STATE_DIR:
-                os.replace(p, fold_dir / STATE_DIR)
-                p = fold_dir / STATE_DIR
-            return p
-    return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed writer
-    return rows
-
-
-def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep the metrics of epochs <= last_epoch (those the saved state includes)."""
-    rows = [r for r in _read_metrics(path) if r.get("epoch", 1 << 30) <= last_epoch]
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_oof(path: Path, ids: np.ndarray, probs: np.ndarray) -> None:
-    import h5py
-
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("ids", data=ids.astype(np.int64))
-        # Uncompressed: softmax f16 barely compresses (lzf saved ~4%) and costs time.
-        f.create_dataset("probs", data=probs, chunks=(1, NUM_CLASSES, *IMAGE_SHAPE))
-        f.attrs["format_version"] = 1
-    os.replace(tmp, path)
+def _load_state(accelerator, state: Path, trainer: dict) -> None:
+    trainer.update(read_trainer(state))
+    try:
+        accelerator.load_state(str(state))
+    except Exception as e:  # noqa: BLE001 - a corrupt state must not surface as a traceback
+        raise InputError(f"{state}: cannot resume from the saved training state "
+                         f"({type(e).__name__}); delete it to train the fold from epoch 0") from None
 
 
 def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int) -> np.ndarray:
@@ -339,21 +298,21 @@ def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int
 def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None) -> dict:
-    """Train `member` of `recipe` on fold `fold` of `data` into `<out>/<member>/fold_<fold>/`.
+    """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
     (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
     with small dicts ("start", "batch", "epoch", "done" events) for live display.
-    Returns the done.json dict. A finished fold (done.json present) returns at once;
+    Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
     t_start = time.perf_counter()
     m = recipe.member(member) if isinstance(member, str) else member
-    out = Path(out)
-    fold_dir = out / m.name / f"fold_{fold}"
-    done_path = fold_dir / DONE
-    if done_path.is_file():
-        return json.loads(done_path.read_text())
+    run = RunFolder(out)
+    fold_dir = run.fold_dir(m.name, fold)
+    done = run.verify_fold(m.name, fold)
+    if done is not None:
+        return done
     if threads:
         torch.set_num_threads(int(threads))
     use_cuda = torch.cuda.is_available()
@@ -408,12 +367,11 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                "stopped_early": False}
     metrics_path = fold_dir / METRICS
     resumed_from = None
-    state_dir = _find_state(fold_dir)
+    state_dir = find_state(fold_dir)
     if state_dir is not None:
-        accelerator.load_state(str(state_dir))
-        trainer.update(json.loads((state_dir / TRAINER_STATE).read_text()))
+        _load_state(accelerator, state_dir, trainer)
         resumed_from = trainer["epoch"]
-        _truncate_metrics(metrics_path, trainer["epoch"])
+        truncate_metrics(metrics_path, trainer["epoch"])
     elif metrics_path.exists():
         metrics_path.unlink()  # metrics from a run that never saved a state
     report("start", epoch=trainer["epoch"] + 1, resumed_from=resumed_from,
@@ -493,7 +451,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True
-        _append_metrics(metrics_path, row)
+        append_metrics(metrics_path, row)
         trainer["epoch"] = epoch
         _save_state(accelerator, fold_dir, trainer)
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
@@ -501,8 +459,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
 
     if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
         best_probs = predict_oof(fold_dir, split.images[val_rows], accelerator, 2 * bs)
-    _write_oof(fold_dir / OOF, split.ids[val_rows], best_probs)
-    rows = _read_metrics(metrics_path)
+    write_oof(fold_dir / OOF, split.ids[val_rows], best_probs)
+    rows = read_metrics(metrics_path)
     best_row = next((r for r in rows if r["epoch"] == trainer["best_epoch"]), {})
     done = {"member": m.name, "fold": fold, "recipe": recipe.name,
             "best_epoch": trainer["best_epoch"], "val_miou": best_row.get("val_miou"),
@@ -511,8 +469,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             "n_train_filtered": int(n_filtered), "n_val": int(len(val_rows)),
             "precision": prec, "device": str(device),
             "train_seconds": round(trainer["train_seconds"], 3),
-            "sha256": sha256_file(fold_dir / "model.safetensors"),
+            "sha256": sha256_file(fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
-    write_json_atomic(done_path, done)
+    run.write_done(m.name, fold, done)
     report("done", epoch=trainer["epoch"], val_miou=done["val_miou"])
     return done

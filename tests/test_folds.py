@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from marsseg.errors import InputError
-from marsseg.folds import load_splits, make_splits, save_splits
+from marsseg.folds import make_splits, splits_dict
+from marsseg.runfolder import load_splits, save_splits
 
 
 @st.composite
@@ -77,7 +78,8 @@ def test_save_load_roundtrip(tmp_path):
     ids = np.arange(10, 30)
     groups = [str(i // 2) for i in range(20)]
     folds = make_splits(groups, [False] * 20, 3, seed=4)
-    out = save_splits(tmp_path / "run" / "splits.json", folds, ids, 3, 4)
+    out = splits_dict(folds, ids, 3, 4)
+    save_splits(tmp_path / "run" / "splits.json", out)
     d = load_splits(tmp_path / "run" / "splits.json")
     assert d == out and d["k"] == 3 and d["seed"] == 4
     for f, pos in zip(d["folds"], folds, strict=True):

@@ -94,6 +94,6 @@ def test_select_cli_writes_weights_into_ensemble_json(tmp_path, shards):
 def test_select_cli_without_a_run_folder_is_one_line_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["select", "--run", str(tmp_path / "nope")])
     assert res.exit_code == 2
-    assert "ensemble.json" in res.output
+    assert f"{tmp_path / 'nope'}: run folder does not exist" in res.output
     assert "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1

@@ -1,8 +1,9 @@
 """Model registry (name -> builder) and self-describing checkpoints.
 
 Every registered name is the configurable U-Net with some defaults fixed; a
-recipe may override any argument. `save_pretrained` writes `model.safetensors`
-and `config.json` ({"model": {"name", "args"}, ...}); `load_pretrained`
+recipe may override any argument. `save_pretrained` writes the weights
+(safetensors) and a config ({"model": {"name", "args"}, ...}) under the file names
+the run folder owns (`runfolder.WEIGHTS`, `runfolder.CONFIG`); `load_pretrained`
 rebuilds the network from that folder alone. Weights are safetensors only:
 loading a downloaded ensemble must never run code (no pickle).
 """
@@ -19,11 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._io import atomic_path
 from ..errors import InputError
+from ..runfolder import CONFIG as CONFIG_NAME
+from ..runfolder import WEIGHTS as WEIGHTS_NAME
 from .unet import UNet, UNetConfig
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # Presets: the reference report's variants, each a U-Net with fixed defaults.
 PRESETS: dict[str, dict] = {
@@ -81,18 +82,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_pretrained(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` into `folder` (created); returns the folder.
+    """Write the weights and config.json into `folder` (created); returns the folder.
 
     config.json = {"model": {"name", "args"}, "num_classes", "in_channels", **extra}.
     """
@@ -107,9 +98,10 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, extra: dict | N
               **(extra or {})}
     text = json.dumps(config, indent=2) + "\n"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / WEIGHTS_NAME,
-                        lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write_bytes(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / CONFIG_NAME) as tmp:
+        tmp.write_text(text)
     return folder
 
 
@@ -130,7 +122,7 @@ def load_config(folder: str | os.PathLike) -> dict:
 
 
 def load_pretrained(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from `folder` (config.json + model.safetensors), in eval mode.
+    """Rebuild a model from `folder` (config.json + weights), in eval mode.
 
     A missing or corrupt file, or weights that do not match the architecture,
     raise InputError naming the file.

@@ -1,0 +1,75 @@
+"""An exclusive file lock (flock) that names its holder, for run folders and their folds.
+
+The kernel drops a flock when the holding process exits however it ends (kill -9
+included), so the lock of a dead process is simply taken over and never blocks.
+The holder writes its host, pid and command into the file for the message a
+second process gets; a lock file is never deleted (that would race with takers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text() or "{}")
+        return (f"{h.get('command', 'a process')} (pid {h['pid']} on host {h['host']}, "
+                f"since {h.get('since', '?')})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (host and pid not yet written)"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created); after `wait` seconds, an InputError
+    naming `what` and the holder (host, pid). The holder's host and pid are written into
+    the file for that message and cleared on release."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise InputError(f"{path.parent}: cannot write ({e.strerror})") from None
+    try:
+        deadline = time.monotonic() + wait
+        locked = True
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise InputError(f"{what} is in use by {_holder(path)}; wait for it to "
+                                     f"finish or stop it") from None
+                time.sleep(0.2)
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.warning("%s: this filesystem has no locks; not locking", path)
+                locked = False
+                break
+        if locked:
+            me = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "command": " ".join(Path(a).name if i == 0 else a
+                                      for i, a in enumerate(sys.argv[:3])) or "python",
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield
+        if locked:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
