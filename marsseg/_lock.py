@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +27,9 @@ log = logging.getLogger(__name__)
 def _holder(path: Path) -> str:
     try:
         h = json.loads(path.read_text() or "{}")
-        return (f"{h.get('command', 'a process')} (pid {h['pid']} on host {h['host']}, "
-                f"since {h.get('since', '?')})")
+        return f"pid {h['pid']} on host {h['host']} (since {h.get('since', '?')})"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process (host and pid not yet written)"
+        return "another process (its host and pid not yet written)"
 
 
 @contextlib.contextmanager
@@ -63,8 +61,6 @@ def file_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
                 break
         if locked:
             me = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "command": " ".join(Path(a).name if i == 0 else a
-                                      for i, a in enumerate(sys.argv[:3])) or "python",
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
