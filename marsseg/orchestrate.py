@@ -133,10 +133,13 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     return split, splits, new, fp
 
 
-def _start_run(recipe_path: Path, run: RunFolder, splits: dict, new_splits: bool, fp: dict,
-               epochs: int | None) -> None:
-    """Write the shared files a new run folder needs (under the run folder's lock)."""
+def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
+               fp: dict, epochs: int | None) -> None:
+    """Write the shared files a new run folder needs (under the run folder's lock; another
+    process may have written them since `_validate`, so they are checked again)."""
     run.check_writable()
+    _check_recipe(run, recipe)
+    run.check_data(fp)
     if not run.recipe.exists():
         if epochs is not None:
             write_json_atomic(run.overrides, {"epochs": epochs})
@@ -144,8 +147,12 @@ def _start_run(recipe_path: Path, run: RunFolder, splits: dict, new_splits: bool
             shutil.copyfile(recipe_path, tmp)
     if run.read_data() is None:
         run.write_data(fp)
-    if new_splits and run.read_splits() is None:
-        run.write_splits(splits)
+    if new_splits:
+        if run.read_splits() is None:
+            run.write_splits(splits)
+        elif run.read_splits() != splits:
+            raise InputError(f"{run.splits}: written by another process with other folds; "
+                             "use a new --out")
 
 
 # --- Ray ---------------------------------------------------------------------------------------
@@ -383,7 +390,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
 
     with contextlib.ExitStack() as held:
         with run.lock():
-            _start_run(recipe_path, run, splits, new_splits, fp, epochs)
+            _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
             held.enter_context(run.lock_folds(jobs))
         _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
