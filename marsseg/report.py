@@ -95,7 +95,7 @@ def plot_iou(rows: Sequence[dict], path: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
-    """``{"member/fold_k": [epoch records]}`` from every fold's metrics (all members)."""
+    """``{fold_name(member, k): [epoch records]}`` from every fold's metrics (all members)."""
     run = RunFolder(run_dir)
     if run.ensemble.is_file():
         spec = run.read_ensemble()
