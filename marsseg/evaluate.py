@@ -44,9 +44,7 @@ from .predict import (
     progress_bar,
     to_labels,
 )
-from .runfolder import SCORES, RunFolder
-
-SCORES_NAME = SCORES
+from .runfolder import RunFolder
 
 
 @dataclass
