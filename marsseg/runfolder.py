@@ -96,9 +96,6 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def __repr__(self) -> str:
-        return f"RunFolder({str(self.path)!r})"
-
     recipe = property(lambda self: self.path / RECIPE)
     overrides = property(lambda self: self.path / OVERRIDES)
     data = property(lambda self: self.path / DATA)
@@ -268,7 +265,8 @@ class RunFolder:
             return
         hint = f"delete {state} to train {fold_name(member, fold)} from epoch 0"
         trainer = read_trainer(state)
-        if trainer.get("best_epoch", -1) >= 0 and not (d / WEIGHTS).is_file():
+        best = trainer.get("best_epoch", -1)
+        if (not isinstance(best, int) or best >= 0) and not (d / WEIGHTS).is_file():
             raise InputError(f"{d / WEIGHTS}: missing, but {state} needs it to resume; {hint}")
         for p in sorted(state.iterdir()):
             if p.suffix in (".bin", ".pkl", ".safetensors"):
@@ -332,10 +330,6 @@ def write_trainer(state: Path, trainer: dict) -> None:
 # --- ensemble.json checks ---------------------------------------------------------------------
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_ensemble(spec, path: Path) -> None:
     """Every key readers use: members[i].name, .weight (finite, >= 0), .folds[j].fold/.path."""
     if not isinstance(spec, dict) or not isinstance(spec.get("members"), list):
@@ -345,7 +339,7 @@ def check_ensemble(spec, path: Path) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
             raise InputError(f"{path}: {key}.name must be a non-empty string")
         w = m.get("weight", 1.0)
-        if not _finite(w) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise InputError(f"{path}: {key}.weight ({m['name']}) must be a finite number >= 0, "
                              f"got {w!r}")
         folds = m.get("folds", [])
