@@ -45,7 +45,7 @@ def test_ladder_adds_one_ingredient_per_step():
     assert r["seed-unet2"].augment.hflip > 0 and r["seed-unet2"].loss.class_weights == "none"
     assert r["seed-unet3"].loss.class_weights != "none" and not r["seed-unet3"].loss.ignore_background
     assert r["seed-unet4"].loss.ignore_background and r["seed-unet4"].augment.rock_target == 0
-    assert r["seed-final"].augment.rock_target == pytest.approx(0.05)
+    assert r["seed-final"].augment.rock_paste == pytest.approx(0.5)
     assert r["seed-final"].schedule.name == "cosine"
 
 

@@ -227,8 +227,19 @@ def test_load_errors_name_the_file(tmp_path):
 
 def test_kaiming_init():
     torch.manual_seed(0)
-    model = build_model("unet", base_width=32, depth=2)
+    model = build_model("unet", base_width=32, depth=2, init="kaiming")
     w = model.encoders[1].conv1[0].weight  # 32 -> 64, 3x3: fan_out = 64*9
     expected_std = (2.0 / (64 * 9)) ** 0.5
     assert abs(float(w.detach().std()) / expected_std - 1) < 0.05
     assert float(model.head.bias.detach().abs().sum()) == 0.0
+
+
+def test_default_init_is_pytorchs():
+    """init = "default" keeps nn.Conv2d's own kaiming_uniform(a=sqrt(5)): std = 1/sqrt(3*fan_in)."""
+    torch.manual_seed(0)
+    model = build_model("unet", base_width=32, depth=2)
+    assert model.config.init == "default"
+    w = model.encoders[1].conv1[0].weight  # 32 -> 64, 3x3: fan_in = 32*9
+    expected_std = (1.0 / (3 * 32 * 9)) ** 0.5
+    assert abs(float(w.detach().std()) / expected_std - 1) < 0.05
+    assert float(model.head.bias.detach().abs().sum()) > 0.0  # PyTorch's uniform bias init
