@@ -511,7 +511,14 @@ def progress_bar(total: int, description: str, enabled: bool = True):
                   Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            # On failure the error line stands alone: clear the bar, skip rich's blank line.
+            bar.live.transient = True
+            bar.live.stop()
+            bar.disable = True
+            raise
 
 
 # --------------------------------------------------------------------------- Ray at the edge
