@@ -85,7 +85,11 @@ class LossConfig:
         for k, v in self.terms.items():
             _require(k in LOSS_TERMS, f"terms.{k}",
                      f"unknown loss term (valid: {', '.join(LOSS_TERMS)})")
-            _require(v >= 0, f"terms.{k}", f"weight must be >= 0, got {v}")
+            _require(v >= 0 and v != float("inf"), f"terms.{k}",
+                     f"weight must be a finite number >= 0, got {v}")
+        _require(any(v > 0 for v in self.terms.values()), "terms",
+                 f"every loss weight is 0 ({self.terms}); nothing would be learned, "
+                 "give at least one term a weight > 0")
         _require(self.class_weights in CLASS_WEIGHTING, "class_weights",
                  f"unknown method {self.class_weights!r} (valid: {', '.join(CLASS_WEIGHTING)})")
         _require(0.0 < self.beta < 1.0, "beta", f"must be in (0, 1), got {self.beta}")
@@ -330,8 +334,23 @@ def _check_model(model: ModelConfig, where: str) -> None:
         raise InputError(f"{where}.args: {e}") from None
 
 
+def name_from_file(path: str | Path) -> str:
+    """A valid recipe name from a file name: `my recipe.toml` -> `my-recipe`.
+
+    Runs of characters other than letters, digits, '_', '-', '.' become one '-', and
+    leading ones are dropped. InputError naming the file when nothing is left.
+    """
+    stem = Path(path).stem
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("_.-")
+    if not _NAME_RE.match(name):
+        raise InputError(f"{path}: the file name gives no valid recipe name ({stem!r}); "
+                         "rename the file or set name = \"...\" in it")
+    return name
+
+
 def load_recipe(path: str | Path, *, check_models: bool = True) -> Recipe:
-    """Read and validate `ensembles/<name>.toml`; the recipe name defaults to the file stem."""
+    """Read and validate `ensembles/<name>.toml`; the recipe name defaults to the file
+    stem made valid (`name_from_file`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -343,7 +362,8 @@ def load_recipe(path: str | Path, *, check_models: bool = True) -> Recipe:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
-    return parse_recipe(doc, name=path.stem, source=str(path), check_models=check_models)
+    name = "?" if "name" in doc else name_from_file(path)  # a written name wins
+    return parse_recipe(doc, name=name, source=str(path), check_models=check_models)
 
 
 def with_epochs(recipe: Recipe, epochs: int | None) -> Recipe:

@@ -7,6 +7,7 @@ variant and every bottleneck/block option runs through it.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -174,6 +175,16 @@ def test_save_load_roundtrip(tmp_path):
     x = torch.rand(2, 1, 16, 32) * 255
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = save_pretrained(build_model("unet", **TINY), tmp_path / "f")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert modes == {"model.safetensors": "0o644", "config.json": "0o644"}
 
 
 def test_save_from_channels_last_and_compiled_wrapper(tmp_path):
