@@ -15,6 +15,8 @@ import pkgutil
 import time
 from pathlib import Path
 
+from marsseg._io import atomic_path
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -34,9 +36,8 @@ def main() -> None:
         result.setdefault("wall_s", round(time.perf_counter() - t0, 2))
         result.setdefault("machine", {"cpus": os.cpu_count()})
         path = out_dir / f"{name}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
         print(f"== {name} -> {path}")
         print(json.dumps(result, indent=2))
 

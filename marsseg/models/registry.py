@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .._io import atomic_path
@@ -98,8 +98,11 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, extra: dict | N
               **(extra or {})}
     text = json.dumps(config, indent=2) + "\n"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # safetensors' save_file creates the file 0600; bytes through Python follow the umask
+    # (0644 by default) like every other file of a run folder.
+    blob = save(tensors, metadata={"format": "pt"})
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.write_bytes(blob)
     with atomic_path(folder / CONFIG_NAME) as tmp:
         tmp.write_text(text)
     return folder
