@@ -118,9 +118,9 @@ def _check_resources(opts: RunOptions) -> None:
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
     """Every check that needs no writing, in one place: (train split, splits, new?, data record)."""
     run.check_target()
+    split = _load_train(data)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(data)  # verifies the train shards against dataset.json
     run.check_data(fp)
-    split = _load_train(data)
     _check_recipe(run, recipe)
     splits, new = plan_splits(recipe, split, run)
     for m, f in selected:  # filters that leave no training image

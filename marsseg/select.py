@@ -101,11 +101,11 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
         if not ens.get("data"):
             raise InputError(f"{run.ensemble}: no data folder recorded; pass --data")
         data = Path(ens["data"])
+    split = load_split(Path(data), "train")  # first: what is wrong inside a shard is clearer
     run.check_data(data_fingerprint(data))  # also verifies the train shards
     run.check_writable()
     with run.lock(LOCK_WAIT):
         ens = run.read_ensemble()  # as it is now, under the lock
-        split = load_split(Path(data), "train")
         sel = _select_into(run, ens, split, data, max_steps)
         run.write_ensemble(ens)
     return sel

@@ -14,6 +14,7 @@ substring the error line must contain (formatted the same way), e.g. the file or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -97,14 +98,30 @@ def file_with(content: bytes, name: str):
     return setup
 
 
-def shards_with_label(split: str, value: int = 9):
+def shards_with_label(split: str, value: int | None = 9, rehash: bool = True):
+    """Shards whose first `split` shard holds `value` in a mask (None: another valid label
+    than the one there); with `rehash` its sha256 in dataset.json is updated too (a shard
+    written that way, not edited after prepare)."""
     def setup(w, tmp):
         bad = tmp / "shards"
         shutil.copytree(w.shards, bad)
         with h5py.File(bad / f"{split}-000.h5", "r+") as f:
-            f["masks"][1, 5, 7] = value
+            old = int(f["masks"][1, 5, 7])
+            f["masks"][1, 5, 7] = old % 4 + 1 if value is None else value
+        if rehash:
+            info = json.loads((bad / "dataset.json").read_text())
+            for s in info["splits"][split]["shards"]:
+                s["sha256"] = hashlib.sha256((bad / s["file"]).read_bytes()).hexdigest()
+            (bad / "dataset.json").write_text(json.dumps(info))
         return {"bad": bad, "shard": bad / f"{split}-000.h5"}
     return setup
+
+
+def _weight(value: str):
+    def edit(run: Path) -> None:
+        text = (run / "ensemble.json").read_text()
+        (run / "ensemble.json").write_text(text.replace('"weight": 1.0', f'"weight": {value}', 1))
+    return edit
 
 
 def shards_with(edit):
@@ -258,6 +275,12 @@ ROWS = [
     row("train-shard-label-9", ["train-folds", "--data", "{bad}", "--recipe", "{recipe}",
                                 "--out", "{tmp}/run", "--sequential"],
         shards_with_label("train"), "{shard}: 'masks' has label value 9"),
+    row("train-shard-edited", ["train-folds", "--data", "{bad}", "--recipe", "{recipe}",
+                               "--out", "{tmp}/run", "--sequential"],
+        shards_with_label("train", None, rehash=False), "{shard}: sha256 differs"),
+    row("train-out-is-a-file", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                                "--out", "{recipe}", "--sequential"],
+        None, "{recipe}: exists and is not a folder"),
     # predict
     row("predict-no-run-folder", ["predict", "--ensemble", "{tmp}/none", "--data", "{shards}",
                                   "--out", "{tmp}/s.csv"], None, "{tmp}/none"),
@@ -323,6 +346,15 @@ ROWS = [
         None, "--max-steps"),
     row("select-shard-label-9", ["select", "--run", "{run}", "--data", "{bad}"],
         shards_with_label("train"), "{shard}: 'masks' has label value 9"),
+    row("select-weight-abc", ["select", "--run", "{bad}", "--data", "{shards}"],
+        run_with(_weight('"abc"')), "members[0].weight"),
+    row("predict-weight-nan", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                               "--out", "{tmp}/s.csv"], run_with(_weight("NaN")),
+        "members[0].weight"),
+    row("evaluate-weight-infinity", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
+        run_with(_weight("Infinity")), "members[0].weight"),
+    row("evaluate-test-shard-edited", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
+        shards_with_label("test", None, rehash=False), "{shard}: sha256 differs"),
 ]
 
 
