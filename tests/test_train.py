@@ -139,6 +139,19 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp
     assert resumed["sha256"] == whole["sha256"]
 
 
+def test_threads_fn_is_asked_at_every_epoch_start(shards, tmp_path):
+    asked = []
+
+    def threads_fn():
+        asked.append(torch.get_num_threads())
+        return [2, 1, 2][len(asked) - 1]
+
+    train_one_fold(tiny_recipe(epochs=3), "tiny", 0, shards, tmp_path, threads=1,
+                   threads_fn=threads_fn)
+    assert asked == [1, 2, 1]  # what ran before each poll
+    assert [x["threads"] for x in metrics(tmp_path / "tiny" / "fold_0")] == [2, 1, 2]
+
+
 def test_early_stopping_and_plateau(shards, tmp_path):
     r = tiny_recipe(epochs=6, patience=1, optimizer={"lr": 1e-9},
                     schedule={"name": "plateau", "plateau_patience": 1, "gamma": 0.5})
