@@ -6,6 +6,7 @@ Writes ``<out>/<member>/fold_<k>/``:
   state/                           accelerate.save_state of the last finished epoch + trainer.json
   oof.h5                           ids i64 (n,), probs f16 (n,5,64,128): softmax of the best
                                    weights on the validation fold (out-of-fold predictions)
+  budget.json                      with a time budget: the epoch count decided before epoch 0
   done.json                        written last; its presence means the fold is finished
 
 Resuming: a fold folder with ``state/`` continues after its last finished epoch.
