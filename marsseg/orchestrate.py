@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
+from ._cores import CoreShare
 from ._io import sha256_file, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
@@ -133,38 +134,6 @@ def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None
 
 
 # --- Ray ---------------------------------------------------------------------------------------
-
-
-def share_threads(node_cpus: float, running: int, base: int) -> int:
-    """Torch threads for each of `running` fold tasks on a node with `node_cpus` CPUs.
-
-    The node's CPUs split evenly over the folds running there, never below the
-    task's own `base` threads: 3 folds on 2 CPUs run 2 at 1 thread, then the last
-    one alone at 2.
-    """
-    return max(base, int(node_cpus) // max(1, running))
-
-
-class CoreShare:
-    """A tiny Ray actor: which fold tasks run on which node, for `share_threads`.
-
-    Keyed by (member, fold), so a retried task replaces its dead attempt instead of
-    counting twice.
-    """
-
-    def __init__(self, node_cpus: dict[str, float]):
-        self.node_cpus = dict(node_cpus)
-        self.running: dict[str, str] = {}  # task key -> node id
-
-    def start(self, key: str, node: str) -> None:
-        self.running[key] = node
-
-    def finish(self, key: str) -> None:
-        self.running.pop(key, None)
-
-    def threads(self, node: str, base: int) -> int:
-        n = sum(1 for v in self.running.values() if v == node)
-        return share_threads(self.node_cpus.get(node, base), n, base)
 
 
 def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, share):

@@ -13,10 +13,11 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from marsseg._cores import CoreShare, share_threads
 from marsseg.cli import app
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
-from marsseg.orchestrate import CoreShare, RunOptions, share_threads, start_ray, train_folds
+from marsseg.orchestrate import RunOptions, start_ray, train_folds
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
