@@ -18,6 +18,7 @@ or re-run fold reads it back and never measures again, so its schedule is the sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -63,6 +64,15 @@ def epochs_for_budget(budget_s: float, *, probe_s: float, train_step_s: float,
     if epoch_s <= 0:
         return 1
     return max(1, math.floor((budget_s - probe_s) / epoch_s))
+
+
+def fit_member(member, epochs: int):
+    """`member` with the decided epoch count; a warmup as long as the run is shortened to
+    epochs - 1, so the schedule still decays to its low end by the last epoch."""
+    schedule = member.schedule
+    if schedule.warmup_epochs >= epochs:
+        schedule = dataclasses.replace(schedule, warmup_epochs=epochs - 1)
+    return dataclasses.replace(member, epochs=epochs, schedule=schedule)
 
 
 def _median_seconds(fn: Callable[[], None], warm: int, timed: int, sync: Callable[[], None]) -> float:

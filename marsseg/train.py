@@ -22,7 +22,6 @@ recipes with different filters stay comparable.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -484,7 +483,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                                    accelerator, train_step, tr_images, tr_masks, split.images,
                                    val_rows, bs, steps_per_epoch)
     if budget_epochs is not None:
-        m = dataclasses.replace(m, epochs=budget_epochs)
+        from .budget import fit_member
+
+        m = fit_member(m, budget_epochs)
     report("start", epoch=trainer["epoch"] + 1, resumed_from=resumed_from,
            n_train=len(train_rows), n_val=len(val_rows), precision=prec, device=str(device))
 

@@ -39,6 +39,15 @@ def test_epochs_for_budget():
     assert epochs_for_budget(3.0, **kw) == 1  # too small for one epoch: still train one
 
 
+def test_fit_member_keeps_a_decaying_schedule():
+    m = tiny_recipe(schedule={"name": "cosine", "warmup_epochs": 2}).members[0]
+    assert budget.fit_member(m, 5).epochs == 5 and budget.fit_member(m, 5).schedule == m.schedule
+    short = budget.fit_member(m, 2)
+    assert short.epochs == 2 and short.schedule.warmup_epochs == 1
+    assert budget.fit_member(m, 1).schedule.warmup_epochs == 0
+    assert lr_at(short.schedule, 1.0, 2 * 10 - 1, 10, 2) < 0.05  # 10 steps/epoch: decayed
+
+
 def fake_probe(train_step_s: float):
     """A probe that measures nothing: makes the decided count independent of this machine."""
     def probe(*args, **kw):
