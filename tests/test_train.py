@@ -167,3 +167,14 @@ def test_fp16_on_cpu_is_an_input_error(shards, tmp_path):
     with pytest.raises(InputError, match="GPU-only"):
         train_one_fold(tiny_recipe(), "tiny", 0, shards, tmp_path, precision="fp16")
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(shards, tmp_path):
+    done = train_one_fold(tiny_recipe(epochs=1), "tiny", 0, shards, tmp_path, threads=1,
+                          compile=True)
+    d = tmp_path / "tiny" / "fold_0"
+    for name in ("model.safetensors", "state/model.safetensors"):
+        assert not [k for k in load_file(str(d / name)) if "_orig_mod" in k], name
+    assert load_pretrained(d)(torch.zeros(1, 1, 64, 128)).shape == (1, 5, 64, 128)
+    assert done["epochs_run"] == 1
