@@ -1,20 +1,23 @@
-"""Training throughput: train_one_fold vs a bare PyTorch loop doing the same work; 2 folds in
-parallel vs sequential.
+"""Training throughput: train_one_fold vs the plain reference loop and vs a bare loop doing
+the same work; 2 folds in parallel vs sequential.
 
-1. Per-fold throughput of `train_one_fold` against a bare loop on the real recipe
-   (`ensembles/seed-final.toml`: half-width SE U-Net, base_width 16, depth 4, batch 32)
-   at bf16, channels_last and 2 torch threads, on 64x128 synthetic images, fold 0.
-   The bare loop is plain PyTorch around the same building blocks -- the model, the
-   recipe's augmentation (`augment.augment_batch`), class-weighted CE, AdamW, the LR
-   schedule, gradient clipping, the recipe's training filters -- so the ratio measures
-   what train_one_fold's loop adds (accelerate, bookkeeping), not recipe content.
-   Headline: training-phase img/s (the figure metrics.jsonl shows per epoch), goal
-   >= 0.95x. Beside it: the whole fold's wall time against the bare loop's training
-   + one validation pass per epoch, and the per-epoch and per-fold costs train_one_fold
-   adds, each timed alone on the same model (save_state, a best-weight save, the
-   validation softmax kept for oof.h5, writing oof.h5). Runs are interleaved (bare,
-   fold, bare, fold, ...) after an untimed warm-up and the best repeat is kept, so a
-   load spike from other processes does not decide the ratio.
+1. `train_one_fold` on the real recipe (`ensembles/seed-final.toml`: half-width SE
+   U-Net, base_width 16, depth 4, batch 32) at bf16, channels_last and 2 torch
+   threads, on fold 0 of 64x128 synthetic images, against
+   - the plain reference loop (`bench/plain_loop.py`, issue 10's yardstick: its own
+     model, augmentation and loss, no marsseg training code) -- the goal:
+     training-phase img/s >= 0.95x;
+   - a bare loop: plain PyTorch around marsseg's own building blocks (model, the
+     recipe's `augment.augment_batch`, class-weighted CE, AdamW, schedule, clipping,
+     training filters), so that ratio is what train_one_fold's loop adds
+     (accelerate, bookkeeping), not recipe content or implementation.
+   Training-phase img/s is the figure metrics.jsonl shows per epoch. Beside it: the
+   whole fold's wall time against the bare loop's training + one validation pass per
+   epoch, and the costs train_one_fold adds per epoch and per fold, each timed alone
+   on the same model (save_state, a best-weight save, the validation softmax kept for
+   oof.h5, writing oof.h5). Runs are interleaved (plain, bare, fold, plain, ...) after
+   an untimed warm-up and the best repeat is kept, so a load spike from other
+   processes does not decide a ratio.
 2. Two folds as two Ray tasks (1 CPU, 1 torch thread each) against the same two
    folds one after another in-process with 2 threads (`--sequential`), and with
    1 thread for reference, on a small net (scheduling, not model speed). Ray is
@@ -60,7 +63,7 @@ def bare_loop(member, images: np.ndarray, masks: np.ndarray, val_images: np.ndar
               epochs: int, threads: int) -> dict:
     """`member`'s training written as plainly as possible; returns train and validation seconds."""
     from marsseg import NUM_CLASSES
-    from marsseg.augment import RockBank, augment_batch
+    from marsseg.augment import RockBank, RockImages, augment_batch
     from marsseg.losses import CombinedLoss, class_weights
     from marsseg.models.registry import build_model
     from marsseg.train import lr_at
@@ -79,6 +82,7 @@ def bare_loop(member, images: np.ndarray, masks: np.ndarray, val_images: np.ndar
     loss_fn = CombinedLoss(lc.terms, weight=weight, ignore_background=lc.ignore_background).to(dev)
     a = member.augment
     bank = RockBank.from_arrays(images, masks) if a.rock_target > 0 else None
+    rocks = RockImages.from_arrays(images, masks, dev) if a.rock_paste > 0 else None
     x_all, y_all, xv = torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(val_images)
     amp = dict(device_type=dev.type, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -97,7 +101,8 @@ def bare_loop(member, images: np.ndarray, masks: np.ndarray, val_images: np.ndar
                 group["lr"] = lr_at(member.schedule, member.optimizer.lr, step, steps, epochs)
             x, y = augment_batch(x_all[idx].to(dev).unsqueeze(1).float(), y_all[idx].to(dev).long(),
                                  generator=aug, hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                                 rock_bank=bank, rock_target=a.rock_target,
+                                 cutmix_mode=a.cutmix_mode, rock_images=rocks,
+                                 rock_paste_p=a.rock_paste, rock_bank=bank, rock_target=a.rock_target,
                                  brightness=a.brightness, contrast=a.contrast)
             with torch.autocast(**amp):
                 out = model(x.contiguous(memory_format=torch.channels_last))
@@ -165,7 +170,14 @@ def run(quick: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _plain_train_s(result: dict) -> float:
+    """Training-phase seconds of a bench.plain_loop result (its history has img/s per epoch)."""
+    per_epoch = (result["n_train"] // 32) * 32  # plain_loop: batch 32, drop_last
+    return sum(per_epoch / h["img_s"] for h in result["history"])
+
+
 def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -> dict:
+    from bench import plain_loop
     from marsseg.train import ensure_splits, fold_rows, train_one_fold
 
     splits = ensure_splits(recipe, split, tmp / "warm")
@@ -173,8 +185,10 @@ def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -
     tr_x, tr_y, va_x = split.images[tr], split.masks[tr], split.images[va]
     bare_loop(member, tr_x[:2 * member.batch_size], tr_y[:2 * member.batch_size],
               va_x[:member.batch_size], epochs=1, threads=THREADS)  # untimed: kernel selection
-    bare, fold, fold_wall, fold_rows_img_s = [], [], [], []
+    bare, plain, fold, fold_wall, fold_rows_img_s = [], [], [], [], []
     for r in range(repeats):
+        plain.append(plain_loop.train(tmp / "shards", tmp / "warm" / "splits.json", 0, epochs, 0,
+                                      THREADS, log=lambda *a: None))
         bare.append(bare_loop(member, tr_x, tr_y, va_x, epochs=epochs, threads=THREADS))
         t0 = time.perf_counter()
         done = train_one_fold(recipe, member, 0, split, tmp / f"fold-{r}", precision=PRECISION,
@@ -187,8 +201,15 @@ def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -
     bare_train = min(b["train_s"] for b in bare)
     bare_wall = min(b["train_s"] + b["val_s"] for b in bare)
     fold_train = min(d["train_seconds"] for d in fold)
+    plain_train = min(_plain_train_s(p) for p in plain)
+    plain_img = (plain[0]["n_train"] // 32) * 32 * epochs
     return {
         "n_train_fold": int(len(tr)), "n_val_fold": int(len(va)),
+        # the goal: the plain reference loop (bench/plain_loop.py), its own model and augmentation
+        "plain_train_img_s": round(plain_img / plain_train, 2),
+        "ratio_train_vs_plain": round((n_img / fold_train) / (plain_img / plain_train), 3),
+        "plain_train_s": [round(_plain_train_s(p), 3) for p in plain],
+        # what the loop adds: a bare loop around marsseg's own model, augmentation and loss
         "bare_train_img_s": round(n_img / bare_train, 2),
         "train_one_fold_train_img_s": round(n_img / fold_train, 2),
         "ratio_train": round(bare_train / fold_train, 3),
