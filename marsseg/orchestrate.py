@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
+from ._cores import CoreShare
 from ._io import sha256_file, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
@@ -52,6 +53,8 @@ class RunOptions:
     folds: tuple[int, ...] | None = None  # subset of folds (None = all)
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
+    time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
+    compile: bool = False  # torch.compile the training model (opt-in: needs a C++ compiler on CPU)
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -70,6 +73,13 @@ class RunOptions:
             raise InputError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.progress not in ("auto", "live", "plain", "none"):
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+
+    def fold_kwargs(self) -> dict:
+        """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
+        return {"precision": self.precision, "time_budget": self.time_budget,
+                "compile": self.compile}
 
 
 def _fold_dir(out: Path, member: str, fold: int) -> Path:
@@ -90,9 +100,11 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None = None) -> None:
-    """Copy the recipe (and an --epochs budget) into the run folder; refuse a run folder made
-    with another recipe or budget."""
+def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None = None,
+                time_budget: float | None = None) -> None:
+    """Copy the recipe (and an --epochs or --time-budget budget) into the run folder; refuse a
+    run folder made with another recipe or budget. (Each fold keeps the epochs a time budget
+    gave it in its own budget.json.)"""
     copy = out / "recipe.toml"
     budget = out / "overrides.json"
     if copy.exists():
@@ -101,17 +113,21 @@ def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None
         try:
             old = parse_recipe(tomllib.loads(copy.read_text()), name=recipe.name,
                                source=str(copy), check_models=False)
-            if old is not None and budget.exists():
-                old = with_epochs(old, json.loads(budget.read_text()).get("epochs"))
+            pinned = json.loads(budget.read_text()) if budget.exists() else {}
+            if old is not None:
+                old = with_epochs(old, pinned.get("epochs"))
+            if pinned.get("time_budget_s") != time_budget:
+                old = None
         except (InputError, tomllib.TOMLDecodeError, json.JSONDecodeError, OSError):
             old = None
         if old != recipe:
-            raise InputError(f"{copy}: this run folder was made with a different recipe or "
-                             f"--epochs; use a new --out (or the recipe and --epochs it was made with)")
+            raise InputError(f"{copy}: this run folder was made with a different recipe, --epochs "
+                             f"or --time-budget; use a new --out (or the ones it was made with)")
         return
     out.mkdir(parents=True, exist_ok=True)
-    if epochs is not None:
-        write_json_atomic(budget, {"epochs": epochs})
+    pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget)) if v is not None}
+    if pinned:
+        write_json_atomic(budget, pinned)
     tmp = out / f"recipe.toml.tmp-{os.getpid()}"
     shutil.copyfile(recipe_path, tmp)
     os.replace(tmp, copy)
@@ -120,14 +136,34 @@ def _pin_recipe(recipe_path: Path, recipe: Recipe, out: Path, epochs: int | None
 # --- Ray ---------------------------------------------------------------------------------------
 
 
-def _fold_task(recipe, member, fold, data, out, precision, threads, board):
-    """Body of one Ray task: train one fold, sending progress events to the board actor."""
+def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, share):
+    """Body of one Ray task: train one fold, sending progress events to the board actor.
+
+    With a `share` actor (no --threads given) the fold asks it at every epoch start
+    how many threads to use, so folds still running take over the cores of finished ones.
+    """
+    import ray
+
     progress = None
     if board is not None:
         def progress(ev):
             board.report.remote(ev)
-    return train_one_fold(recipe, member, fold, data, out, precision=precision,
-                          threads=threads, progress=progress)
+    key, node = f"{member}/fold_{fold}", ray.get_runtime_context().get_node_id()
+    threads_fn = None
+    if share is not None:
+        share.start.remote(key, node)
+
+        def threads_fn() -> int:
+            try:
+                return ray.get(share.threads.remote(node, threads), timeout=10)
+            except Exception:  # noqa: BLE001 - a lost actor must not fail a fold: keep the base
+                return threads
+    try:
+        return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
+                              threads_fn=threads_fn, **kwargs)
+    finally:
+        if share is not None:
+            share.finish.remote(key)
 
 
 class ProgressBoard:
@@ -182,6 +218,10 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             if want > have.get(key, 0):  # Ray would wait forever for such a task
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        share = None
+        if opts.threads is None:  # --threads pins the count (and bit-identical reruns)
+            cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+            share = ray.remote(num_cpus=0)(CoreShare).remote(cpus)
         task = ray.remote(_fold_task)
         threads = opts.threads or max(1, int(opts.cpus_per_task))
         refs = {}
@@ -189,7 +229,8 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=f"{member}/fold_{fold}").remote(
-                recipe, member, fold, str(data), str(out), opts.precision, threads, board)
+                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
+                share)
             refs[ref] = (member, fold)
         pending = list(refs)
         results = []
@@ -286,7 +327,7 @@ def collect(out: Path, recipe: Recipe, split, splits: dict, data: Path | None = 
                 folds.append({"fold": k, "path": f"{m.name}/fold_{k}",
                               "sha256": sha256_file(d / "model.safetensors"),
                               "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
-                              "epochs_run": done.get("epochs_run")})
+                              "epochs": done.get("epochs"), "epochs_run": done.get("epochs_run")})
         if folds:
             members.append({"name": m.name, "weight": 1.0, "folds": folds,
                             "oof_miou": None, "oof_iou": None})
@@ -350,7 +391,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     """Train every selected (member, fold) of a recipe into `out`; returns ensemble.json's dict.
 
     epochs: a training budget that replaces every member's epochs (recorded in
-    `<out>/overrides.json`). Everything the user could get wrong (recipe, precision,
+    `<out>/overrides.json`), as `options.time_budget` does per fold (the two exclude each
+    other). Everything the user could get wrong (recipe, precision,
     selection, data, a run folder made with another recipe) is checked before Ray starts.
     """
     from rich.console import Console
@@ -360,6 +402,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     t0 = time.perf_counter()
     console = console or Console()
     recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
+    if epochs is not None and options.time_budget is not None:
+        raise InputError("--epochs and --time-budget both set the epoch count; give one of them")
     recipe = with_epochs(load_recipe(recipe_path), epochs)
     options.check()
     selected = _select(recipe, options)
@@ -367,12 +411,13 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
 
     read_dataset(data)
     split = _load_train(data)
-    _pin_recipe(recipe_path, recipe, out, epochs)
+    _pin_recipe(recipe_path, recipe, out, epochs, options.time_budget)
     splits = ensure_splits(recipe, split, out)
 
     jobs = [(m, f) for m, f in selected if not (_fold_dir(out, m, f) / DONE).is_file()]
     skipped = [(m, f) for m, f in selected if (m, f) not in jobs]
-    epochs = {m.name: m.epochs for m in recipe.members}
+    # Under a time budget each fold's count is decided when it starts (0 = not known yet).
+    epochs = {m.name: 0 if options.time_budget else m.epochs for m in recipe.members}
     view = ProgressView([(m, f, epochs[m]) for m, f in jobs], mode=options.progress,
                         console=console, skipped=skipped)
     if skipped:
@@ -381,9 +426,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
         with view:
             if options.sequential:
                 for m, f in jobs:
-                    train_one_fold(recipe, m, f, split, out, precision=options.precision,
-                                   threads=options.threads,
-                                   progress=lambda ev: view.update([ev]))
+                    train_one_fold(recipe, m, f, split, out, threads=options.threads,
+                                   progress=lambda ev: view.update([ev]), **options.fold_kwargs())
             else:
                 _run_ray(recipe, jobs, data, out, options, view)
     ens = collect(out, recipe, split, splits, data)
