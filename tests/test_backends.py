@@ -201,3 +201,18 @@ def test_compile_csv_matches_eager_and_is_cached(world, tmp_path):
     assert pred.backend == "compile"
     pt2 = list((run / "a" / "fold_0" / "cache").glob("compile-f32-*-b8-torch*.pt2"))
     assert len(pt2) == 1
+
+
+@pytest.mark.slow
+def test_workers_load_the_drivers_conversion(world, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run = make_run(tmp_path / "r", members=("a",), k=2)
+    cfg = P.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
+    P.predict(run, world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)
+    xml = sorted((run / "a").glob("fold_*/cache/*.xml"))
+    assert len(xml) == 2  # one conversion per fold (the driver's); workers load it
+    mtimes = [p.stat().st_mtime_ns for p in xml]
+    P.predict(run, world["shards"], tmp_path / "one.csv", cfg=cfg)
+    assert [p.stat().st_mtime_ns for p in xml] == mtimes
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
