@@ -127,7 +127,7 @@ def test_openvino_int8_is_quantized_and_close(world, tmp_path):
     q = _masks(run, world["shards"], tmp_path / "q.csv", precision="no", backend="openvino-int8")
     xml = next((run / "a" / "fold_0" / "cache").glob("openvino-int8-*.xml")).read_text()
     assert "FakeQuantize" in xml or "FakeConvert" in xml  # really int8, not a copy of f32
-    assert _differing(q, fp32) < 0.05  # opt-in: looser than the default's 0.5% on tiny nets
+    assert _differing(q, fp32) < 0.02  # opt-in: looser than the default's 0.5% on tiny nets
 
 
 def test_cache_reused_then_invalidated_by_new_weights(world, tmp_path):
