@@ -24,6 +24,7 @@ the next run and pruned when the weights change.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -245,7 +246,9 @@ def _convert_ov(model: nn.Module, example: torch.Tensor, calib: list[np.ndarray]
         import nncf
 
         nncf.set_log_level(logging.ERROR)
-        ovm = nncf.quantize(ovm, nncf.Dataset(calib), subset_size=len(calib))
+        # nncf draws its own progress bar on stdout, which would cut through ours
+        with contextlib.redirect_stdout(io.StringIO()):
+            ovm = nncf.quantize(ovm, nncf.Dataset(calib), subset_size=len(calib))
     xml, binf = out.with_suffix(".xml"), out.with_suffix(".bin")
     tmp_xml, tmp_bin = _tmp(out, ".xml"), _tmp(out, ".bin")
     try:
