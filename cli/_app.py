@@ -1,16 +1,75 @@
-"""The typer app object and the error boundary shared by every command file."""
+"""The typer app object and the error boundary shared by every command file.
+
+Every way a command can end badly is one line on stderr and a fixed exit code:
+
+- bad input (our ``InputError``, and click's own usage errors: a missing option,
+  ``--batch-size x``, an unknown command): ``error: ...``, exit 2;
+- Ctrl-C (SIGINT): ``interrupted``, exit 130;
+- SIGTERM (``scancel``, ``timeout``, ``kill``): ``terminated``, exit 143.
+
+Both signals unwind the stack like an exception, so every ``finally`` that removes
+a temporary file (``*.csv.tmp-<pid>``, ``*.h5.tmp-<pid>``, a half-built shard
+folder) runs before the process exits.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 
 import typer
+from typer.core import TyperGroup
 
 from marsseg.errors import InputError
 
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+# typer >= 0.26 bundles its own click (typer._click) and exports only some of its
+# exceptions; reach the base class through one it does export, for any typer version.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread; a KeyboardInterrupt so it takes Ctrl-C's path."""
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (missing option, bad int, unknown command) as ONE line, exit 2.
+
+    Click prints a usage block plus the error (typer: a rich box). We run click
+    non-standalone and print the message ourselves, like every other bad input.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `marsseg-cli`: the help
+                if e.format_message().strip():  # typer has already printed it otherwise
+                    print(e.format_message(), file=sys.stderr)
+                sys.exit(EXIT_INPUT)
+            where = e.ctx.command_path if getattr(e, "ctx", None) else "marsseg-cli"
+            msg = " ".join(e.format_message().split())
+            print(f"error: {where}: {msg} (see {where} --help)", file=sys.stderr)
+            sys.exit(EXIT_INPUT)
+        except typer.Abort:
+            print("interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        # Non-standalone click returns an Exit's code, or the command's return value (None).
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
 app = typer.Typer(
     name="marsseg-cli",
+    cls=_OneLineErrors,
     help="Mars terrain segmentation: prepare data, train k-fold ensembles, predict with TTA.",
     no_args_is_help=True,
     add_completion=False,
@@ -18,14 +77,60 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"marsseg-cli {version('marsseg')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Mars terrain segmentation: prepare data, train k-fold ensembles, predict with TTA."""
+
+
+def _on_sigterm(signum, frame):
+    # Ignore a second TERM so the first one's cleanup runs to the end (SLURM follows
+    # up with SIGKILL after KillWait anyway).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
 @contextlib.contextmanager
-def user_errors():
-    """Turn InputError into one line on stderr and exit code 2; Ctrl-C into exit 130."""
+def _sigterm_raises():
+    """While a command runs, SIGTERM raises ``Terminated`` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130; SIGTERM -> exit 143."""
+    try:
+        with _sigterm_raises():
+            yield
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_INPUT) from None
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise typer.Exit(EXIT_TERMINATED) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except SystemExit as e:
+        # ray.init installs its own SIGTERM handler in the driver: sys.exit(SIGTERM).
+        if e.code == signal.SIGTERM:
+            print("terminated", file=sys.stderr)
+            raise typer.Exit(EXIT_TERMINATED) from None
+        raise

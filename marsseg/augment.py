@@ -58,11 +58,13 @@ def vflip(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
 
 
 def cutmix(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
-           generator: torch.Generator | None = None, alpha: float = 1.0
+           generator: torch.Generator | None = None, alpha: float = 1.0, mode: str = "sample"
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix (Yun et al. 2019) for segmentation: with probability p a sample gets a
-    box from a random partner in the batch, image and mask pasted together.
+    """CutMix (Yun et al. 2019) for segmentation, image and mask pasted together.
 
+    mode "sample": with probability p each sample gets its own box from a random
+    other sample. mode "batch" (the paper's code): with probability p the whole
+    batch gets one box, taken from a random permutation of the batch.
     Box area fraction is 1 - lam with lam ~ Beta(alpha, alpha), centre uniform,
     clipped at the border (so the area may shrink), as in the paper's code.
     """
@@ -71,13 +73,19 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
     if p <= 0 or b < 2:
         return images, masks
     rng = _rng(generator)
-    sel = rng.random(b) < p
-    # partner: a random other sample (never itself)
-    partner = (np.arange(b) + rng.integers(1, b, size=b)) % b
-    lam = rng.beta(alpha, alpha, size=b)
+    if mode == "batch":
+        sel = np.full(b, rng.random() < p)
+        partner = rng.permutation(b)
+        lam = np.full(b, rng.beta(alpha, alpha))
+        cy, cx = np.full(b, rng.integers(0, h)), np.full(b, rng.integers(0, w))
+    else:
+        sel = rng.random(b) < p
+        # partner: a random other sample (never itself)
+        partner = (np.arange(b) + rng.integers(1, b, size=b)) % b
+        lam = rng.beta(alpha, alpha, size=b)
+        cy, cx = rng.integers(0, h, size=b), rng.integers(0, w, size=b)
     cut = np.sqrt(1.0 - lam)
     ch, cw = (h * cut).astype(np.int64), (w * cut).astype(np.int64)
-    cy, cx = rng.integers(0, h, size=b), rng.integers(0, w, size=b)
     y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch - ch // 2, 0, h)
     x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw - cw // 2, 0, w)
     y1 = np.where(sel, y1, y0)  # empty box for unselected samples
@@ -229,6 +237,51 @@ def rock_paste(images: torch.Tensor, masks: torch.Tensor, bank: RockBank,
     return images, masks
 
 
+class RockImages:
+    """Every training image holding big rock, with its big-rock pixel mask, for
+    `rock_paste_images` (the reference report's class-4 CutMix)."""
+
+    def __init__(self, images: torch.Tensor, rock: torch.Tensor):
+        self.images = images  # uint8 (n, H, W)
+        self.rock = rock      # bool (n, H, W)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def from_arrays(cls, images, masks, device: torch.device | str = "cpu") -> RockImages:
+        """images uint8 (N, H, W), masks (N, H, W); keeps the images with any class-4 pixel."""
+        images = torch.as_tensor(np.asarray(images))
+        masks = torch.as_tensor(np.asarray(masks))
+        if images.shape != masks.shape or images.ndim != 3:
+            raise InputError(f"RockImages needs images and masks (N,H,W), got "
+                             f"{tuple(images.shape)} and {tuple(masks.shape)}")
+        has = (masks == ROCK).flatten(1).any(1)
+        return cls(images[has].to(device), (masks[has] == ROCK).to(device))
+
+
+def rock_paste_images(images: torch.Tensor, masks: torch.Tensor, rocks: RockImages | None,
+                      p: float = 0.5, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability p per sample, paste all big-rock pixels of one random image
+    of `rocks` at the same position (image and label 4)."""
+    _check(images, masks)
+    if rocks is None or len(rocks) == 0 or p <= 0:
+        return images, masks
+    b = images.shape[0]
+    rng = _rng(generator)
+    sel = torch.from_numpy(rng.random(b) < p).to(images.device)
+    src = torch.from_numpy(rng.integers(len(rocks), size=b)).to(rocks.images.device)
+    if rocks.rock.shape[1:] != masks.shape[1:]:
+        raise InputError(f"rock images are {tuple(rocks.rock.shape[1:])}, batch is "
+                         f"{tuple(masks.shape[1:])}")
+    m = rocks.rock[src].to(images.device) & sel[:, None, None]
+    pix = rocks.images[src].to(images.device, images.dtype)[:, None]
+    images = torch.where(m[:, None], pix, images)
+    masks = torch.where(m, torch.full_like(masks, ROCK), masks)
+    return images, masks
+
+
 def jitter(images: torch.Tensor, brightness: float = 0.0, contrast: float = 0.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image brightness shift (±brightness × 255) and contrast scale
@@ -247,15 +300,18 @@ def jitter(images: torch.Tensor, brightness: float = 0.0, contrast: float = 0.0,
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, *,
                   generator: torch.Generator | None, hflip_p: float = 0.5, vflip_p: float = 0.0,
-                  cutmix_p: float = 0.0, cutmix_alpha: float = 1.0,
+                  cutmix_p: float = 0.0, cutmix_alpha: float = 1.0, cutmix_mode: str = "sample",
+                  rock_images: RockImages | None = None, rock_paste_p: float = 0.0,
                   rock_bank: RockBank | None = None, rock_target: float = 0.0,
                   rock_tolerance: float = 0.005, brightness: float = 0.0, contrast: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training pipeline: flips, CutMix, big-rock paste (last of the label
-    ops, so its share target holds for the final batch), then intensity jitter."""
+    """The training pipeline: flips, CutMix, whole-image rock paste, big-rock crop
+    paste to a share (last of the label ops, so its target holds for the final
+    batch), then intensity jitter."""
     images, masks = hflip(images, masks, hflip_p, generator)
     images, masks = vflip(images, masks, vflip_p, generator)
-    images, masks = cutmix(images, masks, cutmix_p, generator, cutmix_alpha)
+    images, masks = cutmix(images, masks, cutmix_p, generator, cutmix_alpha, cutmix_mode)
+    images, masks = rock_paste_images(images, masks, rock_images, rock_paste_p, generator)
     if rock_bank is not None and rock_target > 0:
         images, masks = rock_paste(images, masks, rock_bank, rock_target, generator, rock_tolerance)
     images = jitter(images, brightness, contrast, generator)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ LOSS_TERMS = ("ce", "dice", "focal")
 CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt", "effective")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
+CUTMIX_MODES = ("sample", "batch")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -83,7 +85,11 @@ class LossConfig:
         for k, v in self.terms.items():
             _require(k in LOSS_TERMS, f"terms.{k}",
                      f"unknown loss term (valid: {', '.join(LOSS_TERMS)})")
-            _require(v >= 0, f"terms.{k}", f"weight must be >= 0, got {v}")
+            _require(v >= 0 and v != float("inf"), f"terms.{k}",
+                     f"weight must be a finite number >= 0, got {v}")
+        _require(any(v > 0 for v in self.terms.values()), "terms",
+                 f"every loss weight is 0 ({self.terms}); nothing would be learned, "
+                 "give at least one term a weight > 0")
         _require(self.class_weights in CLASS_WEIGHTING, "class_weights",
                  f"unknown method {self.class_weights!r} (valid: {', '.join(CLASS_WEIGHTING)})")
         _require(0.0 < self.beta < 1.0, "beta", f"must be in (0, 1), got {self.beta}")
@@ -97,12 +103,20 @@ class AugmentConfig:
     hflip: float = 0.0
     vflip: float = 0.0  # off by default: terrain has a horizon
     cutmix: float = 0.0
+    # sample: each image gets its own box from a random partner with p = cutmix;
+    # batch: with p = cutmix the whole batch gets one box from a permutation of itself
+    cutmix_mode: str = "sample"
+    # per image, with this probability: paste ALL big-rock pixels of one random
+    # big-rock training image at the same position (the reference report's class-4 CutMix)
+    rock_paste: float = 0.0
     rock_target: float = 0.0  # paste big-rock crops until class 4 is this pixel share
     brightness: float = 0.0  # jitter amplitude (fraction)
     contrast: float = 0.0
 
     def __post_init__(self):
-        _prob(self, "hflip", "vflip", "cutmix")
+        _prob(self, "hflip", "vflip", "cutmix", "rock_paste")
+        _require(self.cutmix_mode in CUTMIX_MODES, "cutmix_mode",
+                 f"must be one of {', '.join(CUTMIX_MODES)}, got {self.cutmix_mode!r}")
         _require(0.0 <= self.rock_target < 1.0, "rock_target",
                  f"must be a pixel share in [0, 1), got {self.rock_target}")
         _nonneg(self, "brightness", "contrast")
@@ -114,6 +128,7 @@ class OptimizerConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
+    decay_norms: bool = False  # weight decay also on norm weights and biases (1-d tensors)
 
     def __post_init__(self):
         _require(self.name in OPTIMIZERS, "name",
@@ -186,6 +201,8 @@ class Recipe:
     members: tuple[MemberConfig, ...]
     folds: int = 5
     seed: int = 0
+    # seed of the k-fold split when it differs from `seed` (several training seeds, one split)
+    split_seed: int | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -193,6 +210,8 @@ class Recipe:
         _require(len(self.members) > 0, "members", "needs at least one [[members]] entry")
         _require(self.folds >= 2, "folds", f"must be >= 2, got {self.folds}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.split_seed is None or self.split_seed >= 0, "split_seed",
+                 f"must be >= 0, got {self.split_seed}")
         seen = set()
         for i, m in enumerate(self.members):
             _require(m.name not in seen, f"members[{i}].name", f"duplicate member name {m.name!r}")
@@ -214,6 +233,9 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; nested dataclasses are built recursively."""
     origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):  # `int | None`: TOML has no null
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad(key, "must be a table")
@@ -312,8 +334,23 @@ def _check_model(model: ModelConfig, where: str) -> None:
         raise InputError(f"{where}.args: {e}") from None
 
 
+def name_from_file(path: str | Path) -> str:
+    """A valid recipe name from a file name: `my recipe.toml` -> `my-recipe`.
+
+    Runs of characters other than letters, digits, '_', '-', '.' become one '-', and
+    leading ones are dropped. InputError naming the file when nothing is left.
+    """
+    stem = Path(path).stem
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("_.-")
+    if not _NAME_RE.match(name):
+        raise InputError(f"{path}: the file name gives no valid recipe name ({stem!r}); "
+                         "rename the file or set name = \"...\" in it")
+    return name
+
+
 def load_recipe(path: str | Path, *, check_models: bool = True) -> Recipe:
-    """Read and validate `ensembles/<name>.toml`; the recipe name defaults to the file stem."""
+    """Read and validate `ensembles/<name>.toml`; the recipe name defaults to the file
+    stem made valid (`name_from_file`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -325,7 +362,8 @@ def load_recipe(path: str | Path, *, check_models: bool = True) -> Recipe:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
-    return parse_recipe(doc, name=path.stem, source=str(path), check_models=check_models)
+    name = "?" if "name" in doc else name_from_file(path)  # a written name wins
+    return parse_recipe(doc, name=name, source=str(path), check_models=check_models)
 
 
 def with_epochs(recipe: Recipe, epochs: int | None) -> Recipe:

@@ -64,8 +64,8 @@ def _read_member(z: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
 
 def _whole_numbers(a: np.ndarray, path: Path, key: str, lo: int, hi: int, what: str) -> np.ndarray:
     """Check dtype and range; return uint8. Floats must hold whole numbers."""
-    if a.dtype.kind == "b":
-        a = a.astype(np.uint8)
+    if a.dtype.kind == "b":  # True/False is neither a pixel nor a label: a wrong array
+        raise InputError(f"{path}: '{key}' has dtype bool, expected whole numbers {lo}..{hi}")
     if a.dtype.kind not in "uif":
         raise InputError(f"{path}: '{key}' has dtype {a.dtype}, expected numbers")
     if a.size == 0:
@@ -163,6 +163,8 @@ def load_npz(path: Path) -> NpzData:
             raise InputError(
                 f"{path}: 'test_set' has shape {_shape_str(te.shape)}, expected (M, {h}, {w})"
             )
+        if te.shape[0] == 0:
+            raise InputError(f"{path}: 'test_set' holds no images")
         tm = None
         if "test_masks" in z.files:
             tm = _read_member(z, path, "test_masks")
@@ -449,6 +451,17 @@ def shard_paths(shard_dir: Path, split: str) -> list[Path]:
     return [Path(shard_dir) / s["file"] for s in info["splits"][split]["shards"]]
 
 
+def check_labels(masks: np.ndarray, where, first_row: int = 0) -> None:
+    """InputError naming `where` (a shard file) when a mask holds a label outside 0..4."""
+    if masks.size == 0:
+        return
+    bad = masks >= NUM_CLASSES if masks.dtype.kind == "u" else (masks < 0) | (masks >= NUM_CLASSES)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise InputError(f"{where}: 'masks' has label value {masks[i][bad[i]][0]} in row "
+                         f"{first_row + i}; labels must be 0..{NUM_CLASSES - 1}")
+
+
 def _open_h5(path: Path):
     import h5py
 
@@ -540,6 +553,8 @@ def load_split(shard_dir: Path, split: str) -> Split:
                     a = f[k][()]
                 except OSError as e:
                     raise InputError(f"{p}: dataset '{k}' is unreadable ({e})") from None
+                if k == "masks":
+                    check_labels(a, p)
                 if k == "groups":
                     a = np.array(
                         [s.decode() if isinstance(s, bytes) else str(s) for s in a], dtype=str
@@ -626,6 +641,7 @@ def iter_batches(
                     item = (f["ids"][s : s + batch_size], f["images"][s : s + batch_size])
                     if with_masks:
                         item += (f["masks"][s : s + batch_size],)
+                        check_labels(item[-1], p, s)
                     yield item
 
     return _rebatch(chunks(), batch_size)

@@ -126,9 +126,16 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     if data.is_dir():
         check_shards(data, split)
     total = int(split_info(data, split)["count"])
+    if total == 0:
+        raise InputError(f"{data}: the {split} split holds no images; nothing to score")
     ens = load_ensemble(run_dir, members, folds)
     oof = split == "train"
     val_ids = _oof_folds(run_dir) if oof else None
+    all_val = np.concatenate(list(val_ids.values())) if oof else None
+    if oof and total != len(all_val):
+        raise InputError(f"{data}: the train split holds {total} images, {run_dir / 'splits.json'} "
+                         f"splits {len(all_val)}; not the data this run was trained on")
+    matched = 0
     pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
     views = cfg.views
     tta = len(views) > 1
@@ -148,6 +155,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         for ids, images, masks in _with_masks(stream, str(data)):
             x = pred._input(images)
             b = len(ids)
+            matched += int(np.isin(ids, all_val).sum()) if oof else b
             acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
             acc_t = torch.zeros_like(acc_m)
             cover = np.zeros(b)
@@ -187,6 +195,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                 img_scores.append(per_image_miou(lab_t, truth))
             advance(b)
     dt = time.perf_counter() - t0
+    _check_scored(run_dir, data, split, matched, total if not oof else len(all_val), ens_m.images)
     rows_out = [fold_m[m.name].row(m.name, "fold", False) for m in ens.models]
     if tta:
         for r, m in zip(rows_out, ens.models, strict=True):
@@ -204,7 +213,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         "run": str(run_dir), "data": str(data), "split": split,
         "mode": "oof" if oof else "test", "images": total,
         "classes": cfg.classes, "views": len(views), "precision": pred.precision,
-        "backend": pred.backend,        "device": str(pred.device), "seconds": round(dt, 2),
+        "backend": pred.backend, "device": str(pred.device), "seconds": round(dt, 2),
         "class_names": list(CLASS_NAMES), "members": member_names, "models": ens.names,
         "rows": rows_out,
         "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
@@ -215,6 +224,17 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         write_json_atomic(target / SCORES_NAME, result)
         result["path"] = str(target / SCORES_NAME)
     return result
+
+
+def _check_scored(run_dir: Path, data: Path, split: str, matched: int, expected: int,
+                  scored: int) -> None:
+    """Refuse to write scores when the data did not match the run (nothing or part scored)."""
+    if split == "train" and matched != expected:
+        raise InputError(f"{data}: {matched} of the {expected} image ids in "
+                         f"{run_dir / 'splits.json'} found in the train split; "
+                         "not the data this run was trained on")
+    if scored == 0:
+        raise InputError(f"{data}: no image of the {split} split could be scored")
 
 
 def _with_masks(stream, where: str):

@@ -206,16 +206,39 @@ class PredictConfig:
             raise InputError(f"classes must be foreground or all, got {self.classes!r}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        check_device(self.device)
 
     @property
     def views(self) -> tuple[tuple[int, ...], ...]:
         return tta_views(self.tta, self.tta_vflip)
 
 
+def check_device(device: str | None) -> torch.device | None:
+    """Parse ``--device`` and check that this torch can use it (InputError naming the value)."""
+    if not device:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: not a torch device "
+                         "(e.g. cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cpu":
+        return d
+    backend = getattr(torch, d.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise InputError(f"--device {device}: this torch ({torch.__version__}) has no usable "
+                         f"{d.type} device; use --device cpu or leave --device out")
+    count = getattr(backend, "device_count", None)
+    if d.index is not None and callable(count) and d.index >= count():
+        raise InputError(f"--device {device}: only {count()} {d.type} device(s) visible")
+    return d
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """The device to run on: the given one, else CUDA when available, else CPU."""
     if device:
-        return torch.device(device)
+        return check_device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -492,7 +515,14 @@ def progress_bar(total: int, description: str, enabled: bool = True):
                   Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            # On failure the error line stands alone: clear the bar, skip rich's blank line.
+            bar.live.transient = True
+            bar.live.stop()
+            bar.disable = True
+            raise
 
 
 # --------------------------------------------------------------------------- Ray at the edge

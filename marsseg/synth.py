@@ -215,8 +215,10 @@ def make_synthetic(
     """
     if n_train < 1:
         raise InputError(f"--n-train must be at least 1 (got {n_train})")
-    if n_test < 0:
-        raise InputError(f"--n-test must be >= 0 (got {n_test})")
+    if n_test < 1:
+        raise InputError(f"--n-test must be at least 1 (got {n_test}); prepare needs test images")
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0 (got {seed})")
     if n_outliers is None:
         n_outliers = default_n_outliers(n_train)
     if not 0 <= n_outliers <= n_train:

@@ -119,23 +119,25 @@ def _load_train(data) -> object:
 def ensure_splits(recipe: Recipe, split, out: Path) -> dict:
     """Read `<out>/splits.json`, or make it once (grouped, big-rock stratified) and write it.
 
-    An existing file must match the recipe's k and seed and the data's ids.
+    The split seed is the recipe's `split_seed`, else its `seed`. An existing file must
+    match the recipe's k and split seed and the data's ids.
     """
     from .folds import load_splits, make_splits, save_splits
 
     out = Path(out)
     path = out / "splits.json"
+    seed = recipe.seed if recipe.split_seed is None else recipe.split_seed
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
         big_rock = (split.masks == 4).any(axis=(1, 2))
-        folds = make_splits(list(split.groups), list(big_rock), recipe.folds, recipe.seed)
+        folds = make_splits(list(split.groups), list(big_rock), recipe.folds, seed)
         tmp = out / f"splits.json.tmp-{os.getpid()}"
-        save_splits(tmp, folds, split.ids, recipe.folds, recipe.seed)
+        save_splits(tmp, folds, split.ids, recipe.folds, seed)
         os.replace(tmp, path)
     splits = load_splits(path)
-    if splits["k"] != recipe.folds or splits["seed"] != recipe.seed:
+    if splits["k"] != recipe.folds or splits["seed"] != seed:
         raise InputError(f"{path}: made with k={splits['k']} seed={splits['seed']} but the recipe "
-                         f"asks for k={recipe.folds} seed={recipe.seed}; use a new --out")
+                         f"asks for k={recipe.folds} seed={seed}; use a new --out")
     ids = set(int(i) for f in splits["folds"] for i in f["val_ids"])
     if ids != set(int(i) for i in split.ids):
         raise InputError(f"{path}: its ids do not match the train split of the data; use a new --out")
@@ -203,9 +205,11 @@ def _make_accelerator(precision: str, cpu: bool):
 
 
 def _make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases (1-d tensors), as is standard for conv nets.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    # decay_norms = false: no weight decay on norms and biases (1-d tensors), as is common
+    # for conv nets; true: decay on every parameter (plain torch.optim with weight_decay).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1 or cfg.decay_norms]
+    no_decay = [p for p in params if p.ndim <= 1 and not cfg.decay_norms]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "sgd":
@@ -359,7 +363,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     use_cuda = torch.cuda.is_available()
     prec = resolve_precision(precision, torch.device("cuda" if use_cuda else "cpu"))
 
-    from .augment import RockBank, augment_batch
+    from .augment import RockBank, RockImages, augment_batch
     from .losses import CombinedLoss, class_weights
     from .metrics import class_iou, course_miou
     from .models.registry import build_model, save_pretrained
@@ -400,6 +404,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                            focal_gamma=m.loss.focal_gamma).to(device)
     a = m.augment
     bank = RockBank.from_arrays(tr_images, tr_masks) if a.rock_target > 0 else None
+    rocks = RockImages.from_arrays(tr_images, tr_masks, device) if a.rock_paste > 0 else None
     aug_gen = torch.Generator(device=device)
 
     steps_per_epoch = len(train_dl)
@@ -443,7 +448,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                 g["lr"] = lr
             x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=aug_gen,
                                  hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                                 rock_bank=bank, rock_target=a.rock_target,
+                                 cutmix_mode=a.cutmix_mode, rock_images=rocks,
+                                 rock_paste_p=a.rock_paste, rock_bank=bank, rock_target=a.rock_target,
                                  brightness=a.brightness, contrast=a.contrast)
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits, y)

@@ -16,12 +16,14 @@ from hypothesis import strategies as st
 
 from marsseg.augment import (
     RockBank,
+    RockImages,
     _components,
     augment_batch,
     cutmix,
     hflip,
     jitter,
     rock_paste,
+    rock_paste_images,
     vflip,
 )
 
@@ -223,3 +225,44 @@ def test_shape_errors(bad):
     from marsseg.errors import InputError
     with pytest.raises(InputError, match="augment expects"):
         hflip(*bad, 0.5, torch.Generator())
+
+
+@FEW
+@given(st.integers(0, 10_000))
+def test_cutmix_batch_mode_one_box_for_all(seed):
+    x, y = batch(seed, 6)
+    g = torch.Generator().manual_seed(seed)
+    x2, y2 = cutmix(x, y, p=1.0, generator=g, mode="batch")
+    changed = (x2[:, 0] != x[:, 0]) | (y2 != y)
+    assert torch.equal(x2[:, 0], torch.from_numpy(encode(y2.numpy())).float())  # still aligned
+    # every changed pixel lies inside one common box: its row/col extents are shared
+    rows = changed.any(0).any(1).nonzero().flatten()
+    cols = changed.any(0).any(0).nonzero().flatten()
+    if len(rows):
+        box = torch.zeros_like(changed[0])
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert not (changed & ~box).any()
+    x3, y3 = cutmix(x, y, p=0.0, generator=g, mode="batch")
+    assert torch.equal(x3, x) and torch.equal(y3, y)
+
+
+def test_rock_paste_images_pastes_whole_rock_masks():
+    masks = random_masks(3, 8, rock_p=0.0)
+    masks[2, 3:6, 4:9] = 4
+    masks[5, 10:12, 20:30] = 4
+    rocks = RockImages.from_arrays(encode(masks), masks)
+    assert len(rocks) == 2
+    x, y = batch(7, 16)
+    y[y == 4] = 1
+    x = torch.from_numpy(encode(y.numpy()))[:, None].float()
+    g = torch.Generator().manual_seed(0)
+    x2, y2 = rock_paste_images(x, y, rocks, p=1.0, generator=g)
+    assert torch.equal(x2[:, 0], torch.from_numpy(encode(y2.numpy())).float())
+    for i in range(16):  # each sample got exactly one source's rock pixels, in place
+        got = y2[i] == 4
+        assert any(torch.equal(got, r) for r in rocks.rock)
+    x3, y3 = rock_paste_images(x, y, rocks, p=0.0, generator=g)
+    assert torch.equal(x3, x) and torch.equal(y3, y)
+    half = [int((rock_paste_images(x, y, rocks, p=0.5, generator=g)[1] == 4).flatten(1).any(1).sum())
+            for _ in range(20)]
+    assert 3 * 20 < sum(half) < 13 * 20  # about half of 16 per batch

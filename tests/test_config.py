@@ -45,7 +45,7 @@ def test_ladder_adds_one_ingredient_per_step():
     assert r["seed-unet2"].augment.hflip > 0 and r["seed-unet2"].loss.class_weights == "none"
     assert r["seed-unet3"].loss.class_weights != "none" and not r["seed-unet3"].loss.ignore_background
     assert r["seed-unet4"].loss.ignore_background and r["seed-unet4"].augment.rock_target == 0
-    assert r["seed-final"].augment.rock_target == pytest.approx(0.05)
+    assert r["seed-final"].augment.rock_paste == pytest.approx(0.5)
     assert r["seed-final"].schedule.name == "cosine"
 
 
@@ -140,3 +140,42 @@ def test_fp16_is_gpu_only():
     check_precision("bf16", gpus=0)
     with pytest.raises(InputError, match="--precision"):
         check_precision("fp8", gpus=1)
+
+
+@pytest.mark.parametrize("terms", [{"ce": 0.0}, {"ce": 0.0, "dice": 0.0}])
+def test_all_zero_loss_weights_are_refused_naming_the_key(terms):
+    msg = error_of(doc(loss={"terms": terms}))
+    assert msg.startswith("r.toml: members[0].loss.terms:") and "weight is 0" in msg
+
+
+def test_one_zero_term_beside_a_positive_one_is_fine():
+    assert parse(doc(loss={"terms": {"ce": 1.0, "dice": 0.0}})).members[0].loss.terms["dice"] == 0
+
+
+def _recipe_file(tmp_path, file_name, extra=""):
+    p = tmp_path / file_name
+    p.write_text(extra + 'folds = 2\n[[members]]\nname = "a"\n'
+                 '[members.model]\nname = "unet"\nargs = { base_width = 4, depth = 2 }\n')
+    return p
+
+
+@pytest.mark.parametrize("file_name, name", [("my recipe.toml", "my-recipe"),
+                                             ("  v2 (final)!.toml", "v2-final"),
+                                             ("ok_name.v1.toml", "ok_name.v1")])
+def test_recipe_name_is_derived_from_any_file_name(tmp_path, file_name, name):
+    assert load_recipe(_recipe_file(tmp_path, file_name), check_models=False).name == name
+
+
+def test_a_file_name_with_nothing_usable_names_the_file(tmp_path):
+    p = _recipe_file(tmp_path, "ü ü.toml")
+    with pytest.raises(InputError, match="file name gives no valid recipe name"):
+        load_recipe(p, check_models=False)
+    # a name written in the file wins over the file name
+    q = _recipe_file(tmp_path, "ü.toml", 'name = "fine"\n')
+    assert load_recipe(q, check_models=False).name == "fine"
+
+
+def test_a_bad_name_written_in_the_file_names_the_key(tmp_path):
+    p = _recipe_file(tmp_path, "x.toml", 'name = "my recipe"\n')
+    with pytest.raises(InputError, match=r"x\.toml: name: 'my recipe' is not a valid name"):
+        load_recipe(p, check_models=False)

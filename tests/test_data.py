@@ -242,17 +242,48 @@ def test_shard_dataset_batched_reads(shards, synth_arrays):
     assert n == 160
 
 
-def test_empty_test_split(tmp_path):
+def test_empty_test_split_is_refused(tmp_path):
     from marsseg.data import prepare
 
     tr = np.zeros((3, 2, 64, 128), np.uint8)
     tr[:, 1] = 1
     np.savez(tmp_path / "e.npz", training_set=tr, test_set=np.zeros((0, 64, 128), np.uint8))
-    info = prepare(tmp_path / "e.npz", tmp_path / "s")
-    assert info["splits"]["test"] == {"count": 0, "labeled": False, "grouped": False, "shards": []}
-    assert len(load_split(tmp_path / "s", "test")) == 0
-    assert list(iter_batches(tmp_path / "s", "test", 4)) == []
-    assert len(ShardDataset(tmp_path / "s", "test")) == 0
+    with pytest.raises(InputError, match=r"e\.npz: 'test_set' holds no images"):
+        prepare(tmp_path / "e.npz", tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz"]
+
+
+def test_bool_arrays_are_refused(tmp_path):
+    from marsseg.data import prepare
+
+    tr = np.zeros((3, 2, 64, 128), bool)
+    np.savez(tmp_path / "b.npz", training_set=tr, test_set=np.zeros((2, 64, 128), np.uint8))
+    with pytest.raises(InputError, match=r"b\.npz: 'training_set' has dtype bool"):
+        prepare(tmp_path / "b.npz", tmp_path / "s")
+    np.savez(tmp_path / "b.npz", training_set=tr.astype(np.uint8), test_set=np.ones((2, 64, 128), bool))
+    with pytest.raises(InputError, match="'test_set' has dtype bool"):
+        prepare(tmp_path / "b.npz", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def _with_mask_value(shards, tmp_path, split: str, value: int):
+    """A copy of `shards` whose first shard of `split` holds `value` in one mask pixel."""
+    import shutil
+
+    bad = tmp_path / f"bad-{split}"
+    shutil.copytree(shards, bad)
+    with h5py.File(bad / f"{split}-000.h5", "r+") as f:
+        f["masks"][3, 10, 20] = value
+    return bad
+
+
+def test_shard_label_9_names_the_shard(shards, tmp_path):
+    bad = _with_mask_value(shards, tmp_path, "train", 9)
+    with pytest.raises(InputError, match=r"train-000\.h5: 'masks' has label value 9 in row 3"):
+        load_split(bad, "train")
+    bad = _with_mask_value(shards, tmp_path, "test", 9)
+    with pytest.raises(InputError, match=r"test-000\.h5: 'masks' has label value 9 in row 3"):
+        list(iter_batches(bad, "test", 2, with_masks=True))
 
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-mars" / "real_mars.npz"
@@ -276,7 +307,7 @@ def test_course_sized_outlier_group_flagged_exactly(tmp_path):
     from marsseg.data import prepare
     from marsseg.synth import write_synthetic
 
-    arrays = write_synthetic(tmp_path / "s.npz", 220, 0, seed=11, n_outliers=110)
+    arrays = write_synthetic(tmp_path / "s.npz", 220, 1, seed=11, n_outliers=110)
     planted = [i for i, s in enumerate(arrays["training_source"]) if "-alien-" in s]
     info = prepare(tmp_path / "s.npz", tmp_path / "shards")
     assert len(planted) == 110

@@ -7,6 +7,7 @@ variant and every bottleneck/block option runs through it.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -176,6 +177,16 @@ def test_save_load_roundtrip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = save_pretrained(build_model("unet", **TINY), tmp_path / "f")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert modes == {"model.safetensors": "0o644", "config.json": "0o644"}
+
+
 def test_save_from_channels_last_and_compiled_wrapper(tmp_path):
     model = build_model("unet", **TINY).to(memory_format=torch.channels_last)
 
@@ -227,8 +238,19 @@ def test_load_errors_name_the_file(tmp_path):
 
 def test_kaiming_init():
     torch.manual_seed(0)
-    model = build_model("unet", base_width=32, depth=2)
+    model = build_model("unet", base_width=32, depth=2, init="kaiming")
     w = model.encoders[1].conv1[0].weight  # 32 -> 64, 3x3: fan_out = 64*9
     expected_std = (2.0 / (64 * 9)) ** 0.5
     assert abs(float(w.detach().std()) / expected_std - 1) < 0.05
     assert float(model.head.bias.detach().abs().sum()) == 0.0
+
+
+def test_default_init_is_pytorchs():
+    """init = "default" keeps nn.Conv2d's own kaiming_uniform(a=sqrt(5)): std = 1/sqrt(3*fan_in)."""
+    torch.manual_seed(0)
+    model = build_model("unet", base_width=32, depth=2)
+    assert model.config.init == "default"
+    w = model.encoders[1].conv1[0].weight  # 32 -> 64, 3x3: fan_in = 32*9
+    expected_std = (1.0 / (3 * 32 * 9)) ** 0.5
+    assert abs(float(w.detach().std()) / expected_std - 1) < 0.05
+    assert float(model.head.bias.detach().abs().sum()) > 0.0  # PyTorch's uniform bias init

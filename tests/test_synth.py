@@ -103,6 +103,10 @@ def test_bad_arguments():
         make_synthetic(0, 5)
     with pytest.raises(InputError, match="--n-test"):
         make_synthetic(5, -1)
+    with pytest.raises(InputError, match="--n-test must be at least 1"):
+        make_synthetic(5, 0)
+    with pytest.raises(InputError, match=r"--seed must be >= 0 \(got -1\)"):
+        make_synthetic(5, 1, seed=-1)
     with pytest.raises(InputError, match="--n-outliers"):
         make_synthetic(5, 1, n_outliers=6)
 

@@ -154,3 +154,33 @@ def test_fp16_on_cpu_is_an_input_error(shards, tmp_path):
     with pytest.raises(InputError, match="GPU-only"):
         train_one_fold(tiny_recipe(), "tiny", 0, shards, tmp_path, precision="fp16")
     assert not (tmp_path / "tiny").exists()
+
+
+def test_decay_norms_puts_every_parameter_in_the_decayed_group():
+    from marsseg.config import OptimizerConfig
+    from marsseg.models.registry import build_model
+    from marsseg.train import _make_optimizer
+
+    model = build_model("unet-se", base_width=4, depth=2)
+    n = sum(1 for _ in model.parameters())
+    opt = _make_optimizer(OptimizerConfig(weight_decay=1e-4), model)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and len(plain["params"]) > 0
+    opt = _make_optimizer(OptimizerConfig(weight_decay=1e-4, decay_norms=True), model)
+    assert len(opt.param_groups[0]["params"]) == n and not opt.param_groups[1]["params"]
+
+
+def test_split_seed_keeps_the_split_while_the_training_seed_moves(shards, tmp_path):
+    split = load_split(shards, "train")
+    base = {"name": "tiny", "model": {"name": "unet", "args": {"base_width": 4, "depth": 2}}}
+    a = parse_recipe({"folds": 2, "seed": 0, "members": [base]}, name="a")
+    b = parse_recipe({"folds": 2, "seed": 5, "split_seed": 0, "members": [base]}, name="b")
+    c = parse_recipe({"folds": 2, "seed": 5, "members": [base]}, name="c")
+    sa = ensure_splits(a, split, tmp_path / "a")
+    sb = ensure_splits(b, split, tmp_path / "b")
+    sc = ensure_splits(c, split, tmp_path / "c")
+    assert sa["folds"] == sb["folds"] and sb["seed"] == 0
+    assert sc["folds"] != sa["folds"]
+    with pytest.raises(InputError, match="seed=0"):
+        ensure_splits(c, split, tmp_path / "a")

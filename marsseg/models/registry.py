@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import InputError
@@ -107,8 +107,10 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, extra: dict | N
               **(extra or {})}
     text = json.dumps(config, indent=2) + "\n"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / WEIGHTS_NAME,
-                        lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    # safetensors' save_file creates the file 0600; bytes through Python follow the umask
+    # (0644 by default) like every other file of a run folder.
+    blob = save(tensors, metadata={"format": "pt"})
+    _atomic_write_bytes(folder / WEIGHTS_NAME, lambda p: Path(p).write_bytes(blob))
     _atomic_write_bytes(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return folder
 

@@ -22,7 +22,8 @@ from .blocks import ACTS, ASPP, NORMS, AttentionGate, ConvBlock, SelfAttention2d
 
 UPSAMPLE = ("nearest", "transpose")
 SE_MODES = ("none", "bottleneck", "all")
-INPUT_NORMS = ("scale", "standardize")
+INPUT_NORMS = ("scale", "unit", "standardize")
+INITS = ("default", "kaiming")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,11 @@ class UNetConfig:
     self_attention: bool = False    # transformer layer at the bottleneck
     sa_heads: int = 4
     deep_supervision: bool = False  # aux heads on coarser decoder levels (training only)
-    input_norm: str = "scale"       # scale: x/255*2-1 | standardize: per-image mean/std
+    input_norm: str = "scale"       # scale: x/255*2-1 | unit: x/255 | standardize: per-image mean/std
+    # default: PyTorch's own layer initialisation; kaiming: Kaiming-normal fan-out convs.
+    # On real-mars, PyTorch's default trained clearly better (issue 10: +2.5-5 mIoU at 30
+    # epochs), so it is the default; config.json files without this key load either way.
+    init: str = "default"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -59,7 +64,7 @@ class UNetConfig:
         if self.depth > 6:
             bad("depth", "must be at most 6 (64-pixel-high images)")
         for name, allowed in (("norm", NORMS), ("act", ACTS), ("up", UPSAMPLE), ("se", SE_MODES),
-                              ("input_norm", INPUT_NORMS)):
+                              ("input_norm", INPUT_NORMS), ("init", INITS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}")
         for name in ("aspp", "residual", "attention_gates", "self_attention", "deep_supervision"):
@@ -155,13 +160,16 @@ class UNet(nn.Module):
         self.aux_heads = nn.ModuleList(
             [nn.Conv2d(w, c.num_classes, 1) for w in widths[1:-1]]
             if c.deep_supervision else [])
-        _init_weights(self)
+        if c.init == "kaiming":
+            _init_weights(self)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map raw 0..255 pixels to the network's input scale (see `input_norm`)."""
         x = x.float()
         if self.config.input_norm == "scale":
             return x * (2.0 / 255.0) - 1.0
+        if self.config.input_norm == "unit":
+            return x * (1.0 / 255.0)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         # floor of 1 grey level: a flat image maps to zeros, not amplified noise
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1.0)

@@ -1,0 +1,378 @@
+"""Every bad input README's "Errors" section promises to reject, in one table.
+
+Each row runs one `marsseg-cli` command line and checks the contract for bad input:
+exit code 2, exactly one non-empty line on stderr that names the problem, no
+`Traceback` anywhere, and no file created, changed or left behind (the shared world
+and the row's own temp folder are snapshotted before and after).
+
+To add a row: append `row(id, argv, setup, names)` to ROWS. `argv` items are
+formatted with the world's paths ({npz}, {shards}, {run}, {recipe}, ...), `{tmp}`
+(the row's own empty folder) and whatever `setup(world, tmp)` returns. Build bad
+files inside `tmp` (never edit the world: the rows share it). `names` is a
+substring the error line must contain (formatted the same way), e.g. the file or key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from _runfolder import make_npz, make_run
+from typer.testing import CliRunner
+
+from marsseg.cli import app
+from marsseg.data import prepare
+
+runner = CliRunner()
+
+RECIPE = """folds = 2
+seed = 1
+[[members]]
+name = "a"
+epochs = 1
+batch_size = 4
+[members.model]
+name = "unet"
+args = { base_width = 4, depth = 2 }
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny prepared shard folder, a finished run folder on it and a valid recipe."""
+    base = tmp_path_factory.mktemp("bad-inputs")
+    w = SimpleNamespace(base=base)
+    w.npz = make_npz(base / "d.npz", n_train=8, n_test=6, test_masks=True)
+    w.shards = base / "shards"
+    prepare(w.npz, w.shards, shard_size=4)
+    w.unlabeled = make_npz(base / "unlabeled.npz", n_train=8, n_test=3)
+    w.other = base / "other-shards"  # another data set: 10 train images, not 8
+    prepare(make_npz(base / "o.npz", n_train=10, n_test=2, test_masks=True, seed=3), w.other)
+    w.run = make_run(base / "run", metrics=True)
+    folds = [{"fold": 0, "val_ids": [0, 1, 2, 3], "train_ids": [4, 5, 6, 7]},
+             {"fold": 1, "val_ids": [4, 5, 6, 7], "train_ids": [0, 1, 2, 3]}]
+    (w.run / "splits.json").write_text(json.dumps({"k": 2, "seed": 0, "folds": folds}))
+    # A scores.json that a failed evaluate/report must leave exactly as it is.
+    (w.run / "scores.json").write_text(json.dumps({"sentinel": True}))
+    w.recipe = base / "tiny.toml"
+    w.recipe.write_text(RECIPE)
+    return w
+
+
+# ----------------------------------------------------------------------------- setups
+
+
+def recipe_with(text: str, name: str = "r.toml"):
+    def setup(w, tmp):
+        (tmp / name).write_text(text)
+        return {"bad": tmp / name}
+    return setup
+
+
+def npz_with(**changes):
+    """The world's npz with keys replaced (a value None drops the key)."""
+    def setup(w, tmp):
+        with np.load(w.npz) as z:
+            arrays = {k: z[k] for k in z.files}
+        for k, v in changes.items():
+            if v is None:
+                arrays.pop(k)
+            else:
+                arrays[k] = v(arrays) if callable(v) else v
+        np.savez(tmp / "bad.npz", **arrays)
+        return {"bad": tmp / "bad.npz"}
+    return setup
+
+
+def file_with(content: bytes, name: str):
+    def setup(w, tmp):
+        (tmp / name).write_bytes(content)
+        return {"bad": tmp / name}
+    return setup
+
+
+def shards_with_label(split: str, value: int = 9):
+    def setup(w, tmp):
+        bad = tmp / "shards"
+        shutil.copytree(w.shards, bad)
+        with h5py.File(bad / f"{split}-000.h5", "r+") as f:
+            f["masks"][1, 5, 7] = value
+        return {"bad": bad, "shard": bad / f"{split}-000.h5"}
+    return setup
+
+
+def shards_with(edit):
+    """A copy of the world's shards with `edit(folder)` applied."""
+    def setup(w, tmp):
+        bad = tmp / "shards"
+        shutil.copytree(w.shards, bad)
+        edit(bad)
+        return {"bad": bad}
+    return setup
+
+
+def _empty_test_split(folder: Path) -> None:
+    meta = json.loads((folder / "dataset.json").read_text())
+    meta["splits"]["test"].update(count=0, shards=[])
+    (folder / "dataset.json").write_text(json.dumps(meta))
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "test-000.h5").read_bytes()
+    (folder / "test-000.h5").write_bytes(data[: len(data) // 3])
+
+
+def run_with(edit):
+    """A copy of the world's run folder with `edit(folder)` applied."""
+    def setup(w, tmp):
+        bad = tmp / "run"
+        shutil.copytree(w.run, bad)
+        edit(bad)
+        return {"bad": bad}
+    return setup
+
+
+def _replace_weights(run: Path) -> None:
+    shutil.copyfile(run / "b/fold_1/model.safetensors", run / "a/fold_0/model.safetensors")
+
+
+def needs_cpu_only_torch(w, tmp):
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA: --device cuda is valid here")
+    return {}
+
+
+def existing_folder(w, tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return {"bad": tmp / "out"}
+
+
+ZEROS = np.zeros((3, 64, 128), np.uint8)
+
+
+def row(id, argv, setup=None, names=""):
+    return pytest.param(argv, setup, names, id=id)
+
+
+# ----------------------------------------------------------------------------- the table
+
+ROWS = [
+    # click/typer's own usage errors, in our one-line form
+    row("cli-unknown-command", ["nope"], None, "No such command 'nope'"),
+    row("cli-missing-option", ["predict", "--data", "{shards}", "--out", "{tmp}/s.csv"],
+        None, "--ensemble"),
+    row("cli-bad-int", ["synth", "{tmp}/s.npz", "--n-train", "many"], None, "--n-train"),
+    row("cli-unknown-option", ["evaluate", "--ensemble", "{run}", "--data", "{shards}", "--bogus"],
+        None, "--bogus"),
+    row("cli-option-without-value", ["prepare", "{npz}", "{tmp}/s", "--shard-size"], None,
+        "--shard-size"),
+    row("cli-below-min", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                          "--out", "{tmp}/s.csv", "--batch-size", "0"], None, "--batch-size"),
+    # synth
+    row("synth-negative-seed", ["synth", "{tmp}/s.npz", "--seed", "-1"], None, "--seed"),
+    row("synth-no-train", ["synth", "{tmp}/s.npz", "--n-train", "0"], None, "--n-train"),
+    row("synth-no-test", ["synth", "{tmp}/s.npz", "--n-test", "0"], None, "--n-test"),
+    row("synth-too-many-outliers", ["synth", "{tmp}/s.npz", "--n-train", "10", "--n-outliers", "11"],
+        None, "--n-outliers"),
+    row("synth-out-is-folder", ["synth", "{tmp}"], None, "{tmp}"),
+    # prepare
+    row("prepare-missing-file", ["prepare", "{tmp}/nope.npz", "{tmp}/s"], None, "{tmp}/nope.npz"),
+    row("prepare-text-file", ["prepare", "{bad}", "{tmp}/s"],
+        file_with(b"id,label\n1,2\n", "t.npz"), "not a zip"),
+    row("prepare-npy", ["prepare", "{bad}", "{tmp}/s"],
+        file_with(b"\x93NUMPY\x01\x00", "a.npz"), ".npy"),
+    row("prepare-missing-key", ["prepare", "{bad}", "{tmp}/s"], npz_with(training_set=None),
+        "training_set"),
+    row("prepare-label-7", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(training_set=lambda a: np.where(np.arange(2)[None, :, None, None] == 1, 7,
+                                                 a["training_set"]).astype(np.uint8)),
+        "label value 7"),
+    row("prepare-empty-test-set", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=ZEROS[:0], test_masks=None), "'test_set' holds no images"),
+    row("prepare-bool-arrays", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=ZEROS.astype(bool), test_masks=None), "dtype bool"),
+    row("prepare-missing-test-set", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=None, test_masks=None), "test_set"),
+    row("prepare-pixel-300", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=np.full((3, 64, 128), 300, np.int16), test_masks=None),
+        "pixel value 300"),
+    row("prepare-fractional-pixels", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=np.full((3, 64, 128), 12.5), test_masks=None), "12.5"),
+    row("prepare-nan-pixels", ["prepare", "{bad}", "{tmp}/s"],
+        npz_with(test_set=np.full((3, 64, 128), np.nan), test_masks=None), "NaN"),
+    row("prepare-shard-size-0", ["prepare", "{npz}", "{tmp}/s", "--shard-size", "0"], None,
+        "--shard-size"),
+    row("prepare-out-exists", ["prepare", "{npz}", "{bad}"], existing_folder, "already exists"),
+    row("prepare-force-foreign-folder", ["prepare", "{npz}", "{bad}", "--force"], existing_folder,
+        "no dataset.json"),
+    row("prepare-max-background", ["prepare", "{npz}", "{tmp}/s", "--max-background", "1.5"],
+        None, "--max-background"),
+    # inspect
+    row("inspect-missing", ["inspect", "{tmp}/nope"], None, "{tmp}/nope"),
+    row("inspect-not-shards", ["inspect", "{tmp}"], None, "no dataset.json"),
+    row("inspect-bad-dataset-json", ["inspect", "{bad}"],
+        shards_with(lambda d: (d / "dataset.json").write_text("{oops")), "dataset.json"),
+    row("inspect-max-background", ["inspect", "{shards}", "--max-background", "-0.1"], None,
+        "--max-background"),
+    # train-folds (all stop before Ray and before writing the run folder)
+    row("train-recipe-missing", ["train-folds", "--data", "{shards}", "--recipe", "{tmp}/no.toml",
+                                 "--out", "{tmp}/run", "--sequential"], None, "{tmp}/no.toml"),
+    row("train-recipe-not-toml", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                  "--out", "{tmp}/run", "--sequential"],
+        recipe_with("folds = = 2"), "not valid TOML"),
+    row("train-recipe-unknown-key", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                     "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE.replace("epochs = 1", "epochs = 1\ncolour = 3")), "members[0].colour"),
+    row("train-recipe-zero-loss", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                   "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE + "[members.loss]\nterms = { ce = 0.0 }\n"), "members[0].loss.terms"),
+    row("train-recipe-wrong-type", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                    "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE.replace("epochs = 1", 'epochs = "one"')), "members[0].epochs"),
+    row("train-recipe-unknown-model", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                       "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE.replace('name = "unet"', 'name = "vit"')), "unknown model 'vit'"),
+    row("train-recipe-file-name", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                   "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE, "ü.toml"), "file name"),
+    row("train-fp16-on-cpu", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                              "--out", "{tmp}/run", "--precision", "fp16"],
+        needs_cpu_only_torch, "fp16"),
+    row("train-unknown-member", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                                 "--out", "{tmp}/run", "--members", "zz", "--sequential"],
+        None, "'zz'"),
+    row("train-fold-out-of-range", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                                    "--out", "{tmp}/run", "--folds", "7", "--sequential"],
+        None, "fold 7"),
+    row("train-epochs-0", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                           "--out", "{tmp}/run", "--epochs", "0", "--sequential"], None, "--epochs"),
+    row("train-data-not-shards", ["train-folds", "--data", "{tmp}", "--recipe", "{recipe}",
+                                  "--out", "{tmp}/run", "--sequential"], None, "dataset.json"),
+    row("train-shard-label-9", ["train-folds", "--data", "{bad}", "--recipe", "{recipe}",
+                                "--out", "{tmp}/run", "--sequential"],
+        shards_with_label("train"), "{shard}: 'masks' has label value 9"),
+    # predict
+    row("predict-no-run-folder", ["predict", "--ensemble", "{tmp}/none", "--data", "{shards}",
+                                  "--out", "{tmp}/s.csv"], None, "{tmp}/none"),
+    row("predict-no-ensemble-json", ["predict", "--ensemble", "{tmp}", "--data", "{shards}",
+                                     "--out", "{tmp}/s.csv"], None, "ensemble.json"),
+    row("predict-replaced-weights", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                     "--out", "{tmp}/s.csv"], run_with(_replace_weights),
+        "{bad}/a/fold_0/model.safetensors"),
+    row("predict-unknown-member", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                   "--out", "{tmp}/s.csv", "--members", "zz"], None, "zz"),
+    row("predict-unknown-fold", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                 "--out", "{tmp}/s.csv", "--folds", "9"], None, "[9]"),
+    row("predict-out-dir-missing", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                    "--out", "{tmp}/no/s.csv"], None, "{tmp}/no"),
+    row("predict-device-tpu", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                               "--out", "{tmp}/s.csv", "--device", "tpu"], None, "--device 'tpu'"),
+    row("predict-device-cuda-on-cpu-torch", ["predict", "--ensemble", "{run}", "--data",
+                                             "{shards}", "--out", "{tmp}/s.csv", "--device", "cuda"],
+        needs_cpu_only_torch, "--device cuda"),
+    row("predict-images-64x64", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                 "--out", "{tmp}/s.csv"],
+        npz_with(test_set=np.zeros((3, 64, 64), np.uint8), test_masks=None), "test_set"),
+    row("predict-truncated-shard", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                    "--out", "{tmp}/s.csv"], shards_with(_truncate), "test-000.h5"),
+    row("predict-classes", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                            "--out", "{tmp}/s.csv", "--classes", "some"], None, "'some'"),
+    row("predict-fp16-on-cpu", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                "--out", "{tmp}/s.csv", "--precision", "fp16"],
+        needs_cpu_only_torch, "fp16"),
+    # evaluate (scores.json of the world's run must stay as it is)
+    row("evaluate-unlabeled-test", ["evaluate", "--ensemble", "{run}", "--data", "{unlabeled}",
+                                    "--split", "test"], None, "no masks"),
+    row("evaluate-zero-images", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
+        shards_with(_empty_test_split), "holds no images"),
+    row("evaluate-other-data-oof", ["evaluate", "--ensemble", "{run}", "--data", "{other}",
+                                    "--split", "train"], None, "{other}"),
+    row("evaluate-test-label-9", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
+        shards_with_label("test"), "{shard}: 'masks' has label value 9"),
+    row("evaluate-device-tpu", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
+                                "--device", "tpu"], None, "--device 'tpu'"),
+    row("evaluate-unknown-split", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
+                                   "--split", "val"], None, "'val'"),
+    row("evaluate-no-splits-json", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
+                                    "--split", "train"],
+        run_with(lambda r: (r / "splits.json").unlink()), "splits.json"),
+    # report
+    row("report-out-parent-missing", ["report", "--ensemble", "{run}", "--out", "{tmp}/a/b"], None,
+        "{tmp}/a"),
+    row("report-no-run-folder", ["report", "--ensemble", "{tmp}/none", "--out", "{tmp}/r"], None,
+        "{tmp}/none"),
+    row("report-bad-scores-json", ["report", "--ensemble", "{bad}", "--out", "{tmp}/r"],
+        run_with(lambda r: (r / "scores.json").write_text("{oops")), "scores.json"),
+    row("report-other-data-oof", ["report", "--ensemble", "{run}", "--out", "{tmp}/r",
+                                  "--data", "{other}", "--split", "train"], None, "{other}"),
+    # select
+    row("select-no-run-folder", ["select", "--run", "{tmp}/none", "--data", "{shards}"], None,
+        "{tmp}/none"),
+    row("select-no-ensemble-json", ["select", "--run", "{tmp}", "--data", "{shards}"], None,
+        "ensemble.json"),
+    row("select-data-not-shards", ["select", "--run", "{run}", "--data", "{tmp}"], None,
+        "dataset.json"),
+    row("select-max-steps-0", ["select", "--run", "{run}", "--data", "{shards}", "--max-steps", "0"],
+        None, "--max-steps"),
+    row("select-shard-label-9", ["select", "--run", "{run}", "--data", "{bad}"],
+        shards_with_label("train"), "{shard}: 'masks' has label value 9"),
+]
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file under `roots` with its size and mtime, and every folder."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            st = p.lstat()
+            out[str(p)] = "dir" if p.is_dir() else (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("argv, setup, names", ROWS)
+def test_bad_input_is_one_line_and_exit_2(world, tmp_path, argv, setup, names):
+    tmp = tmp_path / "row"
+    tmp.mkdir()
+    paths = {k: str(v) for k, v in vars(world).items()}
+    paths["tmp"] = str(tmp)
+    if setup is not None:
+        paths.update({k: str(v) for k, v in setup(world, tmp).items()})
+    args = [a.format(**paths) for a in argv]
+    before = snapshot(world.base, tmp)
+
+    res = runner.invoke(app, args)
+
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), res.stderr
+    assert names.format(**paths) in lines[0], lines[0]
+    assert snapshot(world.base, tmp) == before, "a file was created, changed or left behind"
+
+
+def test_the_table_covers_every_command():
+    commands = {p.values[0][0] for p in ROWS}
+    assert {"synth", "prepare", "inspect", "train-folds", "predict", "evaluate", "report",
+            "select"} <= commands
+    assert len(ROWS) >= 40
+
+
+def test_the_installed_entry_point_gives_the_same_one_line(tmp_path):
+    """The same contract through a real process (no CliRunner): a usage error and --version."""
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "marsseg.cli"]
+    r = subprocess.run(cli + ["predict", "--data", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("error: ") and "Missing option '--ensemble'" in line, line
+    r = subprocess.run(cli + ["--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("marsseg-cli ") and r.stderr == ""

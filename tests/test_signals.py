@@ -1,0 +1,127 @@
+"""SIGTERM (what `scancel`, `timeout` and `kill` send) takes Ctrl-C's path in every command:
+temporary files are removed, the process says `terminated` and exits with 143, and a
+rerun of train-folds resumes where the terminated one stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from _runfolder import make_npz, make_run
+from typer.testing import CliRunner
+
+from marsseg.cli import app
+from marsseg.cli._app import user_errors
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+CLI = [sys.executable, "-m", "marsseg.cli"]
+
+RECIPE = """folds = 2
+seed = 3
+[[members]]
+name = "a"
+epochs = 6
+batch_size = 16
+[members.model]
+name = "unet"
+args = { base_width = 4, depth = 2 }
+"""
+
+
+def wait_for(cond, proc, what: str, timeout: float = 180.0) -> None:
+    t = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"finished (rc {proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read()}")
+        if time.monotonic() - t > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def terminate(proc) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_sigterm_during_predict_leaves_no_temp_files(tmp_path):
+    run = make_run(tmp_path / "run")
+    npz = make_npz(tmp_path / "d.npz", n_train=2, n_test=2000)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(CLI + ["predict", "--ensemble", str(run), "--data", str(npz),
+                                   "--out", str(out / "s.csv"), "--probs", str(out / "p.h5"),
+                                   "--batch-size", "1", "--tta-vflip", "--precision", "no", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmps = [out / f"s.csv.tmp-{proc.pid}", out / f"p.h5.tmp-{proc.pid}"]
+    wait_for(lambda: all(p.exists() for p in tmps), proc, "the temp files appear")
+    time.sleep(0.3)  # well inside the batch loop
+    rc, err = terminate(proc)
+    assert rc == 143, err
+    assert err.splitlines() == ["terminated"], err
+    assert list(out.iterdir()) == []
+
+
+def test_sigterm_during_train_folds_then_rerun_resumes(shards, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)
+    run = tmp_path / "run"
+    args = ["train-folds", "--data", str(shards), "--recipe", str(recipe), "--out", str(run),
+            "--sequential", "--threads", "1", "--progress", "plain"]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "a" / "fold_0" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc,
+             "fold 0 finishes an epoch")
+    rc, err = terminate(proc)
+    assert rc == 143, err
+    assert err.splitlines()[-1:] == ["terminated"] and "Traceback" not in err, err
+    assert not (run / "a" / "fold_0" / "done.json").exists()
+    # A state swap cut short leaves state.tmp-<pid>/, which the rerun removes; nothing else.
+    left = [p.name for p in run.rglob("*.tmp-*")]
+    assert left in ([], [f"state.tmp-{proc.pid}"]), left
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == sorted(set(epochs)) and len(epochs) == 6, epochs
+    assert rows[0]["worker"]["pid"] == proc.pid  # the first epoch was kept, not trained again
+    assert any(r.get("resumed") for r in rows)
+    assert all((run / "a" / f"fold_{k}" / "done.json").exists() for k in (0, 1))
+    assert (run / "ensemble.json").exists()
+    assert not list(Path(run).rglob("*.tmp-*"))
+
+
+def test_sigterm_unwinds_through_finally_and_the_handler_is_restored(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(typer.Exit) as e, user_errors():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+            raise AssertionError("SIGTERM did not interrupt")
+        finally:
+            cleaned.append(True)
+    assert e.value.exit_code == 143 and cleaned == [True]
+    assert capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ray_drivers_sigterm_exit_takes_the_same_path(capsys):
+    # ray.init replaces our handler in the driver with one that calls sys.exit(SIGTERM).
+    with pytest.raises(typer.Exit) as e, user_errors():
+        sys.exit(signal.SIGTERM)
+    assert e.value.exit_code == 143
+    assert capsys.readouterr().err == "terminated\n"
+    with pytest.raises(SystemExit) as e2, user_errors():
+        sys.exit(3)  # any other exit passes through untouched
+    assert e2.value.code == 3
