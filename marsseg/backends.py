@@ -360,7 +360,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
     for fm, module in zip(folds, modules, strict=True):
         sha = sha256_file(Path(fm.path) / "model.safetensors")
         path = cache_path(fm.path, backend, precision, sha, n)
-        if not _writable(path.parent):  # a read-only run folder: convert, keep in memory
+        if not _writable(path.parent):  # a read-only run folder: convert into a temp folder
             path = Path(_scratch().name) / path.name
         if not _is_cached(backend, path):
             t0 = time.perf_counter()
