@@ -293,6 +293,8 @@ ROWS = [
     row("predict-fp16-on-cpu", ["predict", "--ensemble", "{run}", "--data", "{shards}",
                                 "--out", "{tmp}/s.csv", "--precision", "fp16"],
         needs_cpu_only_torch, "fp16"),
+    row("predict-unknown-backend", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                    "--out", "{tmp}/s.csv", "--backend", "fast"], None, "'fast'"),
     # evaluate (scores.json of the world's run must stay as it is)
     row("evaluate-unlabeled-test", ["evaluate", "--ensemble", "{run}", "--data", "{unlabeled}",
                                     "--split", "test"], None, "no masks"),
@@ -304,6 +306,8 @@ ROWS = [
         shards_with_label("test"), "{shard}: 'masks' has label value 9"),
     row("evaluate-device-tpu", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
                                 "--device", "tpu"], None, "--device 'tpu'"),
+    row("evaluate-unknown-backend", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
+                                     "--backend", "fast"], None, "'fast'"),
     row("evaluate-unknown-split", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
                                    "--split", "val"], None, "'val'"),
     row("evaluate-no-splits-json", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
