@@ -26,6 +26,7 @@ def evaluate(
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")] = "auto",
     classes: Annotated[str, typer.Option(help="foreground (as submitted) | all")] = "foreground",
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available)")] = None,
+    backend: Annotated[str, typer.Option(help="eager | compile (AOTInductor, frozen) | openvino | openvino-int8 (CPU) | auto; conversions are cached in each fold folder")] = "eager",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Score the run on labeled data: table on stdout, scores.json in the run folder."""
@@ -37,7 +38,8 @@ def evaluate(
         from marsseg.predict import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
-                            precision=precision, classes=classes, device=device)
+                            precision=precision, classes=classes, device=device,
+                            backend=backend)
         result = run_evaluate(ensemble, data, cfg=cfg, members=split_list(members),
                               folds=int_list(folds, "folds"), split=split, progress=not quiet)
         Console(width=max(120, Console().width)).print(format_table(result))

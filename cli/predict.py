@@ -49,7 +49,8 @@ def predict(
     split: Annotated[str, typer.Option(help="split to predict")] = "test",
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
     channels_last: Annotated[bool, typer.Option(help="channels_last memory format")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each network (pays off for large sets)")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="same as --backend compile")] = False,
+    backend: Annotated[str, typer.Option(help="eager | compile (AOTInductor, frozen) | openvino | openvino-int8 (CPU) | auto; conversions are cached in each fold folder")] = "eager",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Predict masks with the run's ensemble and write the submission CSV."""
@@ -59,10 +60,10 @@ def predict(
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
                             precision=precision, classes=classes, channels_last=channels_last,
-                            compile=compile, device=device)
+                            compile=compile, device=device, backend=backend)
         r = run_predict(ensemble, data, out, cfg=cfg, members=split_list(members),
                         folds=int_list(folds, "folds"), probs_path=probs, workers=workers,
                         address=address, split=split, progress=not quiet)
         print(f"wrote {r['rows']} rows to {r['csv']} ({len(r['models'])} models x {r['views']} "
-              f"views, {r['precision']} on {r['device']}, {r['images_per_s']:.0f} img/s)"
+              f"views, {r['backend']} {r['precision']} on {r['device']}, {r['images_per_s']:.0f} img/s)"
               + (f"; probabilities in {r['probs']}" if r["probs"] else ""))

@@ -30,6 +30,7 @@ import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import write_json_atomic
+from .backends import stderr_line
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, full_confusion_matrix, pixel_accuracy
 from .predict import (
@@ -138,7 +139,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         raise InputError(f"{data}: the train split holds {total} images, {run.splits} "
                          f"splits {len(all_val)}; not the data this run was trained on")
     matched = 0
-    pred = Predictor(ens, cfg)
+    pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
     views = cfg.views
     tta = len(views) > 1
     member_names = list(dict.fromkeys(m.member for m in ens.models))
@@ -215,7 +216,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         "run": str(run_dir), "data": str(data), "split": split,
         "mode": "oof" if oof else "test", "images": total,
         "classes": cfg.classes, "views": len(views), "precision": pred.precision,
-        "device": str(pred.device), "seconds": round(dt, 2),
+        "backend": pred.backend, "device": str(pred.device), "seconds": round(dt, 2),
         "class_names": list(CLASS_NAMES), "members": member_names, "models": ens.names,
         "rows": rows_out,
         "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
+from ._cores import CoreShare
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .errors import InputError
@@ -50,6 +51,8 @@ class RunOptions:
     folds: tuple[int, ...] | None = None  # subset of folds (None = all)
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
+    time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
+    compile: bool = False  # torch.compile the training model (opt-in: needs a C++ compiler on CPU)
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -68,6 +71,13 @@ class RunOptions:
             raise InputError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.progress not in ("auto", "live", "plain", "none"):
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+
+    def fold_kwargs(self) -> dict:
+        """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
+        return {"precision": self.precision, "time_budget": self.time_budget,
+                "compile": self.compile}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -84,8 +94,9 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _check_recipe(run: RunFolder, recipe: Recipe) -> None:
-    """Refuse a run folder made with another recipe or --epochs budget."""
+def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None) -> None:
+    """Refuse a run folder made with another recipe, --epochs or --time-budget. (Each fold
+    keeps the epochs a time budget gave it in its own budget file.)"""
     if not run.recipe.exists():
         return
     import tomllib
@@ -93,13 +104,16 @@ def _check_recipe(run: RunFolder, recipe: Recipe) -> None:
     try:
         old = parse_recipe(tomllib.loads(run.recipe.read_text()), name=recipe.name,
                            source=str(run.recipe), check_models=False)
+        pinned = run.read_overrides()
         if old is not None:
-            old = with_epochs(old, run.read_overrides().get("epochs"))
+            old = with_epochs(old, pinned.get("epochs"))
+        if pinned.get("time_budget_s") != time_budget:
+            old = None
     except (InputError, tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         old = None
     if old != recipe:
-        raise InputError(f"{run.recipe}: this run folder was made with a different recipe or "
-                         f"--epochs; use a new --out (or the recipe and --epochs it was made with)")
+        raise InputError(f"{run.recipe}: this run folder was made with a different recipe, "
+                         f"--epochs or --time-budget; use a new --out (or the ones it was made with)")
 
 
 def _check_resources(opts: RunOptions) -> None:
@@ -121,7 +135,7 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     split = _load_train(data)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(data)  # verifies the train shards against dataset.json
     run.check_data(fp)
-    _check_recipe(run, recipe)
+    _check_recipe(run, recipe, opts.time_budget)
     splits, new = plan_splits(recipe, split, run)
     for m, f in selected:  # filters that leave no training image
         fold_rows(split, splits, f, recipe.member(m))
@@ -134,15 +148,17 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
-               fp: dict, epochs: int | None) -> None:
+               fp: dict, epochs: int | None, time_budget: float | None) -> None:
     """Write the shared files a new run folder needs (under the run folder's lock; another
     process may have written them since `_validate`, so they are checked again)."""
     run.check_writable()
-    _check_recipe(run, recipe)
+    _check_recipe(run, recipe, time_budget)
     run.check_data(fp)
     if not run.recipe.exists():
-        if epochs is not None:
-            write_json_atomic(run.overrides, {"epochs": epochs})
+        pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget))
+                  if v is not None}
+        if pinned:
+            write_json_atomic(run.overrides, pinned)
         with atomic_path(run.recipe) as tmp:
             shutil.copyfile(recipe_path, tmp)
     if run.read_data() is None:
@@ -158,14 +174,34 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 # --- Ray ---------------------------------------------------------------------------------------
 
 
-def _fold_task(recipe, member, fold, data, out, precision, threads, board):
-    """Body of one Ray task: train one fold, sending progress events to the board actor."""
+def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, share):
+    """Body of one Ray task: train one fold, sending progress events to the board actor.
+
+    With a `share` actor (no --threads given) the fold asks it at every epoch start
+    how many threads to use, so folds still running take over the cores of finished ones.
+    """
+    import ray
+
     progress = None
     if board is not None:
         def progress(ev):
             board.report.remote(ev)
-    return train_one_fold(recipe, member, fold, data, out, precision=precision,
-                          threads=threads, progress=progress)
+    key, node = fold_name(member, fold), ray.get_runtime_context().get_node_id()
+    threads_fn = None
+    if share is not None:
+        share.start.remote(key, node)
+
+        def threads_fn() -> int:
+            try:
+                return ray.get(share.threads.remote(node, threads), timeout=10)
+            except Exception:  # noqa: BLE001 - a lost actor must not fail a fold: keep the base
+                return threads
+    try:
+        return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
+                              threads_fn=threads_fn, **kwargs)
+    finally:
+        if share is not None:
+            share.finish.remote(key)
 
 
 class ProgressBoard:
@@ -220,6 +256,10 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             if want > have.get(key, 0):  # Ray would wait forever for such a task
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        share = None
+        if opts.threads is None:  # --threads pins the count (and bit-identical reruns)
+            cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+            share = ray.remote(num_cpus=0)(CoreShare).remote(cpus)
         task = ray.remote(_fold_task)
         threads = opts.threads or max(1, int(opts.cpus_per_task))
         refs = {}
@@ -227,7 +267,8 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=fold_name(member, fold)).remote(
-                recipe, member, fold, str(data), str(out), opts.precision, threads, board)
+                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
+                share)
             refs[ref] = (member, fold)
         pending = list(refs)
         results = []
@@ -310,7 +351,7 @@ def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | No
             if done is not None:
                 folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done["sha256"],
                               "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
-                              "epochs_run": done.get("epochs_run")})
+                              "epochs": done.get("epochs"), "epochs_run": done.get("epochs_run")})
         if folds:
             members.append({"name": m.name, "weight": 1.0, "folds": folds,
                             "oof_miou": None, "oof_iou": None})
@@ -373,8 +414,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     ensemble file's dict (plus "trained" and "seconds").
 
     epochs: a training budget that replaces every member's epochs (recorded in the run
-    folder). Everything the user could get wrong (recipe, precision, selection, resources,
-    data, a run folder made with other data or another recipe, finished folds whose weights
+    folder), as `options.time_budget` does per fold (the two exclude each other).
+    Everything the user could get wrong (recipe, precision, selection, resources, data, a
+    run folder made with other data or another recipe, finished folds whose weights
     changed, unreadable saved states) is checked before anything is written or Ray starts.
     """
     from rich.console import Console
@@ -382,6 +424,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     t0 = time.perf_counter()
     console = console or Console()
     recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
+    if epochs is not None and options.time_budget is not None:
+        raise InputError("--epochs and --time-budget both set the epoch count; give one of them")
     recipe = with_epochs(load_recipe(recipe_path), epochs)
     options.check()
     selected = _select(recipe, options)
@@ -390,7 +434,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
 
     with contextlib.ExitStack() as held:
         with run.lock():
-            _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs)
+            _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
+                       options.time_budget)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
             held.enter_context(run.lock_folds(jobs))
         _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
@@ -416,7 +461,8 @@ def _train(recipe: Recipe, jobs, skipped, split, data: Path, run: RunFolder, opt
     """Train `jobs` in this process or on Ray, with the progress view."""
     from ._progress import ProgressView
 
-    epochs = {m.name: m.epochs for m in recipe.members}
+    # Under a time budget each fold's count is decided when it starts (0 = not known yet).
+    epochs = {m.name: 0 if options.time_budget else m.epochs for m in recipe.members}
     view = ProgressView([(m, f, epochs[m]) for m, f in jobs], mode=options.progress,
                         console=console, skipped=skipped)
     if skipped:
@@ -426,7 +472,7 @@ def _train(recipe: Recipe, jobs, skipped, split, data: Path, run: RunFolder, opt
     with view:
         if options.sequential:
             for m, f in jobs:
-                train_one_fold(recipe, m, f, split, run.path, precision=options.precision,
-                               threads=options.threads, progress=lambda ev: view.update([ev]))
+                train_one_fold(recipe, m, f, split, run.path, threads=options.threads,
+                               progress=lambda ev: view.update([ev]), **options.fold_kwargs())
         else:
             _run_ray(recipe, jobs, data, run.path, options, view)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import IMAGE_SHAPE, NUM_CLASSES
+from . import backends as B
 from ._io import atomic_path, sha256_file
 from .errors import InputError
 from .runfolder import CONFIG, WEIGHTS, RunFolder, fold_name
@@ -176,11 +177,13 @@ class PredictConfig:
     precision: str = "auto"          # auto | bf16 | fp16 | no
     classes: str = "foreground"      # foreground (argmax over 1..4) | all
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False            # the older switch for backend="compile"
     device: str | None = None        # None: cuda if available, else cpu
     threads: int | None = None
+    backend: str = "eager"           # eager | compile | openvino | openvino-int8 | auto (backends.py)
 
     def __post_init__(self):
+        B.check_name(self.backend)
         if self.precision not in ("auto", "bf16", "fp16", "no"):
             raise InputError(f"precision must be auto, bf16, fp16 or no, got {self.precision!r}")
         if self.classes not in ("foreground", "all"):
@@ -301,7 +304,10 @@ class BatchResult:
 class Predictor:
     """Runs an ensemble on batches of uint8 images. No Ray, no files: pure compute."""
 
-    def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig()):
+    def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig(), *,
+                 log: Callable[[str], None] | None = None, calib_data=None):
+        """``log`` gets one line per backend conversion; ``calib_data`` (shards or npz)
+        gives the int8 backend its calibration images."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -309,14 +315,12 @@ class Predictor:
             torch.set_num_threads(cfg.threads)
         self.weights = [m.weight for m in ensemble.models]
         self.names = ensemble.names
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.models = []
-        for fm in ensemble.models:
-            m = fm.model.eval().to(self.device, memory_format=fmt)
-            if cfg.compile:
-                m = torch.compile(m, dynamic=False)
-            self.models.append(m)
         self.views = cfg.views
+        self.backend = B.resolve(cfg.backend, self.device, cfg.compile)
+        self.models = B.prepare(ensemble.models, self.backend, device=self.device,
+                                precision=self.precision, batch_size=cfg.batch_size,
+                                views=self.views, channels_last=cfg.channels_last, log=log,
+                                calib_data=calib_data)
 
     def _input(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -593,20 +597,23 @@ def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                      cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
                      folds: Sequence[int] | None = None, split: str = "test", workers: int = 0,
                      address: str | None = None, want_probs: bool = False,
-                     want_disagreement: bool = False,
-                     ensemble: Ensemble | None = None) -> Iterator[BatchResult]:
+                     want_disagreement: bool = False, ensemble: Ensemble | None = None,
+                     log: Callable[[str], None] | None = None) -> Iterator[BatchResult]:
     """Stream BatchResults in id order over ``split`` of ``data`` (shard folder or npz).
 
     ``ensemble``: an already loaded ``load_ensemble(run_dir, members, folds)`` to reuse.
+    ``log``: gets one line per backend conversion (seconds included).
     """
     if ensemble is None:  # also validates the folder before Ray starts
         ensemble = load_ensemble(run_dir, members, folds)
     batches = rebatch(stream_batches(data, split, cfg.batch_size), cfg.batch_size, str(data))
     if workers and workers > 1:
+        if B.resolve(cfg.backend, resolve_device(cfg.device), cfg.compile) != "eager":
+            Predictor(ensemble, cfg, log=log, calib_data=data)  # convert once; workers load it
         yield from _ray_results(run_dir, members, folds, cfg, batches, workers, address,
                                 want_probs, want_disagreement)
         return
-    pred = Predictor(ensemble, cfg)
+    pred = Predictor(ensemble, cfg, log=log, calib_data=data)
     for ids, images in batches:
         yield pred(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
 
@@ -662,6 +669,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     names = ensemble.names
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    backend = B.resolve(cfg.backend, device, cfg.compile)  # a missing package fails here
     want = probs_path is not None
     pw = None
     ok = False
@@ -676,7 +684,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
             for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
                                       split=split, workers=workers, address=address,
                                       want_probs=want, want_disagreement=want,
-                                      ensemble=ensemble):
+                                      ensemble=ensemble, log=B.stderr_line if progress else None):
                 w.write(r.ids, r.labels)
                 if pw:
                     pw.write(r)
@@ -689,6 +697,6 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
             pw.close(ok)
     dt = time.perf_counter() - t0
     return {"rows": total, "seconds": round(dt, 3), "images_per_s": round(total / max(dt, 1e-9), 1),
-            "models": names, "views": len(cfg.views), "precision": precision,
+            "models": names, "views": len(cfg.views), "precision": precision, "backend": backend,
             "device": str(device), "csv": str(out_csv),
             "probs": str(probs_path) if probs_path else None}

@@ -6,6 +6,7 @@ Writes a fold folder of the run folder (names and readers: `runfolder`):
   state/                           accelerate.save_state of the last finished epoch + trainer.json
   out-of-fold file                 ids i64 (n,), probs f16 (n,5,64,128): softmax of the best
                                    weights on the validation fold (out-of-fold predictions)
+  budget.json                      with a time budget: the epoch count decided before epoch 0
   done                             written last (with the weights' sha256): the fold is finished
 
 Resuming: a fold folder with ``state/`` continues after its last finished epoch.
@@ -299,14 +300,56 @@ def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int
     return out
 
 
+def _budget_epochs(fold_dir: Path, time_budget: float | None, has_state: bool, model, optimizer,
+                   accelerator, train_step, images: np.ndarray, masks: np.ndarray,
+                   val_images: np.ndarray, val_rows: np.ndarray, bs: int,
+                   steps_per_epoch: int) -> int | None:
+    """The fold's epochs under --time-budget (measured once, kept in budget.json); None without.
+
+    The probe times `train_step` on the first training batch and the validation forward
+    on one validation batch; `budget.probe` puts model and optimizer back afterwards.
+    """
+    from . import budget
+
+    def measure() -> dict:
+        dev = accelerator.device
+        x, y = torch.from_numpy(images[:bs]).to(dev), torch.from_numpy(masks[:bs]).to(dev)
+        xv = torch.from_numpy(val_images[val_rows[:2 * bs]]).to(dev)
+        lr = optimizer.param_groups[0]["lr"]
+
+        def val_step() -> None:
+            model.eval()
+            with torch.no_grad():
+                labeled_argmax(model(_to_model_input(xv)))
+
+        return budget.probe(model, optimizer, accelerator, train_step=lambda: train_step(x, y, lr),
+                            val_step=val_step, n_val_batches=len(val_rows) / max(1, len(xv)),
+                            scratch=fold_dir / "budget-probe.tmp")
+
+    return budget.decide_epochs(fold_dir, time_budget, has_state=has_state, measure=measure,
+                                steps_per_epoch=steps_per_epoch)
+
+
+def _poll_threads(threads_fn: Callable[[], int] | None) -> None:
+    """Apply the thread count `threads_fn` asks for now (e.g. a share of idle cores)."""
+    n = threads_fn() if threads_fn is not None else None
+    if n and n != torch.get_num_threads():
+        torch.set_num_threads(int(n))
+
+
 def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
                    *, precision: str = "auto", threads: int | None = None,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, time_budget: float | None = None,
+                   threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
     (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
     with small dicts ("start", "batch", "epoch", "done" events) for live display.
+    time_budget: wall seconds for this fold's epochs; replaces the member's epochs by a
+    count measured once and kept in budget.json (see `budget`). threads_fn: asked at
+    every epoch start for the torch thread count (e.g. more when other folds finished).
+    compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -342,6 +385,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
     model = build_model(m.model.name, **m.model.args).to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()  # in place: parameter names, state dicts and saved weights stay the same
     optimizer = _make_optimizer(m.optimizer, model)
 
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
@@ -379,6 +424,32 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         truncate_metrics(metrics_path, trainer["epoch"])
     elif metrics_path.exists():
         metrics_path.unlink()  # metrics from a run that never saved a state
+
+    def train_step(images, masks, lr: float) -> tuple[torch.Tensor, int]:
+        """One optimizer step on a batch at `lr`; returns (detached loss, batch size)."""
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=aug_gen,
+                             hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
+                             cutmix_mode=a.cutmix_mode, rock_images=rocks,
+                             rock_paste_p=a.rock_paste, rock_bank=bank, rock_target=a.rock_target,
+                             brightness=a.brightness, contrast=a.contrast)
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = loss_fn(logits, y)
+        accelerator.backward(loss)
+        if m.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), m.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), len(y)
+
+    budget_epochs = _budget_epochs(fold_dir, time_budget, state_dir is not None, model, optimizer,
+                                   accelerator, train_step, tr_images, tr_masks, split.images,
+                                   val_rows, bs, steps_per_epoch)
+    if budget_epochs is not None:
+        from .budget import fit_member
+
+        m = fit_member(m, budget_epochs)
     report("start", epoch=trainer["epoch"] + 1, resumed_from=resumed_from,
            n_train=len(train_rows), n_val=len(val_rows), precision=prec, device=str(device))
 
@@ -395,6 +466,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         shuffle_gen.manual_seed(seed)
         aug_gen.manual_seed(seed)
         torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+        _poll_threads(threads_fn)
         model.train()
         loss_sum = torch.zeros((), device=device)
         n_img = 0
@@ -402,22 +474,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         for i, (images, masks) in enumerate(train_dl):
             lr = lr_at(m.schedule, base_lr, trainer["step"], steps_per_epoch, m.epochs,
                        trainer["plateau_scale"])
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=aug_gen,
-                                 hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                                 cutmix_mode=a.cutmix_mode, rock_images=rocks,
-                                 rock_paste_p=a.rock_paste, rock_bank=bank, rock_target=a.rock_target,
-                                 brightness=a.brightness, contrast=a.contrast)
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits, y)
-            accelerator.backward(loss)
-            if m.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), m.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() * len(y)
-            n_img += len(y)
+            loss, n = train_step(images, masks, lr)
+            loss_sum += loss * n
+            n_img += n
             trainer["step"] += 1
             if progress is not None and time.perf_counter() - last_report > 2.0:
                 last_report = time.perf_counter()
@@ -453,7 +512,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         seconds = time.perf_counter() - t_epoch
         row = {"epoch": epoch, "loss": round(mean_loss, 6), "val_miou": _score(miou),
                "val_iou": _nan_to_none(iou), "lr": lr, "img_s": round(n_img / train_s, 2),
-               "seconds": round(seconds, 3),
+               "seconds": round(seconds, 3), "threads": torch.get_num_threads(),
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True
@@ -470,7 +529,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     best_row = next((r for r in rows if r["epoch"] == trainer["best_epoch"]), {})
     done = {"member": m.name, "fold": fold, "recipe": recipe.name,
             "best_epoch": trainer["best_epoch"], "val_miou": best_row.get("val_miou"),
-            "val_iou": best_row.get("val_iou"), "epochs_run": trainer["epoch"] + 1,
+            "val_iou": best_row.get("val_iou"), "epochs": m.epochs, "epochs_run": trainer["epoch"] + 1,
             "stopped_early": trainer["stopped_early"], "n_train": int(len(train_rows)),
             "n_train_filtered": int(n_filtered), "n_val": int(len(val_rows)),
             "precision": prec, "device": str(device),

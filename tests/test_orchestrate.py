@@ -13,6 +13,7 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from marsseg._cores import CoreShare, share_threads
 from marsseg.cli import app
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
@@ -124,6 +125,20 @@ def test_cli_fp16_on_cpu_exits_2(shards, tmp_path):
     assert res.exit_code == 2 and "GPU-only" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
+def test_share_threads_gives_idle_cores_to_running_folds():
+    assert [share_threads(2, n, 1) for n in (0, 1, 2, 3)] == [2, 2, 1, 1]
+    assert [share_threads(16, n, 2) for n in (1, 3, 8, 16)] == [16, 5, 2, 2]
+    board = CoreShare({"n1": 4, "n2": 2})  # the actor's logic, without Ray
+    board.start("a/fold_0", "n1")
+    board.start("a/fold_1", "n1")
+    board.start("a/fold_2", "n2")
+    assert board.threads("n1", 1) == 2 and board.threads("n2", 1) == 2
+    board.start("a/fold_1", "n1")  # a retried task replaces its dead attempt
+    assert board.threads("n1", 1) == 2
+    board.finish("a/fold_1")
+    assert board.threads("n1", 1) == 4 and board.threads("n3", 1) == 1  # unknown node: base
+
+
 # --- Ray -----------------------------------------------------------------------------------
 
 
@@ -201,3 +216,18 @@ def test_resources_the_cluster_lacks_are_an_input_error(shards, tmp_path, local_
 def test_embedded_ray_workers_are_not_niced(local_ray):
     # Ray's default worker niceness 15 would starve Ray folds next to --sequential ones
     assert local_ray.get(local_ray.remote(lambda: os.nice(0)).remote()) == 0
+
+
+@pytest.mark.slow
+def test_running_folds_take_over_the_cores_of_finished_ones(shards, tmp_path, local_ray):
+    total = int(local_ray.cluster_resources()["CPU"])
+    if total < 2:
+        pytest.skip("needs 2 CPUs")
+    # Tasks of half the CPUs: two folds run at once, the third alone once they finish.
+    recipe = write_recipe(tmp_path, RECIPE.replace("folds = 2", "folds = 3").format(name="a", epochs=5))
+    out = tmp_path / "run"
+    train_folds(recipe, shards, out, RunOptions(cpus_per_task=total / 2, progress="none"))
+    base = max(1, int(total / 2))
+    seen = [json.loads(x)["threads"] for f in range(3)
+            for x in (out / "a" / f"fold_{f}" / "metrics.jsonl").read_text().splitlines()]
+    assert set(seen) == {base, total}, seen

@@ -139,6 +139,19 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp
     assert resumed["sha256"] == whole["sha256"]
 
 
+def test_threads_fn_is_asked_at_every_epoch_start(shards, tmp_path):
+    asked = []
+
+    def threads_fn():
+        asked.append(torch.get_num_threads())
+        return [2, 1, 2][len(asked) - 1]
+
+    train_one_fold(tiny_recipe(epochs=3), "tiny", 0, shards, tmp_path, threads=1,
+                   threads_fn=threads_fn)
+    assert asked == [1, 2, 1]  # what ran before each poll
+    assert [x["threads"] for x in metrics(tmp_path / "tiny" / "fold_0")] == [2, 1, 2]
+
+
 def test_early_stopping_and_plateau(shards, tmp_path):
     r = tiny_recipe(epochs=6, patience=1, optimizer={"lr": 1e-9},
                     schedule={"name": "plateau", "plateau_patience": 1, "gamma": 0.5})
@@ -154,6 +167,17 @@ def test_fp16_on_cpu_is_an_input_error(shards, tmp_path):
     with pytest.raises(InputError, match="GPU-only"):
         train_one_fold(tiny_recipe(), "tiny", 0, shards, tmp_path, precision="fp16")
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(shards, tmp_path):
+    done = train_one_fold(tiny_recipe(epochs=1), "tiny", 0, shards, tmp_path, threads=1,
+                          compile=True)
+    d = tmp_path / "tiny" / "fold_0"
+    for name in ("model.safetensors", "state/model.safetensors"):
+        assert not [k for k in load_file(str(d / name)) if "_orig_mod" in k], name
+    assert load_pretrained(d)(torch.zeros(1, 1, 64, 128)).shape == (1, 5, 64, 128)
+    assert done["epochs_run"] == 1
 
 
 def test_decay_norms_puts_every_parameter_in_the_decayed_group():

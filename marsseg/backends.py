@@ -1,0 +1,381 @@
+"""Inference backends for the predictor: eager PyTorch, AOT-compiled PyTorch, OpenVINO.
+
+- ``eager``: the fold modules as they are (channels_last, autocast from the predictor).
+- ``compile``: ``torch.export`` + AOTInductor with ``freezing`` (weights folded in as
+  constants, BN folded into convs) and ``max_autotune``; bf16 autocast is traced into
+  the graph, so the package runs at the predictor's precision by itself.
+- ``openvino``: the fold converted to OpenVINO IR, run by its CPU plugin with the
+  bf16 inference hint when the predictor's precision is bf16 (f32 otherwise) and
+  as many threads as torch uses.
+- ``openvino-int8``: the same IR after NNCF post-training int8 quantization,
+  calibrated on 256 training images spread over the train split.
+- ``auto``: eager on a GPU; on a CPU openvino when it is installed, else eager (see
+  ``resolve``).
+
+Every converted network has ONE static input shape, (batch x views, 1, H, W): a
+shorter batch is padded with zero images and the padding rows dropped (rows never
+mix: BN runs in eval mode and the input norm is per image), a longer one is run in
+chunks, so nothing recompiles. Conversions cost seconds to minutes, so they are
+paid once per fold folder: ``<fold>/cache/<backend>-<precision>-<sha16>-b<n>.<ext>``
+keyed by the weights' sha256, written under a temp name and renamed, reused by
+the next run and pruned when the weights change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import sha256_file
+from .errors import InputError
+from .runfolder import WEIGHTS
+
+BACKENDS = ("auto", "eager", "compile", "openvino", "openvino-int8")
+#: optional package of each backend that needs one, and the extra that installs it
+NEEDS = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf")}
+CALIBRATION_IMAGES = 256
+_CACHE_RE = re.compile(r"^(?P<backend>[a-z0-9-]+?)-(?P<prec>bf16|fp16|f32)-(?P<sha>[0-9a-f]{16})-b\d+")
+
+Log = Callable[[str], None] | None
+
+
+def stderr_line(text: str) -> None:
+    """One progress line on stderr (above a live rich progress bar, which redirects it)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def available(name: str) -> bool:
+    """True when the optional packages of backend ``name`` import."""
+    try:
+        _require(name)
+    except InputError:
+        return False
+    return True
+
+
+def _require(name: str) -> None:
+    for pkg in NEEDS.get(name, ()):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise InputError(f"backend {name} needs the Python package '{pkg}', which is not "
+                             "installed: pip install 'marsseg[openvino]'") from None
+
+
+def resolve(name: str, device: torch.device, compile_flag: bool = False) -> str:
+    """The concrete backend for ``name`` on ``device``; checks its packages are installed.
+
+    ``auto``: eager on a GPU (its kernels are already fast; nothing to convert); on a
+    CPU openvino when installed: in the first probe it ran 1.4x eager bf16 with 0.38%
+    of labels off fp32 (eager bf16: 0.41%), inside the 0.5% budget. int8 and compile
+    stay opt-in until bench/bench_backends.py and real-mars gold say otherwise.
+    ``compile_flag`` is the older ``--compile`` switch: it means ``compile``.
+    """
+    name = check_name(name)
+    if compile_flag and name in ("eager", "auto"):
+        name = "compile"
+    if name == "auto":
+        name = "openvino" if device.type == "cpu" and available("openvino") else "eager"
+    if name.startswith("openvino") and device.type != "cpu":
+        raise InputError(f"backend {name} runs on the CPU only (device is {device}); "
+                         "use --device cpu or --backend eager")
+    _require(name)
+    return name
+
+
+# --------------------------------------------------------------------------- static shape
+
+
+class StaticRunner:
+    """Runs a converted network at its one static batch ``n``: shorter inputs are padded
+    with zero images (their rows dropped again), longer ones run in chunks of ``n``.
+
+    Shape: x float (b, 1, H, W) -> logits float32 (b, C, H, W), like the module.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], n: int, name: str):
+        self.fn, self.n, self.name = fn, n, name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for s in range(0, x.shape[0], self.n):
+            c = x[s:s + self.n].float()
+            k = c.shape[0]
+            if k < self.n:
+                c = torch.cat([c, c.new_zeros((self.n - k, *c.shape[1:]))])
+            outs.append(self.fn(c.contiguous())[:k])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class _Traceable(nn.Module):
+    """The fold network with the precision traced in: autocast inside, float32 logits out."""
+
+    def __init__(self, model: nn.Module, device_type: str, precision: str):
+        super().__init__()
+        self.model = model
+        self.device_type = device_type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = (torch.autocast(self.device_type, dtype=self.dtype) if self.dtype
+               else contextlib.nullcontext())
+        with ctx:
+            out = self.model(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.float()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_path(fold_dir: Path, backend: str, precision: str, sha: str, n: int) -> Path:
+    """Where the converted fold lives (without extension)."""
+    prec = "f32" if precision == "no" else precision
+    tag = f"-torch{torch.__version__.split('+')[0]}" if backend == "compile" else ""
+    return Path(fold_dir) / "cache" / f"{backend}-{prec}-{sha[:16]}-b{n}{tag}"
+
+
+def _prune(cache_dir: Path, backend: str, sha: str) -> None:
+    """Drop this backend's conversions of other weights (the fold was retrained)."""
+    if not cache_dir.is_dir():
+        return
+    for p in cache_dir.iterdir():
+        m = _CACHE_RE.match(p.name)
+        if m and m["backend"] == backend and m["sha"] != sha[:16]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+_SCRATCH = None  # conversions of read-only run folders live here for the process
+
+
+def _scratch():
+    global _SCRATCH
+    if _SCRATCH is None:
+        import tempfile
+
+        _SCRATCH = tempfile.TemporaryDirectory(prefix="marsseg-backend-")
+    return _SCRATCH
+
+
+def _tmp(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+# --------------------------------------------------------------------------- compile (AOTInductor)
+
+
+def _compile_fold(model: nn.Module, example: torch.Tensor, precision: str, out: Path) -> None:
+    """torch.export + AOTInductor package at ``out`` (.pt2), written atomically."""
+    wrapped = _Traceable(model, example.device.type, precision).eval()
+    tmp = _tmp(out, ".pt2")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not ours
+        ep = torch.export.export(wrapped, (example,))
+        try:
+            for configs in ({"freezing": True, "max_autotune": True}, {"freezing": True}):
+                try:
+                    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
+                                                             inductor_configs=configs)
+                    break
+                except Exception:  # max-autotune does not run everywhere; freezing alone pays
+                    if "max_autotune" not in configs:
+                        raise
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _load_compiled(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch._inductor.aoti_load_package(str(path))
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+
+_CORE = None
+
+
+def _core():
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+def _convert_ov(model: nn.Module, example: torch.Tensor, calib: list[np.ndarray] | None,
+                out: Path) -> None:
+    """OpenVINO IR (fp32 weights) at ``out``.xml/.bin, int8-quantized when ``calib`` is
+    given; .bin renamed first, .xml last (an .xml means a whole pair)."""
+    import openvino as ov
+
+    wrapped = _Traceable(model, "cpu", "no").eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings from the input checks
+        ovm = ov.convert_model(wrapped, example_input=example, input=[tuple(example.shape)])
+    if calib is not None:
+        import logging
+
+        import nncf
+
+        nncf.set_log_level(logging.ERROR)
+        # nncf draws its own progress bar on stdout, which would cut through ours
+        with contextlib.redirect_stdout(io.StringIO()):
+            ovm = nncf.quantize(ovm, nncf.Dataset(calib), subset_size=len(calib))
+    xml, binf = out.with_suffix(".xml"), out.with_suffix(".bin")
+    tmp_xml, tmp_bin = _tmp(out, ".xml"), _tmp(out, ".bin")
+    try:
+        ov.save_model(ovm, str(tmp_xml), compress_to_fp16=False)
+        os.replace(tmp_bin, binf)
+        os.replace(tmp_xml, xml)
+    finally:
+        tmp_xml.unlink(missing_ok=True)
+        tmp_bin.unlink(missing_ok=True)
+
+
+def _load_ov(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    core = _core()
+    xml = path.with_suffix(".xml")
+    cfg = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+           "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(str(xml), str(xml.with_suffix(".bin"))),
+                                  "CPU", cfg)
+    request = compiled.create_infer_request()
+
+    def run(c: torch.Tensor) -> torch.Tensor:
+        res = request.infer({0: c.numpy()})
+        return torch.from_numpy(np.array(res[compiled.output(0)], copy=True))
+
+    return run
+
+
+def calibration_images(data: str | os.PathLike, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """``n`` training images spread evenly over the train split of ``data`` (shard folder
+    or npz); the test split when there is no train split. Shape: uint8 (n, H, W)."""
+    from . import data as D
+
+    for split in ("train", "test"):
+        try:
+            parts = [b[1] for b in D.as_batches(Path(data), split, 1024)]
+        except (InputError, KeyError, OSError):
+            continue
+        if parts:
+            images = np.concatenate(parts)
+            idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round())
+            return images[idx.astype(np.int64)]
+    raise InputError(f"{data}: no images to calibrate the int8 backend on")
+
+
+def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ...]],
+                   n: int) -> list[np.ndarray]:
+    """Calibration inputs in the static shape: groups of ``batch`` images, views stacked."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
+    out = []
+    for s in range(0, max(len(x) - batch, 0) + 1, batch):
+        c = x[s:s + batch]
+        xx = torch.cat([c.flip(d) if d else c for d in views])
+        if len(xx) < n:
+            xx = torch.cat([xx, xx.new_zeros((n - len(xx), *xx.shape[1:]))])
+        out.append(xx[:n].contiguous().numpy())
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _loaded(backend: str, path: Path, precision: str):
+    if backend == "compile":
+        return _load_compiled(path.with_suffix(".pt2"))
+    return _load_ov(path, "bf16" if precision == "bf16" else "no")
+
+
+def _is_cached(backend: str, path: Path) -> bool:
+    ext = ".pt2" if backend == "compile" else ".xml"
+    return path.with_suffix(ext).is_file()
+
+
+def _convert(backend: str, model: nn.Module, example: torch.Tensor, precision: str,
+             path: Path, calib: Callable[[], list[np.ndarray]]) -> None:
+    if backend == "compile":
+        _compile_fold(model, example, precision, path.with_suffix(".pt2"))
+    else:
+        _convert_ov(model, example, calib() if backend == "openvino-int8" else None, path)
+
+
+def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_size: int,
+            views: Sequence[tuple[int, ...]], channels_last: bool = True, log: Log = None,
+            calib_data: str | os.PathLike | None = None) -> list:
+    """The callables the predictor runs, one per fold, in order: ``x -> logits``.
+
+    ``folds``: the ensemble's ``FoldModel``s (module + folder). Eager returns the
+    modules on ``device``; other backends load the fold's cached conversion or
+    convert it (``log`` gets one line per conversion, with its seconds).
+    Shape: each callable maps float (b, 1, H, W) to logits (b, C, H, W).
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    modules = [fm.model.eval().to(device, memory_format=fmt) for fm in folds]
+    if backend == "eager":
+        return modules
+    from . import IMAGE_SHAPE
+
+    n = batch_size * len(views)
+    example = torch.zeros((n, 1, *IMAGE_SHAPE), device=device)
+    batches: list[np.ndarray] = []
+
+    def calib() -> list[np.ndarray]:
+        if not batches:
+            if calib_data is None:
+                raise InputError(f"backend {backend} needs training images to calibrate on")
+            batches.extend(_calib_batches(calibration_images(calib_data), batch_size, views, n))
+        return batches
+
+    runners = []
+    for fm, module in zip(folds, modules, strict=True):
+        sha = sha256_file(Path(fm.path) / WEIGHTS)
+        path = cache_path(fm.path, backend, precision, sha, n)
+        if not _writable(path.parent):  # a read-only run folder: convert into a temp folder
+            path = Path(_scratch().name) / path.name
+        if not _is_cached(backend, path):
+            t0 = time.perf_counter()
+            try:
+                _convert(backend, module, example, precision, path, calib)
+            except InputError:
+                raise
+            except Exception as e:  # no C++ compiler, unsupported op ...: one line, not a trace
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise InputError(f"{fm.path}: {backend} conversion failed "
+                                 f"({type(e).__name__}: {msg[:200]})") from None
+            _prune(path.parent, backend, sha)
+            if log:
+                log(f"converting {fm.name} ({backend}) ... {time.perf_counter() - t0:.1f} s "
+                    f"(cached in {path.parent})")
+        runners.append(StaticRunner(_loaded(backend, path, precision), n, fm.name))
+    return runners
