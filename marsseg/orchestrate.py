@@ -24,15 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from . import NUM_CLASSES
 from ._cores import CoreShare
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .ensemble import collect, same_folds, summary_table
 from .errors import InputError
-from .runfolder import OOF, RunFolder, data_fingerprint, fold_name, read_oof
-from .train import _load_train, fold_rows, labeled_argmax, plan_splits, train_one_fold
+from .runfolder import RunFolder, data_fingerprint, fold_name
+from .train import _load_train, fold_rows, plan_splits, train_one_fold
 
 log = logging.getLogger(__name__)
 
@@ -294,116 +292,6 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ray.shutdown()
 
 
-# --- out-of-fold scores and the ensemble file -------------------------------------------------
-
-
-def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
-    """Course mIoU over all out-of-fold pixels, per member and for their average (ensemble).
-
-    One confusion matrix per member over every validation image of every fold
-    (each training image is out-of-fold exactly once); the ensemble averages the
-    members' softmax with weight 1. Predictions are the argmax over classes 1..4,
-    as submissions are (`train.labeled_argmax`).
-    """
-    from .metrics import class_iou, confusion_matrix, course_miou
-
-    pos = {int(i): p for p, i in enumerate(split.ids)}
-    cms = {m: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for m in members}
-    ens = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for fold in range(splits["k"]):
-        total = None
-        truth = None
-        for m in members:
-            path = run.fold_dir(m, fold) / OOF
-            ids, probs = read_oof(path)
-            if truth is None:
-                rows = np.array([pos[int(i)] for i in ids])
-                truth = split.masks[rows]
-                first_ids = ids
-            elif not np.array_equal(ids, first_ids):
-                raise InputError(f"{path}: its ids differ from the other members' fold {fold}")
-            cms[m] += confusion_matrix(labeled_argmax(probs), truth)
-            p32 = probs.astype(np.float32)
-            total = p32 if total is None else total + p32
-        if total is not None:
-            ens += confusion_matrix(labeled_argmax(total), truth)
-
-    def score(cm):
-        v = course_miou(cm)
-        return None if not np.isfinite(v) else round(float(v), 6)
-
-    def ious(cm):
-        return [None if not np.isfinite(v) else round(float(v), 6) for v in class_iou(cm)]
-
-    return {"members": {m: {"oof_miou": score(cm), "oof_iou": ious(cm)} for m, cm in cms.items()},
-            "ensemble": {"oof_miou": score(ens) if members else None,
-                         "oof_iou": ious(ens) if members else None}}
-
-
-def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
-    """Build the ensemble file's dict from the finished folds (weights checked) of `run`."""
-    members = []
-    complete = []
-    for m in recipe.members:
-        folds = []
-        for k in range(recipe.folds):
-            done = run.verify_fold(m.name, k)
-            if done is not None:
-                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done["sha256"],
-                              "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
-                              "epochs": done.get("epochs"), "epochs_run": done.get("epochs_run")})
-        if folds:
-            members.append({"name": m.name, "weight": 1.0, "folds": folds,
-                            "oof_miou": None, "oof_iou": None})
-            if len(folds) == recipe.folds:
-                complete.append(m.name)
-    scores = oof_scores(run, split, splits, complete)
-    for entry in members:
-        s = scores["members"].get(entry["name"])
-        if s:
-            entry.update(s)
-    return {"format_version": 1, "name": run.path.name, "recipe": recipe.name, "k": recipe.folds,
-            "seed": recipe.seed, "data": str(data) if data is not None else None,
-            "members": members,
-            "oof_miou_ensemble": scores["ensemble"]["oof_miou"],
-            "oof_iou_ensemble": scores["ensemble"]["oof_iou"],
-            "selected": complete or [e["name"] for e in members]}
-
-
-def _same_folds(run: RunFolder, ens: dict) -> bool:
-    """True if the run's ensemble file already lists exactly these members, folds and weights."""
-    def key(e):
-        return sorted((m["name"], f["fold"], f.get("sha256")) for m in e.get("members", [])
-                      for f in m.get("folds", []))
-    try:
-        old = run.read_ensemble()
-    except InputError:
-        return False
-    return old.get("recipe") == ens["recipe"] and key(old) == key(ens)
-
-
-def summary_table(ens: dict):
-    """A rich table: val mIoU per member and fold, OOF mIoU per member and of the ensemble (x100)."""
-    from rich.table import Table
-
-    k = ens["k"]
-    t = Table(title=f"{ens['name']}: course mIoU x100 (recipe {ens['recipe']})", header_style="bold")
-    t.add_column("member")
-    for f in range(k):
-        t.add_column(f"fold {f}", justify="right")
-    t.add_column("OOF", justify="right")
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
-
-    for m in ens["members"]:
-        by = {f["fold"]: f["val_miou"] for f in m["folds"]}
-        t.add_row(m["name"], *[pct(by.get(f)) if f in by else "." for f in range(k)],
-                  pct(m["oof_miou"]))
-    t.add_row("ensemble", *[""] * k, pct(ens["oof_miou_ensemble"]), style="bold")
-    return t
-
-
 # --- the one entry point -------------------------------------------------------------------------
 
 
@@ -442,7 +330,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                console)
         with run.lock():
             ens = collect(run, recipe, split, splits, data)
-            if not _same_folds(run, ens):
+            if not same_folds(run, ens):
                 # Keep an up-to-date ensemble file as it is: `select` may have set weights in it.
                 run.write_ensemble(ens)
     if options.progress != "none":
