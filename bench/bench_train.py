@@ -128,10 +128,11 @@ def bookkeeping_costs(member, tmp: Path, n_val: int, repeats: int) -> dict:
     """Seconds of what train_one_fold does besides training and validating, each timed alone
     (best of `repeats`) on the member's model after one optimizer step (AdamW moments exist)."""
     from marsseg import IMAGE_SHAPE, NUM_CLASSES
+    from marsseg._trainutil import make_accelerator, save_state
     from marsseg.models.registry import build_model, save_pretrained
-    from marsseg.train import _make_accelerator, _save_state, _write_oof
+    from marsseg.runfolder import write_oof
 
-    acc = _make_accelerator(PRECISION, cpu=not torch.cuda.is_available())
+    acc = make_accelerator(PRECISION, cpu=not torch.cuda.is_available())
     model = build_model(member.model.name, **member.model.args).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, opt = acc.prepare(model, opt)
@@ -154,11 +155,11 @@ def bookkeeping_costs(member, tmp: Path, n_val: int, repeats: int) -> dict:
 
     (tmp / "ck").mkdir(parents=True, exist_ok=True)
     return {
-        "save_state_s": best(lambda: _save_state(acc, tmp / "ck", {"epoch": 0})),
+        "save_state_s": best(lambda: save_state(acc, tmp / "ck", {"epoch": 0})),
         "save_best_weights_s": best(lambda: save_pretrained(acc.unwrap_model(model), tmp / "best",
                                                             extra={"epoch": 0})),
         "keep_val_softmax_s": best(keep_softmax),
-        "write_oof_h5_s": best(lambda: _write_oof(tmp / "oof.h5", np.arange(n_val), probs)),
+        "write_oof_h5_s": best(lambda: write_oof(tmp / "oof.h5", np.arange(n_val), probs)),
     }
 
 

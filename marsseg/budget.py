@@ -144,3 +144,31 @@ def decide_epochs(fold_dir: Path, budget_s: float | None, *, has_state: bool,
     write_json_atomic(path, {"time_budget_s": budget_s, "epochs": epochs,
                              "steps_per_epoch": steps_per_epoch, "measured": rounded})
     return epochs
+
+
+def fold_epochs(fold_dir: Path, budget_s: float | None, *, has_state: bool, model, optimizer,
+                accelerator, train_step: Callable, val_forward: Callable,
+                train_batch: tuple, val_batch, n_val: int, steps_per_epoch: int) -> int | None:
+    """`decide_epochs` for a fold, measured (when it must be) by `probe` on the fold's own code.
+
+    train_step(images, masks, lr): one optimizer step of the loop; val_forward(images): the
+    validation forward. train_batch: (images, masks) uint8 (B,H,W), val_batch: images uint8,
+    one batch each; n_val: validation images. The step runs at the optimizer's current lr.
+    """
+    def measure() -> dict:
+        dev = accelerator.device
+        x, y = (torch.from_numpy(a).to(dev) for a in train_batch)
+        xv = torch.from_numpy(val_batch).to(dev)
+        lr = optimizer.param_groups[0]["lr"]
+
+        def val_step() -> None:
+            model.eval()
+            with torch.no_grad():
+                val_forward(xv)
+
+        return probe(model, optimizer, accelerator, train_step=lambda: train_step(x, y, lr),
+                     val_step=val_step, n_val_batches=n_val / max(1, len(xv)),
+                     scratch=Path(fold_dir) / "budget-probe.tmp")
+
+    return decide_epochs(fold_dir, budget_s, has_state=has_state, measure=measure,
+                         steps_per_epoch=steps_per_epoch)

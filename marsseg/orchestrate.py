@@ -29,8 +29,9 @@ from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .ensemble import collect, same_folds, summary_table
 from .errors import InputError
+from .folds import fold_rows, load_train, plan_splits
 from .runfolder import RunFolder, data_fingerprint, fold_name
-from .train import _load_train, fold_rows, plan_splits, train_one_fold
+from .train import train_one_fold
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _check_resources(opts: RunOptions) -> None:
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
     """Every check that needs no writing, in one place: (train split, splits, new?, data record)."""
     run.check_target()
-    split = _load_train(data)  # first: what is wrong inside a shard is the clearer message
+    split = load_train(data)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(data)  # verifies the train shards against dataset.json
     run.check_data(fp)
     _check_recipe(run, recipe, opts.time_budget)

@@ -181,17 +181,17 @@ def test_compile_trains_and_saves_plain_weights(shards, tmp_path):
 
 
 def test_decay_norms_puts_every_parameter_in_the_decayed_group():
+    from marsseg._trainutil import make_optimizer
     from marsseg.config import OptimizerConfig
     from marsseg.models.registry import build_model
-    from marsseg.train import _make_optimizer
 
     model = build_model("unet-se", base_width=4, depth=2)
     n = sum(1 for _ in model.parameters())
-    opt = _make_optimizer(OptimizerConfig(weight_decay=1e-4), model)
+    opt = make_optimizer(OptimizerConfig(weight_decay=1e-4), model)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and len(plain["params"]) > 0
-    opt = _make_optimizer(OptimizerConfig(weight_decay=1e-4, decay_norms=True), model)
+    opt = make_optimizer(OptimizerConfig(weight_decay=1e-4, decay_norms=True), model)
     assert len(opt.param_groups[0]["params"]) == n and not opt.param_groups[1]["params"]
 
 
