@@ -40,8 +40,10 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench
 
+# ruff, then .ci/sizes.py: no file in marsseg/ or cli/ over 450 lines, no function over 80
 lint: install
 	$(BIN)/ruff check marsseg cli tests bench
+	$(BIN)/python .ci/sizes.py marsseg cli --max-file 450 --max-function 80
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache
