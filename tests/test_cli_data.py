@@ -307,12 +307,13 @@ def test_prepare_failure_keeps_old_folder(tmp_path, monkeypatch):
     assert run("prepare", npz, out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import marsseg.data as data
+    import marsseg.data.shards as shards
+    from marsseg.errors import InputError
 
     def boom(*a, **k):
-        raise data.InputError("disk full (simulated)")
+        raise InputError("disk full (simulated)")
 
-    monkeypatch.setattr(data, "_write_shard", boom)
+    monkeypatch.setattr(shards, "write_shard", boom)
     res = run("prepare", npz, out, "--force")
     assert res.exit_code == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -322,12 +323,12 @@ def test_prepare_failure_keeps_old_folder(tmp_path, monkeypatch):
 def test_prepare_interrupted_leaves_nothing(tmp_path, monkeypatch):
     npz = save(tmp_path / "a.npz", small(n=6))
     out = tmp_path / "shards"
-    import marsseg.data as data
+    import marsseg.data.shards as shards
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_write_shard", interrupt)
+    monkeypatch.setattr(shards, "write_shard", interrupt)
     res = run("prepare", npz, out)
     assert res.exit_code == 130
     assert_nothing_at(out)
