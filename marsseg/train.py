@@ -11,7 +11,7 @@ Writes a fold folder of the run folder (names and readers: `runfolder`):
 
 The loop reads as its phases: `_set_up` (splits, accelerator, model, loaders), `_resume`
 (saved `TrainerState`), `_fit_time_budget`, then per epoch `_seed_epoch`, `_train_epoch`,
-`_validate`, the metrics row and the saved state, and `_finish` (out-of-fold file, done).
+`_validate_epoch`, the metrics row and the saved state, and `_finish` (out-of-fold file, done).
 
 Resuming: a fold folder with ``state/`` continues after its last finished epoch.
 Every epoch's randomness (shuffle order, augmentation, dropout) is seeded from
@@ -317,7 +317,7 @@ def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
     return mean_loss, n_img, lr, train_s
 
 
-def _validate(f: FoldSetup, state: TrainerState, epoch: int,
+def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
               probs_out: np.ndarray) -> tuple[float, list, bool]:
     """Score the epoch; a new best saves its weights, else it counts towards plateau and patience.
 
@@ -416,7 +416,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         _seed_epoch(f, epoch)
         poll_threads(threads_fn)
         loss, n_img, lr, train_s = _train_epoch(f, state, epoch, report, t_epoch)
-        miou, iou, improved = _validate(f, state, epoch, probs_out=epoch_probs)
+        miou, iou, improved = _validate_epoch(f, state, epoch, probs_out=epoch_probs)
         if improved:  # keep this epoch's softmax for the out-of-fold file
             spare = best_probs if best_probs is not None else np.empty_like(epoch_probs)
             best_probs, epoch_probs = epoch_probs, spare
