@@ -36,8 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import IMAGE_SHAPE, NUM_CLASSES
 from ._io import atomic_path, sha256_file
-from .config import MemberConfig, Recipe, ScheduleConfig, check_precision
+from .config import MemberConfig, Recipe, ScheduleConfig
+from .device import resolve_precision
 from .errors import InputError
+from .metrics import labeled_argmax, round_score
 from .runfolder import (
     METRICS,
     OOF,
@@ -86,24 +88,6 @@ def fold_seed(seed: int, member: str, fold: int, epoch: int = -1) -> int:
     """A stable 31-bit seed per (recipe seed, member, fold, epoch); -1 = initialisation."""
     key = f"{seed}/{member}/{fold}/{epoch}".encode()
     return zlib.crc32(key) & 0x7FFFFFFF
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CPU and on GPUs with bf16, else fp16. fp16 on CPU is an InputError."""
-    check_precision(precision, gpus=1 if device.type == "cuda" else 0)
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return "bf16"
-    return precision
-
-
-def _nan_to_none(values) -> list:
-    return [None if (v is None or not math.isfinite(v)) else round(float(v), 6) for v in values]
-
-
-def _score(v: float) -> float | None:
-    return None if not math.isfinite(v) else round(float(v), 6)
 
 
 # --- splits and data --------------------------------------------------------------------------
@@ -234,16 +218,7 @@ def _to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().contiguous(memory_format=torch.channels_last)
 
 
-def labeled_argmax(scores):
-    """Argmax over classes 1..4 of (B,5,H,W) logits or probabilities (torch or numpy).
-
-    Class 0 is "unlabeled": predicting it can only lower the course score, so
-    validation, out-of-fold scores and submissions all use this argmax.
-    """
-    return scores[:, 1:].argmax(1) + 1
-
-
-def evaluate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
+def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
     """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`.
 
     The matrix is accumulated on the device with bincount; predictions and masks
@@ -489,7 +464,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             raise InputError(f"member {m.name!r} fold {fold}: loss became {mean_loss} at epoch "
                              f"{epoch}; lower optimizer.lr or use precision 'no'")
 
-        cm = evaluate(model, val_dl, accelerator, probs_out=epoch_probs)
+        cm = validate(model, val_dl, accelerator, probs_out=epoch_probs)
         miou, iou = course_miou(cm), class_iou(cm)
         score = miou if math.isfinite(miou) else -1.0
         best = trainer["best_miou"]
@@ -499,8 +474,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             best_probs, epoch_probs = epoch_probs, spare
             save_pretrained(accelerator.unwrap_model(model), fold_dir,
                             extra={"member": m.name, "fold": fold, "recipe": recipe.name,
-                                   "epoch": epoch, "val_miou": _score(miou),
-                                   "val_iou": _nan_to_none(iou)})
+                                   "epoch": epoch, "val_miou": round_score(miou),
+                                   "val_iou": [round_score(v) for v in iou]})
         else:
             trainer["bad_epochs"] += 1
             trainer["plateau_bad"] += 1
@@ -510,8 +485,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             if m.patience and trainer["bad_epochs"] >= m.patience:
                 trainer["stopped_early"] = True
         seconds = time.perf_counter() - t_epoch
-        row = {"epoch": epoch, "loss": round(mean_loss, 6), "val_miou": _score(miou),
-               "val_iou": _nan_to_none(iou), "lr": lr, "img_s": round(n_img / train_s, 2),
+        row = {"epoch": epoch, "loss": round(mean_loss, 6), "val_miou": round_score(miou),
+               "val_iou": [round_score(v) for v in iou], "lr": lr, "img_s": round(n_img / train_s, 2),
                "seconds": round(seconds, 3), "threads": torch.get_num_threads(),
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
