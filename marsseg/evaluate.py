@@ -30,22 +30,22 @@ import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import write_json_atomic
+from ._progress import pct, progress_bar
 from .backends import stderr_line
+from .device import autocast
 from .errors import InputError
-from .metrics import class_iou, confusion_matrix, course_miou, full_confusion_matrix, pixel_accuracy
-from .predict import (
-    PredictConfig,
-    Predictor,
-    _autocast,
-    _check_images,
-    check_shards,
-    forward_views,
-    guard_reads,
-    load_ensemble,
-    progress_bar,
-    to_labels,
+from .loader import load_ensemble
+from .metrics import (
+    class_iou,
+    confusion_matrix,
+    course_miou,
+    full_confusion_matrix,
+    pixel_accuracy,
+    round_score,
 )
+from .predictor import PredictConfig, Predictor, forward_views, to_labels
 from .runfolder import RunFolder
+from .stream import check_shards, checked_batches, guard_reads
 
 
 @dataclass
@@ -66,12 +66,8 @@ class _Meter:
     def row(self, name: str, kind: str, tta: bool) -> dict:
         iou = class_iou(self.cm)
         return {"name": name, "kind": kind, "tta": tta, "images": self.images,
-                "miou": _num(course_miou(self.cm)), "pixel_accuracy": _num(pixel_accuracy(self.cm)),
-                "iou": [_num(v) for v in iou]}
-
-
-def _num(v: float) -> float | None:
-    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+                "miou": round_score(course_miou(self.cm)), "pixel_accuracy": round_score(pixel_accuracy(self.cm)),
+                "iou": [round_score(v) for v in iou]}
 
 
 def per_image_miou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -156,7 +152,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     with progress_bar(total, f"evaluate ({'out-of-fold' if oof else split})", progress) as advance, \
             torch.inference_mode():
         for ids, images, masks in _with_masks(stream, str(data)):
-            x = pred._input(images)
+            x = pred.to_input(images)
             b = len(ids)
             matched += int(np.isin(ids, all_val).sum()) if oof else b
             acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
@@ -174,7 +170,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                     rows = np.ones(b, bool)
                     w = fm.weight
                 sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
-                with _autocast(pred.device, pred.precision):
+                with autocast(pred.device, pred.precision):
                     ps = forward_views(model, x[sel] if oof else x, views)
                 plain = ps[0]
                 both = sum(ps[1:], ps[0].clone()) / len(ps) if tta else plain
@@ -220,7 +216,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         "class_names": list(CLASS_NAMES), "members": member_names, "models": ens.names,
         "rows": rows_out,
         "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
-        "per_image": {"ids": ids_all.tolist(), "miou": [_num(v) for v in scores_all]},
+        "per_image": {"ids": ids_all.tolist(), "miou": [round_score(v) for v in scores_all]},
     }
     if write:
         with run.lock():
@@ -241,28 +237,14 @@ def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected
 
 
 def _with_masks(stream, where: str):
-    """Check (ids, images, masks) batches: image/mask shape, increasing ids; read errors of a
+    """Checked (ids, images, masks) batches (`stream.checked_batches`); read errors of a
     shard become InputError. ``as_batches`` already yields fixed-size batches."""
-    last = None
-    for ids, images, masks in guard_reads(stream, where, "labeled images"):
-        ids = np.asarray(ids, np.int64)
-        _check_images(np.asarray(images), where)
-        if np.shape(masks) != np.shape(images):
-            raise InputError(f"{where}: masks have shape {np.shape(masks)[1:]}, images "
-                             f"{np.shape(images)[1:]}")
-        if len(ids) and (np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last)):
-            raise InputError(f"{where}: image ids are not in increasing order")
-        if len(ids):
-            last = int(ids[-1])
-            yield ids, np.asarray(images), np.asarray(masks)
+    return checked_batches(guard_reads(stream, where, "labeled images"), where)
 
 
 def format_table(result: dict):
     """A rich Table of a scores dict (values x100)."""
     from rich.table import Table
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
 
     t = Table(title=f"scores on {result['data']} ({result['mode']}, {result['images']} images, "
                     f"classes={result['classes']})")
