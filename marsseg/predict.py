@@ -31,7 +31,6 @@ from .loader import Ensemble, load_ensemble
 from .predictor import BatchResult, PredictConfig, Predictor
 from .stream import count_images, stream_batches
 
-
 # --------------------------------------------------------------------------- Ray at the edge
 
 
