@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 demo: install
-	$(CLI) synth $(DEMO)/synth.npz --n-train 400 --n-test 120 --seed 0
-	$(CLI) prepare $(DEMO)/synth.npz $(DEMO)/shards --force
-	$(CLI) inspect $(DEMO)/shards
+	$(CLI) synth --out $(DEMO)/synth.npz --n-train 400 --n-test 120 --seed 0
+	$(CLI) prepare --data $(DEMO)/synth.npz --out $(DEMO)/shards --force
+	$(CLI) inspect --data $(DEMO)/shards
 	$(CLI) train-folds --data $(DEMO)/shards --recipe ensembles/demo.toml --out $(DEMO)/runs/demo
 	$(CLI) predict --ensemble $(DEMO)/runs/demo --data $(DEMO)/shards --out $(DEMO)/submission.csv --tta
 	$(CLI) evaluate --ensemble $(DEMO)/runs/demo --data $(DEMO)/shards --tta

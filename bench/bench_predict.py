@@ -127,7 +127,8 @@ def _compile_probe(run_dir: Path, images: np.ndarray, batch: int) -> dict:
 
 _RSS_CHILD = r"""
 import json, resource, sys
-from marsseg.predict import PredictConfig, predict
+from marsseg.predict import predict
+from marsseg.predictor import PredictConfig
 run, data, out, probs = sys.argv[1:5]
 r = predict(run, data, out, cfg=PredictConfig(batch_size=64), probs_path=probs)
 print(json.dumps({"rows": r["rows"], "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

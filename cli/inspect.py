@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ._app import app, user_errors
+from ._options import legacy_path, path_option
 
 
 def _ids(ids: list[int], limit: int = 12) -> str:
@@ -83,9 +84,9 @@ def _render(d: dict) -> None:
 
 @app.command("inspect")
 def inspect(
-    data: Annotated[
-        Path, typer.Argument(help="An .npz in the course layout or a prepared shard folder.")
-    ],
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="An .npz in the course layout or a prepared shard folder.",
+        show_default=False)] = None,
     max_background: Annotated[
         float,
         typer.Option(
@@ -102,10 +103,12 @@ def inspect(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON instead.")
     ] = False,
+    data_arg: Annotated[Path | None, legacy_path("DATA")] = None,
 ) -> None:
     """Show counts and class pixel shares before and after cleaning, outliers, background histogram."""
     from marsseg.data import describe
 
+    data = path_option(data, data_arg, "--data")
     with user_errors():
         d = describe(data, max_background, outlier_min_count)
         if json_out:

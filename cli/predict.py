@@ -10,25 +10,7 @@ import typer
 from marsseg.runfolder import ENSEMBLE
 
 from ._app import app, user_errors
-
-
-def split_list(values: list[str] | None) -> list[str] | None:
-    """`--members a,b --members c` -> ["a", "b", "c"]; None when not given."""
-    if not values:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
-
-
-def int_list(values: list[str] | None, what: str) -> list[int] | None:
-    from marsseg.errors import InputError
-
-    items = split_list(values)
-    if items is None:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise InputError(f"--{what} takes fold numbers, got {','.join(items)!r}") from None
+from ._options import Backend, BatchSize, Device, Folds, Members, Precision, Quiet, parse_list
 
 
 @app.command("predict")
@@ -38,31 +20,31 @@ def predict(
     out: Annotated[Path, typer.Option(help="submission CSV to write (its folder must exist)")],
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average over horizontal flips")] = True,
     tta_vflip: Annotated[bool, typer.Option(help="also vertical flips (4 views)")] = False,
-    members: Annotated[list[str] | None, typer.Option(help=f"members to use (default: selected in {ENSEMBLE}); repeat or comma-separate")] = None,
-    folds: Annotated[list[str] | None, typer.Option(help="fold numbers to use (default: all)")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass (x views)")] = 64,
-    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")] = "auto",
+    members: Members = None,
+    folds: Folds = None,
+    batch_size: BatchSize = 64,
+    precision: Precision = "auto",
     classes: Annotated[str, typer.Option(help="foreground: argmax over classes 1-4 (course metric) | all: 5-class masks")] = "foreground",
     probs: Annotated[Path | None, typer.Option(help="also write averaged probabilities (f16) and member disagreement to this HDF5 file")] = None,
     workers: Annotated[int, typer.Option(min=0, help="spread batches over N Ray workers (0/1: in process)")] = 0,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local one)")] = None,
     split: Annotated[str, typer.Option(help="split to predict")] = "test",
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu)")] = None,
+    device: Device = None,
     channels_last: Annotated[bool, typer.Option(help="channels_last memory format")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="same as --backend compile")] = False,
-    backend: Annotated[str, typer.Option(help="eager | compile (AOTInductor, frozen) | openvino | openvino-int8 (CPU) | auto; conversions are cached in each fold folder")] = "eager",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    backend: Backend = "eager",
+    quiet: Quiet = False,
 ) -> None:
     """Predict masks with the run's ensemble and write the submission CSV."""
     with user_errors():
-        from marsseg.predict import PredictConfig
         from marsseg.predict import predict as run_predict
+        from marsseg.predictor import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
                             precision=precision, classes=classes, channels_last=channels_last,
                             compile=compile, device=device, backend=backend)
-        r = run_predict(ensemble, data, out, cfg=cfg, members=split_list(members),
-                        folds=int_list(folds, "folds"), probs_path=probs, workers=workers,
+        r = run_predict(ensemble, data, out, cfg=cfg, members=parse_list(members, "--members"),
+                        folds=parse_list(folds, "--folds", int), probs_path=probs, workers=workers,
                         address=address, split=split, progress=not quiet)
         print(f"wrote {r['rows']} rows to {r['csv']} ({len(r['models'])} models x {r['views']} "
               f"views, {r['backend']} {r['precision']} on {r['device']}, {r['images_per_s']:.0f} img/s)"

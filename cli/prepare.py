@@ -9,12 +9,13 @@ from typing import Annotated
 import typer
 
 from ._app import app, user_errors
+from ._options import legacy_path, path_option
 
 
 @app.command("prepare")
 def prepare(
-    src: Annotated[Path, typer.Argument(help="Input .npz in the course layout.")],
-    out_dir: Annotated[Path, typer.Argument(help="Output shard folder (must not exist).")],
+    data: Annotated[Path | None, typer.Option("--data", help="Input .npz in the course layout.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output shard folder (must not exist).", show_default=False)] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard file.")] = 1024,
     force: Annotated[
         bool,
@@ -35,10 +36,13 @@ def prepare(
             "--max-background", help="Background share above which 'train_clean' drops an image."
         ),
     ] = 0.8,
+    data_arg: Annotated[Path | None, legacy_path("IN")] = None,
+    out_arg: Annotated[Path | None, legacy_path("OUT")] = None,
 ) -> None:
     """Validate an npz and write HDF5 shards + dataset.json; flags outliers, never drops them."""
     from marsseg.data import prepare as run_prepare
 
+    src, out_dir = path_option(data, data_arg, "--data"), path_option(out, out_arg, "--out")
     with user_errors():
         t = time.perf_counter()
         info = run_prepare(src, out_dir, shard_size, force, outlier_min_count, max_background)

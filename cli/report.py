@@ -10,7 +10,7 @@ import typer
 from marsseg.runfolder import ENSEMBLE
 
 from ._app import app, user_errors
-from .predict import int_list, split_list
+from ._options import BatchSize, Folds, Members, Precision, Quiet, parse_list
 
 
 @app.command("report")
@@ -20,21 +20,21 @@ def report(
     data: Annotated[Path | None, typer.Option(help="labeled shards or .npz: scores + overlays computed now (else scores.json)")] = None,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="score and overlay with flip TTA")] = True,
     split: Annotated[str | None, typer.Option(help="test | train (out-of-fold); default: test if labeled")] = None,
-    members: Annotated[list[str] | None, typer.Option(help="members to use (default: selected)")] = None,
-    folds: Annotated[list[str] | None, typer.Option(help="fold numbers to use (default: all)")] = None,
+    members: Members = None,
+    folds: Folds = None,
     overlays: Annotated[int, typer.Option(min=0, help="images in each of the best/worst overlays")] = 4,
-    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
-    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    batch_size: BatchSize = 64,
+    precision: Precision = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Write the report PNGs of a run (and refresh scores.json when --data is given)."""
     with user_errors():
-        from marsseg.predict import PredictConfig
+        from marsseg.predictor import PredictConfig
         from marsseg.report import report as run_report
 
         cfg = PredictConfig(tta=tta, batch_size=batch_size, precision=precision)
-        r = run_report(ensemble, out, data=data, cfg=cfg, members=split_list(members),
-                       folds=int_list(folds, "folds"), split=split, n_overlays=overlays,
+        r = run_report(ensemble, out, data=data, cfg=cfg, members=parse_list(members, "--members"),
+                       folds=parse_list(folds, "--folds", int), split=split, n_overlays=overlays,
                        progress=not quiet)
         for note in r["notes"]:
             print(f"note: {note}")

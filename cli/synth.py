@@ -9,11 +9,12 @@ from typing import Annotated
 import typer
 
 from ._app import app, user_errors
+from ._options import legacy_path, path_option
 
 
 @app.command("synth")
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output .npz file (replaced if it exists).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output .npz file (replaced if it exists).", show_default=False)] = None,
     n_train: Annotated[int, typer.Option("--n-train", help="Training images.")] = 400,
     n_test: Annotated[int, typer.Option("--n-test", help="Test images (with test_masks).")] = 120,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same file.")] = 0,
@@ -26,10 +27,12 @@ def synth(
             show_default=False,
         ),
     ] = None,
+    out_arg: Annotated[Path | None, legacy_path("OUT")] = None,
 ) -> None:
     """Write synthetic Mars-like terrain in the course npz layout (deterministic per seed)."""
     from marsseg.synth import default_n_outliers, write_synthetic
 
+    out = path_option(out, out_arg, "--out")
     with user_errors():
         t = time.perf_counter()
         write_synthetic(out, n_train, n_test, seed, n_outliers)

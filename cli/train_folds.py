@@ -10,20 +10,7 @@ import typer
 from marsseg.runfolder import ENSEMBLE
 
 from ._app import app, user_errors
-
-
-def _csv(value: str | None, what: str, cast=str):
-    if value is None:
-        return None
-    from marsseg.errors import InputError
-
-    try:
-        items = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"{what}: expected a comma-separated list, got {value!r}") from None
-    if not items:
-        raise InputError(f"{what}: empty list")
-    return items
+from ._options import parse_list
 
 
 @app.command("train-folds", help=f"Train every (member, fold) of RECIPE on DATA into OUT; writes {ENSEMBLE}.")
@@ -37,8 +24,8 @@ def train_folds(
     threads: Annotated[int | None, typer.Option(help="torch threads per task (default: int(cpus-per-task); --sequential: torch's default)")] = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster (e.g. auto or head:6379) instead of starting a local one")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="train in this process one fold after another, without Ray")] = False,
-    members: Annotated[str | None, typer.Option(help="comma-separated member names to train (default all)")] = None,
-    folds: Annotated[str | None, typer.Option(help="comma-separated fold numbers to train (default all)")] = None,
+    members: Annotated[list[str] | None, typer.Option(help="member names to train (default: all); repeat or comma-separate")] = None,
+    folds: Annotated[list[str] | None, typer.Option(help="fold numbers to train (default: all); repeat or comma-separate")] = None,
     max_retries: Annotated[int, typer.Option(help="Ray retries of a task whose worker died; it resumes from its state/")] = 3,
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
@@ -52,8 +39,8 @@ def train_folds(
 
         opts = RunOptions(precision=precision, cpus_per_task=cpus_per_task,
                           gpus_per_task=gpus_per_task, threads=threads, address=address,
-                          sequential=sequential, members=_csv(members, "--members"),
-                          folds=_csv(folds, "--folds", int), max_retries=max_retries,
+                          sequential=sequential, members=parse_list(members, "--members"),
+                          folds=parse_list(folds, "--folds", int), max_retries=max_retries,
                           progress=progress, compile=compile,
                           time_budget=parse_duration(time_budget) if time_budget is not None else None)
         run(recipe, data, out, opts, epochs=epochs)

@@ -118,8 +118,7 @@ def plan_splits(recipe: Recipe, split, run: RunFolder) -> tuple[dict, bool]:
     seed = recipe.seed if recipe.split_seed is None else recipe.split_seed
     splits = run.read_splits()
     if splits is None:
-        big_rock = (split.masks == 4).any(axis=(1, 2))
-        folds = make_splits(list(split.groups), list(big_rock), recipe.folds, seed)
+        folds = make_splits(list(split.groups), list(split.big_rock), recipe.folds, seed)
         return splits_dict(folds, split.ids, recipe.folds, seed), True
     if splits["k"] != recipe.folds or splits["seed"] != seed:
         raise InputError(f"{run.splits}: made with k={splits['k']} seed={splits['seed']} but the "

@@ -17,7 +17,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 cmd=${1:?usage: $0 prepare | train RECIPE... | score RECIPE...}; shift || true
 case "$cmd" in
   prepare)
-    [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare "$NPZ" "$ROOT/shards"
+    [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare --data "$NPZ" --out "$ROOT/shards"
     ;;
   train)
     for r in "$@"; do

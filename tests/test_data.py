@@ -1,32 +1,29 @@
-"""npz validation, prepare's shards and dataset.json, reading back, the torch Dataset."""
+"""npz validation, prepare's shards and dataset.json, reading back, describe."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from marsseg import CLASS_NAMES
 from marsseg.data import (
-    ShardDataset,
     as_batches,
     class_counts,
     describe,
     duplicate_mask_groups,
     iter_batches,
-    load_any,
     load_npz,
     load_split,
     read_dataset,
     shard_paths,
     split_info,
 )
+from marsseg.data.cleaning import clean_keep
 from marsseg.errors import InputError
 
 
@@ -91,19 +88,16 @@ def test_load_split(shards, synth_arrays):
     assert np.allclose(s.bg_fraction, (s.masks == 0).mean(axis=(1, 2)))
     assert np.array_equal(s.class_counts, class_counts(s.masks))
     assert np.array_equal(s.big_rock, (s.masks == 4).any(axis=(1, 2)))
-    c = s.clean(max_background=0.8)
-    assert not c.outlier.any() and (c.bg_fraction <= 0.8).all()
-    assert len(c) == read_dataset(shards)["cleaning"]["train_clean_count"]
+    keep = clean_keep(s.outlier, s.bg_fraction, max_background=0.8)
+    assert not s.outlier[keep].any() and (s.bg_fraction[keep] <= 0.8).all()
+    assert keep.sum() == read_dataset(shards)["cleaning"]["train_clean_count"]
     t = load_split(shards, "test")
     assert np.array_equal(t.masks, synth_arrays["test_masks"])
     with pytest.raises(InputError, match="unknown split 'val'"):
         load_split(shards, "val")
 
 
-def test_load_any_npz_matches_shards(shards, synth_npz):
-    a, b = load_any(synth_npz, "train"), load_split(shards, "train")
-    for k in ("images", "masks", "ids", "groups", "outlier", "class_counts"):
-        assert np.array_equal(getattr(a, k), getattr(b, k)), k
+def test_split_info_npz_and_shards_agree(shards, synth_npz):
     assert (
         split_info(synth_npz, "test")
         == split_info(shards, "test")
@@ -148,37 +142,11 @@ def test_unlabeled_test_split(tmp_path):
     assert info["splits"]["test"]["labeled"] is False and info["class_pixel_counts"]["test"] is None
     s = load_split(tmp_path / "s", "test")
     assert s.masks is None and len(s) == 3 and s.groups.tolist() == ["0", "1", "2"]
-    ds = ShardDataset(tmp_path / "s", "test")
-    img, mask = ds[2]
-    assert mask.shape == (64, 128) and int(mask.sum()) == 0
     with pytest.raises(InputError, match="no masks"):
         list(iter_batches(tmp_path / "s", "test", 2, with_masks=True))
     with pytest.raises(InputError, match="no masks"):
         list(as_batches(tmp_path / "u.npz", "test", 2, with_masks=True))
     assert describe(tmp_path / "s")["test"] == {"count": 3, "labeled": False}
-
-
-def test_shard_dataset(shards, synth_arrays):
-    ds = ShardDataset(shards, "train", indices=[3, 70, 159])
-    assert len(ds) == 3
-    img, mask = ds[1]
-    assert img.dtype == torch.uint8 and img.shape == (1, 64, 128) and mask.shape == (64, 128)
-    assert np.array_equal(img[0].numpy(), synth_arrays["training_set"][70, 0])
-    assert np.array_equal(mask.numpy(), synth_arrays["training_set"][70, 1])
-    assert np.array_equal(ds[-1][0][0].numpy(), synth_arrays["training_set"][159, 0])
-    clone = pickle.loads(pickle.dumps(ds))  # open handles are not pickled
-    assert np.array_equal(clone[0][1].numpy(), synth_arrays["training_set"][3, 1])
-    with pytest.raises(InputError, match="out of range"):
-        ShardDataset(shards, "train", indices=[160])
-
-
-def test_shard_dataset_in_worker_processes(shards, synth_arrays):
-    ds = ShardDataset(shards, "train")
-    ds[0]  # the parent opens a handle first; workers must not reuse it
-    loader = torch.utils.data.DataLoader(ds, batch_size=40, num_workers=2, shuffle=False)
-    imgs, masks = zip(*loader, strict=True)
-    assert np.array_equal(torch.cat(imgs)[:, 0].numpy(), synth_arrays["training_set"][:, 0])
-    assert np.array_equal(torch.cat(masks).numpy(), synth_arrays["training_set"][:, 1])
 
 
 def test_duplicate_mask_groups_rules():
@@ -226,20 +194,6 @@ def test_read_dataset_errors(shards, tmp_path):
     (broken / "dataset.json").write_text("{oops")
     with pytest.raises(InputError, match="not valid JSON"):
         read_dataset(broken)
-
-
-def test_shard_dataset_batched_reads(shards, synth_arrays):
-    ds = ShardDataset(shards, "train", indices=np.arange(159, -1, -1))
-    picks = [0, 5, 5, 100, 3, -1]
-    batch = ds.__getitems__(picks)
-    for (img, mask), p in zip(batch, picks, strict=True):
-        one_img, one_mask = ds[p]
-        assert (
-            img.shape == (1, 64, 128) and torch.equal(img, one_img) and torch.equal(mask, one_mask)
-        )
-    loader = torch.utils.data.DataLoader(ds, batch_size=50, shuffle=True, num_workers=0)
-    n = sum(len(x) for x, _ in loader)
-    assert n == 160
 
 
 def test_empty_test_split_is_refused(tmp_path):

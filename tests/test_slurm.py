@@ -196,9 +196,9 @@ def cluster(tmp_path_factory):
         pytest.skip(f"SLURM: {why}")
     root = tmp_path_factory.mktemp("slurm")
     cli = str(VENV / "bin" / "marsseg-cli")
-    subprocess.run([cli, "synth", str(root / "synth.npz"), "--n-train", str(N_TRAIN),
+    subprocess.run([cli, "synth", "--out", str(root / "synth.npz"), "--n-train", str(N_TRAIN),
                     "--n-test", str(N_TEST), "--seed", "0"], check=True, capture_output=True)
-    subprocess.run([cli, "prepare", str(root / "synth.npz"), str(root / "shards")], check=True,
+    subprocess.run([cli, "prepare", "--data", str(root / "synth.npz"), "--out", str(root / "shards")], check=True,
                    capture_output=True)
     export = {"VENV": VENV, "DATA": root / "shards", "RAY_AUTH_MODE": "token"}
     return root, export

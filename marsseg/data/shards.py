@@ -1,0 +1,216 @@
+"""The shard folder format: `dataset.json` plus `<split>-<k>.h5` files; write and read them.
+
+One HDF5 file holds consecutive rows of one split: `images`, `ids`, `groups` and, when
+labeled, `masks`, `class_counts`, `bg_fraction` (and `outlier` for train). `prepare`
+(writer.py) builds a folder from an npz; `load_split` reads a whole split into memory and
+`iter_batches` streams it shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
+from ..errors import InputError
+from ..stream import rebatch
+from .cleaning import bg_fraction, class_counts
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+DATASET_JSON = "dataset.json"
+
+
+def shard_name(split: str, k: int) -> str:
+    """File name of the k-th shard of a split: `train-000.h5`."""
+    return f"{split}-{k:03d}.h5"
+
+
+def write_shard(path: Path, split: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write one shard file: the format attributes and one dataset per array."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["split"] = split
+        f.attrs["class_names"] = list(CLASS_NAMES)
+        for name, a in arrays.items():
+            if a.dtype.kind == "U":
+                f.create_dataset(name, data=a.astype(object), dtype=h5py.string_dtype())
+            else:
+                f.create_dataset(name, data=a)
+
+
+def read_dataset(shard_dir: Path) -> dict:
+    """Load and check `dataset.json` of a shard folder (files present, version known)."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.exists():
+        raise InputError(f"{shard_dir}: no such folder")
+    if not shard_dir.is_dir():
+        raise InputError(f"{shard_dir}: not a shard folder (run `marsseg-cli prepare` first)")
+    meta = shard_dir / DATASET_JSON
+    if not meta.exists():
+        raise InputError(f"{shard_dir}: no dataset.json, not a prepared shard folder")
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        v = info.get("format_version") if isinstance(info, dict) else None
+        raise InputError(f"{meta}: format_version {v!r}, expected {FORMAT_VERSION}")
+    try:
+        for split in SPLITS:
+            for s in info["splits"][split]["shards"]:
+                if not (shard_dir / s["file"]).is_file():
+                    raise InputError(
+                        f"{shard_dir / s['file']}: shard listed in dataset.json is missing"
+                    )
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{meta}: malformed, missing {e}") from None
+    return info
+
+
+def check_split(split: str) -> None:
+    """InputError unless `split` is train or test."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split '{split}', expected one of: {', '.join(SPLITS)}")
+
+
+def shard_paths(shard_dir: Path, split: str) -> list[Path]:
+    """Shard files of one split in id order."""
+    check_split(split)
+    info = read_dataset(shard_dir)
+    return [Path(shard_dir) / s["file"] for s in info["splits"][split]["shards"]]
+
+
+def check_labels(masks: np.ndarray, where, first_row: int = 0) -> None:
+    """InputError naming `where` (a shard file) when a mask holds a label outside 0..4."""
+    if masks.size == 0:
+        return
+    bad = masks >= NUM_CLASSES if masks.dtype.kind == "u" else (masks < 0) | (masks >= NUM_CLASSES)
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise InputError(f"{where}: 'masks' has label value {masks[i][bad[i]][0]} in row "
+                         f"{first_row + i}; labels must be 0..{NUM_CLASSES - 1}")
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open HDF5 shard ({e})") from None
+
+
+@dataclass
+class Split:
+    """One split in memory. images/masks uint8 (n, 64, 128); masks None when unlabeled.
+
+    ids int64 (n,) source rows; groups str (n,); bg_fraction float32 (n,); outlier bool (n,);
+    class_counts int64 (n, 5) or None when unlabeled.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    ids: np.ndarray
+    groups: np.ndarray
+    bg_fraction: np.ndarray | None
+    outlier: np.ndarray
+    class_counts: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def big_rock(self) -> np.ndarray:
+        """bool (n,): image holds any Big Rock pixel (False everywhere when unlabeled)."""
+        if self.class_counts is None:
+            return np.zeros(len(self), bool)
+        return self.class_counts[:, 4] > 0
+
+
+def load_split(shard_dir: Path, split: str) -> Split:
+    """Read a whole split of a shard folder into memory (small data: ~45 MB for 2,700 images)."""
+    paths = shard_paths(shard_dir, split)
+    parts: dict[str, list] = {}
+    for p in paths:
+        with _open_h5(p) as f:
+            if "images" not in f or "ids" not in f:
+                raise InputError(f"{p}: not a marsseg shard (no 'images' or 'ids' dataset)")
+            for k in f.keys():
+                try:
+                    a = f[k][()]
+                except OSError as e:
+                    raise InputError(f"{p}: dataset '{k}' is unreadable ({e})") from None
+                if k == "masks":
+                    check_labels(a, p)
+                if k == "groups":
+                    a = np.array(
+                        [s.decode() if isinstance(s, bytes) else str(s) for s in a], dtype=str
+                    )
+                parts.setdefault(k, []).append(a)
+    if not parts:  # a split without shards: no rows
+        parts = {"images": [np.zeros((0, *IMAGE_SHAPE), np.uint8)], "ids": [np.zeros(0, np.int64)]}
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    masks = cat.get("masks")
+    n = len(cat["ids"])
+    if masks is not None and "class_counts" not in cat:
+        cat["class_counts"] = class_counts(masks)
+    cc = cat.get("class_counts")
+    bg = cat.get("bg_fraction")
+    if bg is None and cc is not None:
+        bg = bg_fraction(cc)
+    return Split(
+        images=cat["images"],
+        masks=masks,
+        ids=cat["ids"].astype(np.int64),
+        groups=cat["groups"]
+        if "groups" in cat
+        else np.array([str(i) for i in cat["ids"]], dtype=str),
+        bg_fraction=bg,
+        outlier=cat["outlier"].astype(bool) if "outlier" in cat else np.zeros(n, bool),
+        class_counts=None if cc is None else cc.astype(np.int64),
+    )
+
+
+def iter_batches(
+    shard_dir: Path, split: str, batch_size: int, with_masks: bool = False
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Stream (ids int64 (b,), images uint8 (b, 64, 128)[, masks uint8 (b, 64, 128)]).
+
+    Shard by shard in id order; at most one shard slice plus one batch in memory.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1 (got {batch_size})")
+    paths = shard_paths(shard_dir, split)
+    if with_masks and not read_dataset(shard_dir)["splits"][split]["labeled"]:
+        raise InputError(f"{shard_dir}: split '{split}' has no masks")
+
+    def chunks():
+        for p in paths:
+            with _open_h5(p) as f:
+                n = f["ids"].shape[0]
+                for s in range(0, n, batch_size):
+                    item = (f["ids"][s : s + batch_size], f["images"][s : s + batch_size])
+                    if with_masks:
+                        item += (f["masks"][s : s + batch_size],)
+                        check_labels(item[-1], p, s)
+                    yield item
+
+    return rebatch(chunks(), batch_size)
+
+
+def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:
+    """The small per-image datasets of a split (no images or masks are read)."""
+    parts: dict[str, list] = {}
+    for p in shard_paths(shard_dir, split):
+        with _open_h5(p) as f:
+            for k in ("class_counts", "bg_fraction", "outlier", "groups"):
+                if k in f:
+                    parts.setdefault(k, []).append(f[k][()])
+    return {k: np.concatenate(v) for k, v in parts.items()}
