@@ -63,7 +63,9 @@ def _row(pred_factory, images, batch, ref, base_ips, members) -> dict:
 def run(quick: bool = False) -> dict:
     from marsseg import backends as B
     from marsseg.data import load_split
-    from marsseg.predict import PredictConfig, Predictor, cpu_bf16_fast, load_ensemble
+    from marsseg.device import cpu_bf16_fast
+    from marsseg.loader import load_ensemble
+    from marsseg.predictor import PredictConfig, Predictor
 
     members = 2 if quick else 5
     width = 8 if quick else 32

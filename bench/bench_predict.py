@@ -100,7 +100,8 @@ def _timed(pred, images: np.ndarray, batch: int, warm: bool = True) -> tuple[flo
 
 def _compile_probe(run_dir: Path, images: np.ndarray, batch: int) -> dict:
     """torch.compile on ONE member (compiling all five costs five compiles): does it pay?"""
-    from marsseg.predict import PredictConfig, Predictor, load_ensemble
+    from marsseg.loader import load_ensemble
+    from marsseg.predictor import PredictConfig, Predictor
 
     one = ["m0"]
     res = {"members": 1}
@@ -126,7 +127,8 @@ def _compile_probe(run_dir: Path, images: np.ndarray, batch: int) -> dict:
 
 _RSS_CHILD = r"""
 import json, resource, sys
-from marsseg.predict import PredictConfig, predict
+from marsseg.predict import predict
+from marsseg.predictor import PredictConfig
 run, data, out, probs = sys.argv[1:5]
 r = predict(run, data, out, cfg=PredictConfig(batch_size=64), probs_path=probs)
 print(json.dumps({"rows": r["rows"], "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -142,7 +144,9 @@ def _peak_rss(run: Path, shards: Path, d: Path) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from marsseg.predict import PredictConfig, Predictor, load_ensemble, predict
+    from marsseg.loader import load_ensemble
+    from marsseg.predict import predict
+    from marsseg.predictor import PredictConfig, Predictor
 
     members = 5
     n_naive = 1 if quick else 3
@@ -151,7 +155,7 @@ def run(quick: bool = False) -> dict:
     out: dict = {"load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
                  "threads": torch.get_num_threads(), "members": members, "views": 2,
                  "model": "unet base_width=32 depth=4", "cpu_bf16_native": None}
-    from marsseg.predict import cpu_bf16_fast
+    from marsseg.device import cpu_bf16_fast
     out["cpu_bf16_native"] = cpu_bf16_fast()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)

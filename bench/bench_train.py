@@ -249,7 +249,8 @@ def _compiled(tmp: Path, split, recipe, member, repeats: int, plain_rows: list[l
 def _parallel_vs_sequential(tmp: Path, split) -> dict:
     import ray
 
-    from marsseg.orchestrate import RunOptions, start_ray, train_folds
+    from marsseg.cluster import start_ray
+    from marsseg.orchestrate import RunOptions, train_folds
 
     recipe_path = _small_recipe_file(tmp / "small.toml", epochs=3, batch_size=16)
     seq = {}

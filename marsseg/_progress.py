@@ -1,13 +1,18 @@
-"""Live training progress: one line per (member, fold), fed by train_one_fold's events.
+"""Progress on the terminal: the training board, the prediction bar, and score cells.
 
+Training: one line per (member, fold), fed by train_one_fold's events.
 `ProgressView.update(events)` takes the dicts train_one_fold reports ("start",
 "batch", "epoch", "done"). On a terminal it renders a rich Live table; when
 stdout is not a terminal (SLURM logs, CI) it prints one plain line per event
 worth keeping (start, epoch end, done).
+
+Prediction and evaluation: `progress_bar`, a rich bar with images/s on stderr.
+Tables of scores: `pct`, a fraction shown x100 with two decimals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from rich.console import Console
@@ -24,7 +29,8 @@ def _fmt_s(s: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def _pct(v) -> str:
+def pct(v: float | None) -> str:
+    """A score 0..1 as a table cell: x100 with two decimals, "-" when missing."""
     return "-" if v is None else f"{100 * v:.2f}"
 
 
@@ -137,12 +143,12 @@ class ProgressView:
             row.batch = 0
             if self.mode == "plain":
                 self.log(f"{name}: epoch {row.epoch + 1}/{row.epochs} loss {row.loss:.4f} "
-                         f"val mIoU {_pct(row.val_miou)} (best {_pct(row.best)}) "
+                         f"val mIoU {pct(row.val_miou)} (best {pct(row.best)}) "
                          f"{row.img_s:.0f} img/s ETA {_fmt_s(row.eta())}")
         elif kind == "done":
             row.status = "done"
             if self.mode == "plain":
-                self.log(f"{name}: done, best val mIoU {_pct(ev.get('val_miou'))}")
+                self.log(f"{name}: done, best val mIoU {pct(ev.get('val_miou'))}")
 
     def _table(self) -> Table:
         t = Table(box=None, pad_edge=False, header_style="bold")
@@ -157,6 +163,42 @@ class ProgressView:
                 ep = "-"
             status = r.status + (f" ({r.note})" if r.note else "")
             t.add_row(member, str(fold), status, ep,
-                      "-" if r.loss is None else f"{r.loss:.4f}", _pct(r.val_miou), _pct(r.best),
+                      "-" if r.loss is None else f"{r.loss:.4f}", pct(r.val_miou), pct(r.best),
                       "-" if r.img_s is None else f"{r.img_s:.0f}", _fmt_s(r.eta()))
         return t
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True):
+    """A rich progress bar with images/s on stderr; yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            # On failure the error line stands alone: clear the bar, skip rich's blank line.
+            bar.live.transient = True
+            bar.live.stop()
+            bar.disable = True
+            raise

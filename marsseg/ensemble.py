@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import NUM_CLASSES
+from ._progress import pct
 from .config import Recipe
 from .errors import InputError
+from .metrics import labeled_argmax, round_score
 from .runfolder import OOF, RunFolder, fold_name, read_oof
-from .train import labeled_argmax
 
 
 def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
@@ -25,7 +26,7 @@ def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
     One confusion matrix per member over every validation image of every fold
     (each training image is out-of-fold exactly once); the ensemble averages the
     members' softmax with weight 1. Predictions are the argmax over classes 1..4,
-    as submissions are (`train.labeled_argmax`).
+    as submissions are (`metrics.labeled_argmax`).
     """
     from .metrics import class_iou, confusion_matrix, course_miou
 
@@ -51,11 +52,10 @@ def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
             ens += confusion_matrix(labeled_argmax(total), truth)
 
     def score(cm):
-        v = course_miou(cm)
-        return None if not np.isfinite(v) else round(float(v), 6)
+        return round_score(course_miou(cm))
 
     def ious(cm):
-        return [None if not np.isfinite(v) else round(float(v), 6) for v in class_iou(cm)]
+        return [round_score(v) for v in class_iou(cm)]
 
     return {"members": {m: {"oof_miou": score(cm), "oof_iou": ious(cm)} for m, cm in cms.items()},
             "ensemble": {"oof_miou": score(ens) if members else None,
@@ -114,9 +114,6 @@ def summary_table(ens: dict):
     for f in range(k):
         t.add_column(f"fold {f}", justify="right")
     t.add_column("OOF", justify="right")
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
 
     for m in ens["members"]:
         by = {f["fold"]: f["val_miou"] for f in m["folds"]}

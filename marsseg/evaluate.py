@@ -30,22 +30,22 @@ import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import write_json_atomic
+from ._progress import pct, progress_bar
 from .backends import stderr_line
+from .device import autocast
 from .errors import InputError
-from .metrics import class_iou, confusion_matrix, course_miou, full_confusion_matrix, pixel_accuracy
-from .predict import (
-    PredictConfig,
-    Predictor,
-    _autocast,
-    _check_images,
-    check_shards,
-    forward_views,
-    guard_reads,
-    load_ensemble,
-    progress_bar,
-    to_labels,
+from .loader import load_ensemble
+from .metrics import (
+    class_iou,
+    confusion_matrix,
+    course_miou,
+    full_confusion_matrix,
+    pixel_accuracy,
+    round_score,
 )
+from .predictor import PredictConfig, Predictor, forward_views, to_labels
 from .runfolder import RunFolder
+from .stream import check_shards, checked_batches, guard_reads
 
 
 @dataclass
@@ -66,12 +66,9 @@ class _Meter:
     def row(self, name: str, kind: str, tta: bool) -> dict:
         iou = class_iou(self.cm)
         return {"name": name, "kind": kind, "tta": tta, "images": self.images,
-                "miou": _num(course_miou(self.cm)), "pixel_accuracy": _num(pixel_accuracy(self.cm)),
-                "iou": [_num(v) for v in iou]}
-
-
-def _num(v: float) -> float | None:
-    return None if v is None or not np.isfinite(v) else round(float(v), 6)
+                "miou": round_score(course_miou(self.cm)),
+                "pixel_accuracy": round_score(pixel_accuracy(self.cm)),
+                "iou": [round_score(v) for v in iou]}
 
 
 def per_image_miou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -106,6 +103,103 @@ def _check_oof_data(run: RunFolder, data: Path) -> None:
         run.check_source(data)
 
 
+class _Pass:
+    """One scoring pass: the meters of every fold (plain and TTA), of the ensemble (plain
+    and TTA) and the per-image scores, fed batch by batch.
+
+    ``val_ids`` (out-of-fold mode): fold -> its validation ids; each fold model then only
+    sees its own validation images, weighted by its member's whole share.
+    """
+
+    def __init__(self, ens, pred: Predictor, cfg: PredictConfig, val_ids: dict | None):
+        self.ens, self.pred, self.classes = ens, pred, cfg.classes
+        self.views = cfg.views
+        self.tta = len(self.views) > 1
+        self.val_ids = val_ids
+        self.members = list(dict.fromkeys(m.member for m in ens.models))
+        # OOF: one fold per member sees each image, so that fold carries the member's share.
+        self.share = {n: sum(m.weight for m in ens.models if m.member == n) for n in self.members}
+        self.fold_m = {m.name: _Meter() for m in ens.models}
+        self.fold_t = {m.name: _Meter() for m in ens.models}
+        self.ens_m, self.ens_t = _Meter(), _Meter()
+        self.img_ids: list[np.ndarray] = []
+        self.img_scores: list[np.ndarray] = []
+
+    def _labels(self, probs: torch.Tensor) -> np.ndarray:
+        return to_labels(probs, self.classes).cpu().numpy()
+
+    def batch(self, ids: np.ndarray, images: np.ndarray, masks: np.ndarray, splits) -> None:
+        """Score one batch. Shape: ids (b,), images and masks uint8 (b, H, W)."""
+        pred, oof = self.pred, self.val_ids is not None
+        x = pred.to_input(images)
+        b = len(ids)
+        acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
+        acc_t = torch.zeros_like(acc_m)
+        cover = np.zeros(b)
+        for fm, model in zip(self.ens.models, pred.models, strict=True):
+            if oof:
+                if fm.fold not in self.val_ids:
+                    raise InputError(f"{splits}: no fold {fm.fold}")
+                rows = np.isin(ids, self.val_ids[fm.fold])
+                if not rows.any():
+                    continue
+                w = self.share[fm.member]
+            else:
+                rows = np.ones(b, bool)
+                w = fm.weight
+            sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
+            with autocast(pred.device, pred.precision):
+                ps = forward_views(model, x[sel] if oof else x, self.views)
+            plain = ps[0]
+            both = sum(ps[1:], ps[0].clone()) / len(ps) if self.tta else plain
+            truth = masks[rows]
+            self.fold_m[fm.name].update(self._labels(plain), truth)
+            if self.tta:
+                self.fold_t[fm.name].update(self._labels(both), truth)
+            acc_m.index_add_(0, sel, plain * w)
+            acc_t.index_add_(0, sel, both * w)
+            cover[rows] += w
+        done = cover > 1 - 1e-6  # every selected member contributed (always, in test mode)
+        if done.any():
+            truth = masks[done]
+            dsel = torch.from_numpy(np.flatnonzero(done)).to(x.device)
+            lab_m = self._labels(acc_m[dsel])
+            self.ens_m.update(lab_m, truth)
+            lab_t = self._labels(acc_t[dsel]) if self.tta else lab_m
+            if self.tta:
+                self.ens_t.update(lab_t, truth)
+            self.img_ids.append(ids[done])
+            self.img_scores.append(per_image_miou(lab_t, truth))
+
+    def scores(self) -> dict:
+        """The rows (folds, ensemble, ensemble+tta), confusion and per-image part of the result."""
+        models = self.ens.models
+        rows = [self.fold_m[m.name].row(m.name, "fold", False) for m in models]
+        if self.tta:
+            for r, m in zip(rows, models, strict=True):
+                r["miou_tta"] = self.fold_t[m.name].row(m.name, "fold", True)["miou"]
+        rows.append(self.ens_m.row("ensemble", "ensemble", False))
+        best = self.ens_m
+        if self.tta:
+            rows.append(self.ens_t.row("ensemble+tta", "ensemble", True))
+            best = self.ens_t
+        ids = np.concatenate(self.img_ids) if self.img_ids else np.zeros(0, np.int64)
+        per = np.concatenate(self.img_scores) if self.img_scores else np.zeros(0)
+        return {"rows": rows,
+                "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
+                "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]}}
+
+
+def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
+    """Fold -> validation ids of the run's splits, checked against the train split's size."""
+    val_ids = {k: np.asarray(v, np.int64) for k, v in run.val_ids().items()}
+    n = sum(len(v) for v in val_ids.values())
+    if total != n:
+        raise InputError(f"{data}: the train split holds {total} images, {run.splits} "
+                         f"splits {n}; not the data this run was trained on")
+    return val_ids
+
+
 def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
              cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, split: str | None = None,
@@ -133,94 +227,30 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     ens = load_ensemble(run_dir, members, folds)
     if write:
         run.check_writable()
-    val_ids = {k: np.asarray(v, np.int64) for k, v in run.val_ids().items()} if oof else None
+    val_ids = _val_ids(run, data, total) if oof else None
     all_val = np.concatenate(list(val_ids.values())) if oof else None
-    if oof and total != len(all_val):
-        raise InputError(f"{data}: the train split holds {total} images, {run.splits} "
-                         f"splits {len(all_val)}; not the data this run was trained on")
-    matched = 0
     pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
-    views = cfg.views
-    tta = len(views) > 1
-    member_names = list(dict.fromkeys(m.member for m in ens.models))
-    # OOF: one fold per member sees each image, so that fold carries the member's whole share.
-    member_share = {n: sum(m.weight for m in ens.models if m.member == n) for n in member_names}
-
-    fold_m = {m.name: _Meter() for m in ens.models}
-    fold_t = {m.name: _Meter() for m in ens.models}
-    ens_m, ens_t = _Meter(), _Meter()
-    img_ids: list[np.ndarray] = []
-    img_scores: list[np.ndarray] = []
+    scoring = _Pass(ens, pred, cfg, val_ids)
+    matched = 0
     t0 = time.perf_counter()
     stream = as_batches(data, split, cfg.batch_size, with_masks=True)
     with progress_bar(total, f"evaluate ({'out-of-fold' if oof else split})", progress) as advance, \
             torch.inference_mode():
         for ids, images, masks in _with_masks(stream, str(data)):
-            x = pred._input(images)
-            b = len(ids)
-            matched += int(np.isin(ids, all_val).sum()) if oof else b
-            acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
-            acc_t = torch.zeros_like(acc_m)
-            cover = np.zeros(b)
-            for fm, model in zip(ens.models, pred.models, strict=True):
-                if oof:
-                    if fm.fold not in val_ids:
-                        raise InputError(f"{run.splits}: no fold {fm.fold}")
-                    rows = np.isin(ids, val_ids[fm.fold])
-                    if not rows.any():
-                        continue
-                    w = member_share[fm.member]
-                else:
-                    rows = np.ones(b, bool)
-                    w = fm.weight
-                sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
-                with _autocast(pred.device, pred.precision):
-                    ps = forward_views(model, x[sel] if oof else x, views)
-                plain = ps[0]
-                both = sum(ps[1:], ps[0].clone()) / len(ps) if tta else plain
-                truth = masks[rows]
-                fold_m[fm.name].update(to_labels(plain, cfg.classes).cpu().numpy(), truth)
-                if tta:
-                    fold_t[fm.name].update(to_labels(both, cfg.classes).cpu().numpy(), truth)
-                acc_m.index_add_(0, sel, plain * w)
-                acc_t.index_add_(0, sel, both * w)
-                cover[rows] += w
-            done = cover > 1 - 1e-6  # every selected member contributed (always, in test mode)
-            if done.any():
-                truth = masks[done]
-                dsel = torch.from_numpy(np.flatnonzero(done)).to(x.device)
-                lab_m = to_labels(acc_m[dsel], cfg.classes).cpu().numpy()
-                ens_m.update(lab_m, truth)
-                lab_t = to_labels(acc_t[dsel], cfg.classes).cpu().numpy() if tta else lab_m
-                if tta:
-                    ens_t.update(lab_t, truth)
-                img_ids.append(ids[done])
-                img_scores.append(per_image_miou(lab_t, truth))
-            advance(b)
+            matched += int(np.isin(ids, all_val).sum()) if oof else len(ids)
+            scoring.batch(ids, images, masks, run.splits)
+            advance(len(ids))
     dt = time.perf_counter() - t0
-    _check_scored(run, data, split, matched, total if not oof else len(all_val), ens_m.images)
-    rows_out = [fold_m[m.name].row(m.name, "fold", False) for m in ens.models]
-    if tta:
-        for r, m in zip(rows_out, ens.models, strict=True):
-            t = fold_t[m.name].row(m.name, "fold", True)
-            r["miou_tta"] = t["miou"]
-    rows_out.append(ens_m.row("ensemble", "ensemble", False))
-    best = ens_m
-    if tta:
-        rows_out.append(ens_t.row("ensemble+tta", "ensemble", True))
-        best = ens_t
-    ids_all = np.concatenate(img_ids) if img_ids else np.zeros(0, np.int64)
-    scores_all = np.concatenate(img_scores) if img_scores else np.zeros(0)
+    _check_scored(run, data, split, matched, total if not oof else len(all_val),
+                  scoring.ens_m.images)
     result = {
         "format_version": 1,
         "run": str(run_dir), "data": str(data), "split": split,
         "mode": "oof" if oof else "test", "images": total,
-        "classes": cfg.classes, "views": len(views), "precision": pred.precision,
+        "classes": cfg.classes, "views": len(cfg.views), "precision": pred.precision,
         "backend": pred.backend, "device": str(pred.device), "seconds": round(dt, 2),
-        "class_names": list(CLASS_NAMES), "members": member_names, "models": ens.names,
-        "rows": rows_out,
-        "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
-        "per_image": {"ids": ids_all.tolist(), "miou": [_num(v) for v in scores_all]},
+        "class_names": list(CLASS_NAMES), "members": scoring.members, "models": ens.names,
+        **scoring.scores(),
     }
     if write:
         with run.lock():
@@ -241,28 +271,14 @@ def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected
 
 
 def _with_masks(stream, where: str):
-    """Check (ids, images, masks) batches: image/mask shape, increasing ids; read errors of a
+    """Checked (ids, images, masks) batches (`stream.checked_batches`); read errors of a
     shard become InputError. ``as_batches`` already yields fixed-size batches."""
-    last = None
-    for ids, images, masks in guard_reads(stream, where, "labeled images"):
-        ids = np.asarray(ids, np.int64)
-        _check_images(np.asarray(images), where)
-        if np.shape(masks) != np.shape(images):
-            raise InputError(f"{where}: masks have shape {np.shape(masks)[1:]}, images "
-                             f"{np.shape(images)[1:]}")
-        if len(ids) and (np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last)):
-            raise InputError(f"{where}: image ids are not in increasing order")
-        if len(ids):
-            last = int(ids[-1])
-            yield ids, np.asarray(images), np.asarray(masks)
+    return checked_batches(guard_reads(stream, where, "labeled images"), where)
 
 
 def format_table(result: dict):
     """A rich Table of a scores dict (values x100)."""
     from rich.table import Table
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
 
     t = Table(title=f"scores on {result['data']} ({result['mode']}, {result['images']} images, "
                     f"classes={result['classes']})")

@@ -9,6 +9,8 @@ its column is not), and then its IoU is 0. Scores are fractions 0..1.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -20,6 +22,21 @@ def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def labeled_argmax(scores):
+    """Argmax over classes 1..4 of (B, 5, H, W) logits or probabilities (torch or numpy).
+
+    Class 0 is "unlabeled": the course drops truth-0 pixels, so predicting 0 can only
+    lower the score. Validation, out-of-fold scores, selection and submissions all
+    use this argmax. Returns integer labels (B, H, W) in 1..4 (int64 / intp).
+    """
+    return scores[:, 1:].argmax(1) + 1
+
+
+def round_score(v) -> float | None:
+    """A score for JSON: rounded to 6 digits, None when missing or not finite (NaN, inf)."""
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
 
 def full_confusion_matrix(pred, target, num_classes: int = NUM_CLASSES) -> np.ndarray:

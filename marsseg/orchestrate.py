@@ -222,33 +222,12 @@ def _unwrap_task_error(e: Exception) -> Exception:
     return cause if isinstance(cause, InputError) else e
 
 
-def start_ray(address: str | None = None) -> None:
-    """Join the Ray cluster at `address`, or start a private one with this machine's CPUs.
-
-    Ray runs task workers at niceness 15 by default; the embedded instance runs them
-    at 0, so folds trained through Ray get the CPU share `--sequential` would.
-    """
-    import ray
-
-    kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-              configure_logging=True)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        # "local" always starts a private instance; a bare ray.init() would join
-        # whatever cluster `ray start` last left running on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count(),
-                 _system_config={"worker_niceness": 0}, **kw)
-
-
 def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        start_ray(opts.address)
-        started = True
-    try:
+    from .cluster import ray_session
+
+    with ray_session(opts.address):
         have = ray.cluster_resources()
         for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
                                 ("--gpus-per-task", "GPU", opts.gpus_per_task)):
@@ -288,9 +267,6 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                 ray.cancel(ref, force=True)
             raise
         return results
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # --- the one entry point -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .metrics import class_iou, confusion_matrix, course_miou
+from .metrics import class_iou, confusion_matrix, course_miou, labeled_argmax
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
 
 
@@ -50,7 +50,7 @@ def _score(probs: np.ndarray, masks: np.ndarray, chunk: int = 256) -> tuple[floa
     """Course mIoU and per-class IoU of foreground argmax (classes 1-4), as submissions are made."""
     cm = np.zeros((5, 5), np.int64)
     for s in range(0, len(probs), chunk):
-        pred = probs[s:s + chunk, 1:].argmax(1) + 1
+        pred = labeled_argmax(probs[s:s + chunk])
         cm += confusion_matrix(pred, masks[s:s + chunk])
     return course_miou(cm), class_iou(cm)
 

@@ -52,9 +52,11 @@ from ._trainutil import (
     save_state,
     to_model_input,
 )
-from .config import MemberConfig, Recipe, ScheduleConfig, check_precision
+from .config import MemberConfig, Recipe, ScheduleConfig
+from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
+from .metrics import labeled_argmax, round_score
 from .runfolder import (
     METRICS,
     OOF,
@@ -104,37 +106,10 @@ def fold_seed(seed: int, member: str, fold: int, epoch: int = -1) -> int:
     return zlib.crc32(key) & 0x7FFFFFFF
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CPU and on GPUs with bf16, else fp16. fp16 on CPU is an InputError."""
-    check_precision(precision, gpus=1 if device.type == "cuda" else 0)
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return "bf16"
-    return precision
-
-
-def _nan_to_none(values) -> list:
-    return [None if (v is None or not math.isfinite(v)) else round(float(v), 6) for v in values]
-
-
-def _score(v: float) -> float | None:
-    return None if not math.isfinite(v) else round(float(v), 6)
-
-
 # --- validation -------------------------------------------------------------------------------
 
 
-def labeled_argmax(scores):
-    """Argmax over classes 1..4 of (B,5,H,W) logits or probabilities (torch or numpy).
-
-    Class 0 is "unlabeled": predicting it can only lower the course score, so
-    validation, out-of-fold scores and submissions all use this argmax.
-    """
-    return scores[:, 1:].argmax(1) + 1
-
-
-def evaluate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
+def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
     """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`.
 
     The matrix is accumulated on the device with bincount; predictions and masks
@@ -327,15 +302,15 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     from .models.registry import save_pretrained
 
     m = f.member
-    cm = evaluate(f.model, f.val_dl, f.accelerator, probs_out=probs_out)
+    cm = validate(f.model, f.val_dl, f.accelerator, probs_out=probs_out)
     miou, iou = course_miou(cm), class_iou(cm)
     score = miou if math.isfinite(miou) else -1.0
     if state.best_miou is None or score > state.best_miou:
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
         save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
                         extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
-                               "epoch": epoch, "val_miou": _score(miou),
-                               "val_iou": _nan_to_none(iou)})
+                               "epoch": epoch, "val_miou": round_score(miou),
+                               "val_iou": [round_score(v) for v in iou]})
         return miou, iou, True
     state.bad_epochs += 1
     state.plateau_bad += 1
@@ -420,8 +395,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         if improved:  # keep this epoch's softmax for the out-of-fold file
             spare = best_probs if best_probs is not None else np.empty_like(epoch_probs)
             best_probs, epoch_probs = epoch_probs, spare
-        row = {"epoch": epoch, "loss": round(loss, 6), "val_miou": _score(miou),
-               "val_iou": _nan_to_none(iou), "lr": lr, "img_s": round(n_img / train_s, 2),
+        row = {"epoch": epoch, "loss": round(loss, 6), "val_miou": round_score(miou),
+               "val_iou": [round_score(v) for v in iou], "lr": lr,
+               "img_s": round(n_img / train_s, 2),
                "seconds": round(time.perf_counter() - t_epoch, 3),
                "threads": torch.get_num_threads(),
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}

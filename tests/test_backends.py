@@ -13,7 +13,9 @@ from _runfolder import make_npz, make_run, sha256
 from typer.testing import CliRunner
 
 from marsseg import backends as B
+from marsseg import loader as L
 from marsseg import predict as P
+from marsseg import predictor as PR
 from marsseg.cli import app
 from marsseg.data import prepare
 from marsseg.evaluate import evaluate
@@ -33,7 +35,7 @@ def world(tmp_path_factory):
 
 
 def _masks(run, data, out, **cfg) -> np.ndarray:
-    P.predict(run, data, out, cfg=P.PredictConfig(batch_size=BATCH, **cfg))
+    P.predict(run, data, out, cfg=PR.PredictConfig(batch_size=BATCH, **cfg))
     return read_submission(out)[1]
 
 
@@ -60,7 +62,7 @@ def test_static_runner_pads_and_chunks():
 
 def test_bad_backend_name_is_one_line(world, tmp_path):
     with pytest.raises(B.InputError, match="backend must be one of"):
-        P.PredictConfig(backend="tensorrt")
+        PR.PredictConfig(backend="tensorrt")
     run = make_run(tmp_path / "r", members=("a",), k=1)
     r = runner.invoke(app, ["predict", "--ensemble", str(run), "--data", str(world["shards"]),
                             "--out", str(tmp_path / "s.csv"), "--backend", "fast", "-q"])
@@ -133,17 +135,17 @@ def test_openvino_int8_is_quantized_and_close(world, tmp_path):
 def test_cache_reused_then_invalidated_by_new_weights(world, tmp_path):
     pytest.importorskip("openvino")
     run = make_run(tmp_path / "r", members=("a",), k=2)
-    ens = P.load_ensemble(run)
-    cfg = P.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
+    ens = L.load_ensemble(run)
+    cfg = PR.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
     first: list[str] = []
-    P.Predictor(ens, cfg, log=first.append)
+    PR.Predictor(ens, cfg, log=first.append)
     assert [m.split(" ...")[0] for m in first] == ["converting a/fold_0 (openvino)",
                                                   "converting a/fold_1 (openvino)"]
     assert all(m.endswith(")") and " s (cached in " in m for m in first)
     xml0 = next((run / "a" / "fold_0" / "cache").glob("*.xml"))
     mtime = xml0.stat().st_mtime_ns
     again: list[str] = []
-    P.Predictor(P.load_ensemble(run), cfg, log=again.append)
+    PR.Predictor(L.load_ensemble(run), cfg, log=again.append)
     assert again == [] and xml0.stat().st_mtime_ns == mtime  # no second conversion
     # retrain fold 0 (new weights, new sha in ensemble.json): only it converts again
     folder = run / "a" / "fold_0"
@@ -155,7 +157,7 @@ def test_cache_reused_then_invalidated_by_new_weights(world, tmp_path):
     spec["members"][0]["folds"][0]["sha256"] = sha256(folder / "model.safetensors")
     (run / "ensemble.json").write_text(json.dumps(spec))
     third: list[str] = []
-    P.Predictor(P.load_ensemble(run), cfg, log=third.append)
+    PR.Predictor(L.load_ensemble(run), cfg, log=third.append)
     assert [m.split(" ...")[0] for m in third] == ["converting a/fold_0 (openvino)"]
     assert not xml0.exists()  # the stale conversion is pruned
     assert len(list((folder / "cache").glob("*.xml"))) == 1
@@ -178,8 +180,8 @@ def test_evaluate_with_openvino_scores_like_eager(world, tmp_path):
     pytest.importorskip("openvino")
     run = make_run(tmp_path / "r", members=("a",), k=2)
     kw = {"batch_size": BATCH, "precision": "no"}
-    ref = evaluate(run, world["npz"], cfg=P.PredictConfig(**kw), write=False)
-    got = evaluate(run, world["npz"], cfg=P.PredictConfig(backend="openvino", **kw), write=False)
+    ref = evaluate(run, world["npz"], cfg=PR.PredictConfig(**kw), write=False)
+    got = evaluate(run, world["npz"], cfg=PR.PredictConfig(backend="openvino", **kw), write=False)
     assert got["backend"] == "openvino" and ref["backend"] == "eager"
     for a, b in zip(ref["rows"], got["rows"], strict=True):
         assert a["name"] == b["name"] and abs(a["miou"] - b["miou"]) < 1e-3
@@ -193,7 +195,7 @@ def test_compile_csv_matches_eager_and_is_cached(world, tmp_path):
     run = make_run(tmp_path / "r", members=("a",), k=1)
     fp32 = _masks(run, world["shards"], tmp_path / "fp32.csv", precision="no")
     log: list[str] = []
-    pred = P.Predictor(P.load_ensemble(run), P.PredictConfig(batch_size=BATCH, precision="no",
+    pred = PR.Predictor(L.load_ensemble(run), PR.PredictConfig(batch_size=BATCH, precision="no",
                                                              backend="compile"), log=log.append)
     assert len(log) == 1 and log[0].startswith("converting a/fold_0 (compile) ...")
     got = _masks(run, world["shards"], tmp_path / "c.csv", precision="no", backend="compile")
@@ -208,7 +210,7 @@ def test_workers_load_the_drivers_conversion(world, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     run = make_run(tmp_path / "r", members=("a",), k=2)
-    cfg = P.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
+    cfg = PR.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
     P.predict(run, world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)
     xml = sorted((run / "a").glob("fold_*/cache/*.xml"))
     assert len(xml) == 2  # one conversion per fold (the driver's); workers load it

@@ -9,14 +9,15 @@ import pytest
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
-from marsseg import predict as P
+from marsseg import loader as L
+from marsseg import predictor as PR
 from marsseg.cli import app
 from marsseg.evaluate import evaluate
 from marsseg.metrics import confusion_matrix, course_miou
 from marsseg.report import report
 
 runner = CliRunner()
-CFG = P.PredictConfig(precision="no", batch_size=4)
+CFG = PR.PredictConfig(precision="no", batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +42,14 @@ def test_evaluate_test_split_matches_direct_scoring(world):
     assert res["mode"] == "test" and res["images"] == 9
     with np.load(world["npz"]) as z:
         x, m = z["test_set"], z["test_masks"]
-    ens = P.load_ensemble(world["run"])
-    full = P.Predictor(ens, CFG)(np.arange(9), x).labels
-    plain = P.Predictor(ens, P.PredictConfig(tta=False, precision="no", batch_size=4))
+    ens = L.load_ensemble(world["run"])
+    full = PR.Predictor(ens, CFG)(np.arange(9), x).labels
+    plain = PR.Predictor(ens, PR.PredictConfig(tta=False, precision="no", batch_size=4))
     assert res["rows"][-1]["miou"] == pytest.approx(_score(full, m), abs=1e-6)
     assert res["rows"][-2]["miou"] == pytest.approx(_score(plain(np.arange(9), x).labels, m),
                                                     abs=1e-6)
-    one = P.load_ensemble(world["run"], members=["b"], folds=[1])
-    fold_plain = P.Predictor(one, P.PredictConfig(tta=False, precision="no"))(np.arange(9), x)
+    one = L.load_ensemble(world["run"], members=["b"], folds=[1])
+    fold_plain = PR.Predictor(one, PR.PredictConfig(tta=False, precision="no"))(np.arange(9), x)
     assert res["rows"][3]["miou"] == pytest.approx(_score(fold_plain.labels, m), abs=1e-6)
     assert "miou_tta" in res["rows"][0]
     for r in res["rows"]:
@@ -69,14 +70,14 @@ def test_evaluate_out_of_fold(world):
     # the OOF ensemble of image 5 is the weighted average of the fold-1 models only
     with np.load(world["npz"]) as z:
         x, m = z["training_set"][:, 0], z["training_set"][:, 1]
-    f1 = P.Predictor(P.load_ensemble(world["run"], folds=[1]), CFG)(np.arange(4, 8), x[4:])
-    f0 = P.Predictor(P.load_ensemble(world["run"], folds=[0]), CFG)(np.arange(4), x[:4])
+    f1 = PR.Predictor(L.load_ensemble(world["run"], folds=[1]), CFG)(np.arange(4, 8), x[4:])
+    f0 = PR.Predictor(L.load_ensemble(world["run"], folds=[0]), CFG)(np.arange(4), x[:4])
     want = _score(np.concatenate([f0.labels, f1.labels]), m)
     assert by["ensemble+tta"]["miou"] == pytest.approx(want, abs=1e-6)
 
 
 def test_evaluate_labeled_shards_no_tta(world, shards):
-    res = evaluate(world["run"], shards, cfg=P.PredictConfig(tta=False, precision="no",
+    res = evaluate(world["run"], shards, cfg=PR.PredictConfig(tta=False, precision="no",
                                                              batch_size=16), write=False)
     assert [r["name"] for r in res["rows"]][-1] == "ensemble" and res["images"] == 40
 

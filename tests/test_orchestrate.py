@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from marsseg._cores import CoreShare, share_threads
 from marsseg.cli import app
+from marsseg.cluster import start_ray
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
-from marsseg.orchestrate import RunOptions, start_ray, train_folds
+from marsseg.orchestrate import RunOptions, train_folds
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()

@@ -11,9 +11,12 @@ import torch
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
+from marsseg import loader as L
 from marsseg import predict as P
+from marsseg import predictor as PR
 from marsseg.cli import app
 from marsseg.data import prepare
+from marsseg.errors import InputError
 from marsseg.submission import read_submission
 
 runner = CliRunner()
@@ -50,14 +53,14 @@ def test_tta_equals_hand_computed_average():
     with torch.no_grad():
         p1 = torch.softmax(m(x), 1)
         p2 = torch.softmax(m(x.flip(-1)), 1).flip(-1)
-        got = P.forward_tta(m, x, P.VIEWS_HFLIP)
+        got = PR.forward_tta(m, x, PR.VIEWS_HFLIP)
         assert not torch.allclose(p1, p2, atol=1e-3)  # the views really differ
         torch.testing.assert_close(got, (p1 + p2) / 2, atol=1e-5, rtol=1e-5)
-        views = [torch.softmax(m(x.flip(d) if d else x), 1) for d in P.VIEWS_HVFLIP]
-        views = [v.flip(d) if d else v for v, d in zip(views, P.VIEWS_HVFLIP, strict=True)]
-        torch.testing.assert_close(P.forward_tta(m, x, P.tta_views(True, vflip=True)),
+        views = [torch.softmax(m(x.flip(d) if d else x), 1) for d in PR.VIEWS_HVFLIP]
+        views = [v.flip(d) if d else v for v, d in zip(views, PR.VIEWS_HVFLIP, strict=True)]
+        torch.testing.assert_close(PR.forward_tta(m, x, PR.tta_views(True, vflip=True)),
                                    sum(views) / 4, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(P.forward_tta(m, x, P.tta_views(False)), p1)
+        torch.testing.assert_close(PR.forward_tta(m, x, PR.tta_views(False)), p1)
 
 
 def test_views_go_through_one_forward_pass():
@@ -68,17 +71,17 @@ def test_views_go_through_one_forward_pass():
             calls.append(x.shape[0])
             return torch.zeros(x.shape[0], 5, *x.shape[2:])
 
-    P.forward_tta(Spy(), torch.zeros(3, 1, 64, 128), P.VIEWS_HFLIP)
+    PR.forward_tta(Spy(), torch.zeros(3, 1, 64, 128), PR.VIEWS_HFLIP)
     assert calls == [6]
 
 
 def test_flip_symmetric_model_same_with_and_without_tta(world, tmp_path):
     run = make_run(tmp_path / "sym", members=("s",), k=1, transform=symmetrize)
-    ens = P.load_ensemble(run)
+    ens = L.load_ensemble(run)
     x = np.load(world["npz"])["test_set"][:4]
     res = {}
     for tta in (False, True):
-        pred = P.Predictor(ens, P.PredictConfig(tta=tta, **FP32))
+        pred = PR.Predictor(ens, PR.PredictConfig(tta=tta, **FP32))
         res[tta] = pred(np.arange(4), x, want_probs=True)
     np.testing.assert_allclose(res[True].probs.astype(np.float32),
                                res[False].probs.astype(np.float32), atol=2e-3)
@@ -87,7 +90,7 @@ def test_flip_symmetric_model_same_with_and_without_tta(world, tmp_path):
         xt = torch.from_numpy(x).float()[:, None]
         m = ens.models[0].model
         torch.testing.assert_close(m(xt.flip(-1)), m(xt).flip(-1), atol=1e-4, rtol=1e-4)
-    p = P.Predictor(ens, P.PredictConfig(tta=False, **FP32)).model_probs(x)[0]
+    p = PR.Predictor(ens, PR.PredictConfig(tta=False, **FP32)).model_probs(x)[0]
     top2 = p.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
     assert clear.mean() > 0.99
@@ -98,8 +101,8 @@ def test_foreground_never_predicts_background():
     probs = torch.zeros(1, 5, 2, 2)
     probs[:, 0] = 0.9
     probs[:, 3] = 0.1
-    assert (P.to_labels(probs, "foreground") == 3).all()
-    assert (P.to_labels(probs, "all") == 0).all()
+    assert (PR.to_labels(probs, "foreground") == 3).all()
+    assert (PR.to_labels(probs, "all") == 0).all()
 
 
 # ----------------------------------------------------------------------------- ensemble
@@ -108,30 +111,30 @@ def test_foreground_never_predicts_background():
 def test_load_ensemble_weights_and_filters(tmp_path):
     run = make_run(tmp_path / "r", members=("a", "b", "c"), k=2, weights={"a": 2.0, "b": 1.0},
                    selected=["a", "b"])
-    ens = P.load_ensemble(run)
+    ens = L.load_ensemble(run)
     assert ens.names == ["a/fold_0", "a/fold_1", "b/fold_0", "b/fold_1"]
     assert [round(m.weight, 4) for m in ens.models] == [1 / 3, 1 / 3, 1 / 6, 1 / 6] or \
         np.allclose([m.weight for m in ens.models], [1 / 3, 1 / 3, 1 / 6, 1 / 6])
-    ens = P.load_ensemble(run, members=["c"], folds=[1])
+    ens = L.load_ensemble(run, members=["c"], folds=[1])
     assert ens.names == ["c/fold_1"] and ens.models[0].weight == 1.0
-    one = P.load_ensemble(run / "b" / "fold_0")  # a single fold folder works alone
+    one = L.load_ensemble(run / "b" / "fold_0")  # a single fold folder works alone
     assert one.names == ["b/fold_0"]
-    with pytest.raises(P.InputError, match="unknown member"):
-        P.load_ensemble(run, members=["zz"])
-    with pytest.raises(P.InputError, match="fold"):
-        P.load_ensemble(run, folds=[5])
+    with pytest.raises(InputError, match="unknown member"):
+        L.load_ensemble(run, members=["zz"])
+    with pytest.raises(InputError, match="fold"):
+        L.load_ensemble(run, folds=[5])
 
 
 def test_ensemble_average_is_weighted_member_softmax(world, tmp_path):
     run = make_run(tmp_path / "r", members=("a", "b"), k=1, weights={"a": 3.0, "b": 1.0})
-    ens = P.load_ensemble(run)
+    ens = L.load_ensemble(run)
     x = np.load(world["npz"])["test_set"][:2]
-    pred = P.Predictor(ens, P.PredictConfig(tta=True, **FP32))
+    pred = PR.Predictor(ens, PR.PredictConfig(tta=True, **FP32))
     each = pred.model_probs(x)
     got = pred(np.arange(2), x, want_probs=True, want_disagreement=True)
     want = 0.75 * each[0] + 0.25 * each[1]
     np.testing.assert_allclose(got.probs.astype(np.float32), want.numpy(), atol=1e-3)
-    la, lb = (P.to_labels(p).numpy() for p in each)
+    la, lb = (PR.to_labels(p).numpy() for p in each)
     lab = got.labels
     want_dis = 0.75 * (la != lab) + 0.25 * (lb != lab)
     np.testing.assert_allclose(got.disagreement.astype(np.float32), want_dis, atol=1e-3)
@@ -141,7 +144,7 @@ def test_ensemble_average_is_weighted_member_softmax(world, tmp_path):
 
 
 def test_predict_csv_matches_predictor_and_layouts_agree(world, tmp_path):
-    cfg = P.PredictConfig(**FP32)
+    cfg = PR.PredictConfig(**FP32)
     outs = {}
     for name, data in (("shards4", world["shards"]), ("shards7", world["dir"] / "shards7"),
                        ("npz", world["npz"])):
@@ -154,14 +157,14 @@ def test_predict_csv_matches_predictor_and_layouts_agree(world, tmp_path):
     ids, masks = read_submission(outs["npz"])
     np.testing.assert_array_equal(ids, np.arange(11))
     x = np.load(world["npz"])["test_set"]
-    direct = P.Predictor(P.load_ensemble(world["run"]), cfg)(ids[:4], x[:4])
+    direct = PR.Predictor(L.load_ensemble(world["run"]), cfg)(ids[:4], x[:4])
     np.testing.assert_array_equal(masks[:4], direct.labels)
     assert masks.min() >= 1  # foreground by default
 
 
 def test_probs_file(world, tmp_path):
     out = tmp_path / "s.csv"
-    P.predict(world["run"], world["shards"], out, cfg=P.PredictConfig(**FP32, classes="all"),
+    P.predict(world["run"], world["shards"], out, cfg=PR.PredictConfig(**FP32, classes="all"),
               probs_path=tmp_path / "p.h5")
     _, masks = read_submission(out)
     with h5py.File(tmp_path / "p.h5") as f:
@@ -180,7 +183,7 @@ def test_probs_file(world, tmp_path):
 @pytest.mark.slow
 def test_workers_give_byte_identical_csv(world, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    cfg = P.PredictConfig(**FP32)
+    cfg = PR.PredictConfig(**FP32)
     P.predict(world["run"], world["shards"], tmp_path / "one.csv", cfg=cfg)
     P.predict(world["run"], world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
@@ -237,8 +240,8 @@ def test_corrupted_weight_file(world, tmp_path, verify):
         _assert_clean_failure(r, tmp_path / "s.csv")
         assert "model.safetensors" in r.output
     else:  # without the sha256 check, the loader itself must refuse the file
-        with pytest.raises(P.InputError, match="model.safetensors"):
-            P.load_ensemble(run, verify=False)
+        with pytest.raises(InputError, match="model.safetensors"):
+            L.load_ensemble(run, verify=False)
 
 
 def test_shards_of_another_image_size(world, tmp_path):
@@ -273,7 +276,7 @@ def test_output_in_missing_directory(world, tmp_path):
 
 
 def test_ctrl_c_leaves_no_csv(world, tmp_path, monkeypatch):
-    real = P.Predictor.__call__
+    real = PR.Predictor.__call__
     calls = []
 
     def interrupted(self, *a, **k):
@@ -282,7 +285,7 @@ def test_ctrl_c_leaves_no_csv(world, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(P.Predictor, "__call__", interrupted)
+    monkeypatch.setattr(PR.Predictor, "__call__", interrupted)
     out = tmp_path / "s.csv"
     r = _cli(world, out, None, None, "--probs", str(tmp_path / "p.h5"), "--batch-size", "4")
     assert r.exit_code == 130
@@ -299,6 +302,6 @@ def test_keyword_options_and_predict_probs(world, tmp_path):
     p = torch.from_numpy(probs.astype(np.float32))
     top2 = p[:, 1:].topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1] > 2e-3).numpy()  # f16 rounding may flip near-ties
-    np.testing.assert_array_equal(P.to_labels(p).numpy()[clear], masks[clear])
+    np.testing.assert_array_equal(PR.to_labels(p).numpy()[clear], masks[clear])
     with pytest.raises(TypeError, match="unknown predict option"):
         P.predict(world["run"], world["npz"], tmp_path / "t.csv", speed=3)

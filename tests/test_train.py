@@ -75,7 +75,7 @@ def test_filters_apply_to_training_rows_only(shards, tmp_path):
 
 def test_smoke_writes_every_artifact_and_reloads(shards, tmp_path):
     r = tiny_recipe()
-    done = train_one_fold(r, "tiny", 1, shards, tmp_path, threads=1)
+    done = train_one_fold(r, "tiny", 1, shards, tmp_path, threads=1, precision="bf16")
     d = tmp_path / "tiny" / "fold_1"
     for name in ARTIFACTS:
         assert (d / name).is_file(), name

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 from ..errors import InputError
+from ..stream import rebatch
 from .cleaning import bg_fraction, class_counts
 
 FORMAT_VERSION = 1
@@ -177,22 +178,6 @@ def load_split(shard_dir: Path, split: str) -> Split:
     )
 
 
-def _rebatch(chunks: Iterator[tuple], batch_size: int) -> Iterator[tuple]:
-    """Regroup a stream of (ids, images[, masks]) chunks into batches of batch_size."""
-    buf: list[tuple] = []
-    have = 0
-    for chunk in chunks:
-        buf.append(chunk)
-        have += len(chunk[0])
-        while have >= batch_size:
-            cat = tuple(np.concatenate([c[j] for c in buf]) for j in range(len(chunk)))
-            yield tuple(a[:batch_size] for a in cat)
-            rest = tuple(a[batch_size:] for a in cat)
-            buf, have = ([rest] if len(rest[0]) else []), len(rest[0])
-    if have:
-        yield tuple(np.concatenate([c[j] for c in buf]) for j in range(len(buf[0])))
-
-
 def iter_batches(
     shard_dir: Path, split: str, batch_size: int, with_masks: bool = False
 ) -> Iterator[tuple[np.ndarray, ...]]:
@@ -217,7 +202,7 @@ def iter_batches(
                         check_labels(item[-1], p, s)
                     yield item
 
-    return _rebatch(chunks(), batch_size)
+    return rebatch(chunks(), batch_size)
 
 
 def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,49 @@
+"""Start or join Ray, the same way for train-folds and predict.
+
+Ray stays at the edge: only `orchestrate` (a task per fold) and `predict` (an
+actor pool) use it, and both come through here. With an address, join that
+cluster (``ray start``, Slurm). Without one, start a private instance: a bare
+``ray.init()`` would join whatever cluster ``ray start`` last left running on
+this machine. The private instance gets this machine's CPUs (or ``min_cpus``
+when more is asked for, so that every predict actor gets its one CPU), runs
+its workers at niceness 0 (Ray's default is 15, which would give work run
+through Ray less CPU than the same work run in-process), shows Ray's warnings
+but not its info lines, and no dashboard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+
+def start_ray(address: str | None = None, min_cpus: int = 0) -> None:
+    """Join the Ray cluster at ``address``, or start a private one (module docstring)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+              configure_logging=True)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus),
+                 _system_config={"worker_niceness": 0}, **kw)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, min_cpus: int = 0) -> Iterator[None]:
+    """Use the Ray this process already joined, else start or join one (`start_ray`) and
+    shut it down on the way out."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    start_ray(address, min_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,77 @@
+"""Where and in what precision networks run: the device and precision policy.
+
+One rule for training and prediction. ``auto`` means bf16 autocast on a CUDA GPU
+that supports it (else fp16), and on a CPU only when it has native bf16 matmul
+(AVX512-BF16 / AMX); other CPUs run fp32 ("no"): there bf16 is emulated, slower
+than fp32 and less exact, so it buys nothing. fp16 is GPU-only (CPU autocast
+supports bf16 only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import PRECISIONS
+from .errors import InputError
+
+
+def check_device(device: str | None) -> torch.device | None:
+    """Parse ``--device`` and check that this torch can use it (InputError naming the value)."""
+    if not device:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: not a torch device "
+                         "(e.g. cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cpu":
+        return d
+    backend = getattr(torch, d.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise InputError(f"--device {device}: this torch ({torch.__version__}) has no usable "
+                         f"{d.type} device; use --device cpu or leave --device out")
+    count = getattr(backend, "device_count", None)
+    if d.index is not None and callable(count) and d.index >= count():
+        raise InputError(f"--device {device}: only {count()} {d.type} device(s) visible")
+    return d
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """The device to run on: the given one, else CUDA when available, else CPU."""
+    if device:
+        return check_device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_bf16_fast() -> bool:
+    """True when the CPU has native bf16 matmul support (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map ``auto`` to bf16 | fp16 | no for ``device`` (module docstring); fp16 off CUDA and
+    unknown values are InputErrors."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: unknown value {precision!r} (valid: {', '.join(PRECISIONS)})")
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 is GPU-only (CPU autocast supports bf16); "
+                         "use --precision bf16 or no")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_bf16_fast() else "no"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved precision (bf16 | fp16 | no) on ``device``."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,130 @@
+"""The ensemble loader: the fold networks a run folder's ensemble file selects, with weights.
+
+An ensemble is every fold model of the selected members of a run folder (its
+ensemble file, read by `runfolder.RunFolder`); each fold is rebuilt from its own
+folder alone (config + weights via ``load_pretrained``). A member's
+weight is shared equally by its folds, so a 5-fold member and a 3-fold member
+with the same weight count the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ._io import sha256_file
+from .errors import InputError
+from .runfolder import CONFIG, WEIGHTS, RunFolder, fold_name
+
+
+@dataclass
+class FoldModel:
+    """One fold network of one member and its share of the ensemble (shares sum to 1)."""
+
+    member: str
+    fold: int
+    weight: float
+    model: nn.Module
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return fold_name(self.member, self.fold)
+
+
+@dataclass
+class Ensemble:
+    """The fold models of a run folder, each with its normalised weight."""
+
+    run_dir: Path
+    models: list[FoldModel] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[nn.Module, float]]:
+        return ((m.model, m.weight) for m in self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
+    from .models.registry import load_pretrained
+
+    weights = folder / WEIGHTS
+    if not folder.is_dir():
+        raise InputError(f"{folder}: fold folder is missing")
+    if not weights.is_file():
+        raise InputError(f"{weights}: weight file is missing")
+    if sha256 and sha256_file(weights) != sha256:
+        raise InputError(f"{weights}: sha256 differs from the run's ensemble file "
+                         "(corrupted or replaced)")
+    try:
+        model = load_pretrained(folder, map_location=map_location)
+    except InputError:
+        raise
+    except Exception as e:  # a corrupt file must never surface as a traceback
+        raise InputError(f"{weights}: cannot load weights ({type(e).__name__}: {e})") from None
+    return model.eval()
+
+
+def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = None,
+                  folds: Sequence[int] | None = None, map_location="cpu",
+                  verify: bool = True) -> Ensemble:
+    """Load the fold models of a run folder.
+
+    ``members`` defaults to the ensemble file's "selected" (else all members);
+    ``folds`` filters fold numbers. A single fold folder (config + weights, no
+    ensemble file) loads as a one-model ensemble.
+    ``verify`` checks each weight file against the sha256 in the ensemble file.
+    """
+    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
+    if run.is_fold_folder():
+        model = _load_fold(run_dir, None, map_location)
+        cfg = json.loads((run_dir / CONFIG).read_text())
+        return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
+                                            int(cfg.get("fold", 0)), 1.0, model, run_dir)])
+    spec = run.read_ensemble()
+    by_name = {m.get("name"): m for m in spec["members"]}
+    if members:
+        unknown = [m for m in members if m not in by_name]
+        if unknown:
+            raise InputError(f"unknown member(s) {', '.join(unknown)}; "
+                             f"{run_dir} has {', '.join(map(str, by_name))}")
+        chosen = list(members)
+    else:
+        chosen = spec.get("selected") or list(by_name)
+        missing = [m for m in chosen if m not in by_name]
+        if missing:
+            raise InputError(f"{run.ensemble}: selected member(s) "
+                             f"{', '.join(missing)} not in members")
+    plan: list[tuple[str, float, dict]] = []
+    for name in chosen:
+        m = by_name[name]
+        fl = [f for f in m.get("folds", []) if folds is None or int(f["fold"]) in set(folds)]
+        w = float(m.get("weight", 1.0))  # finite and >= 0: checked by read_ensemble
+        if w == 0:  # deselected by `select`: no point running it
+            continue
+        plan += [(name, w / len(fl), f) for f in fl]
+    if folds is not None:
+        have = {int(f["fold"]) for _, _, f in plan}
+        absent = sorted(set(folds) - have)
+        if absent:
+            raise InputError(f"fold(s) {absent} not found for member(s) {', '.join(chosen)}")
+    total = sum(w for _, w, _ in plan)
+    if not plan or total <= 0:
+        raise InputError(f"{run_dir}: no fold models selected")
+    out = Ensemble(run_dir)
+    for name, w, f in plan:
+        folder = run.fold_path(name, f)
+        model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
+        out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder))
+    return out

@@ -1,0 +1,133 @@
+"""Streaming images off a shard folder or an npz for prediction and scoring, with its checks.
+
+The predict path reads ``data.as_batches`` (fixed-size batches, independent of
+shard sizes, so results do not depend on the shard layout), passes it through
+``guard_reads`` (a read error of a shard becomes one InputError line) and
+``checked_batches`` (image shape and dtype, mask shape, increasing ids).
+``check_shards`` and ``count_images`` run before any prediction work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import IMAGE_SHAPE
+from .errors import InputError
+
+
+def rebatch(chunks: Iterable[tuple], batch_size: int) -> Iterator[tuple]:
+    """Regroup a stream of (ids, images[, masks]) chunks into batches of exactly
+    ``batch_size`` (the last may be smaller)."""
+    buf: list[tuple] = []
+    have = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        have += len(chunk[0])
+        while have >= batch_size:
+            cat = tuple(np.concatenate([c[j] for c in buf]) for j in range(len(chunk)))
+            yield tuple(a[:batch_size] for a in cat)
+            rest = tuple(a[batch_size:] for a in cat)
+            buf, have = ([rest] if len(rest[0]) else []), len(rest[0])
+    if have:
+        yield tuple(np.concatenate([c[j] for c in buf]) for j in range(len(buf[0])))
+
+
+def check_images(images: np.ndarray, where: str) -> np.ndarray:
+    """``images`` if uint8 (b, 64, 128), else an InputError naming ``where``."""
+    if images.ndim != 3 or tuple(images.shape[1:]) != tuple(IMAGE_SHAPE):
+        raise InputError(f"{where}: images have shape {tuple(images.shape[1:])}, "
+                         f"expected {tuple(IMAGE_SHAPE)}")
+    if images.dtype != np.uint8:
+        raise InputError(f"{where}: images must be uint8, got {images.dtype}")
+    return images
+
+
+def checked_batches(stream: Iterable[tuple], where: str) -> Iterator[tuple]:
+    """Pass (ids, images[, masks]) batches on, checked: image shape and dtype, masks shaped
+    like the images, ids increasing across batches. Empty batches are dropped."""
+    last = None
+    for ids, images, *masks in stream:
+        ids = np.asarray(ids, dtype=np.int64)
+        images = check_images(np.asarray(images), where)
+        if masks and np.shape(masks[0]) != np.shape(images):
+            raise InputError(f"{where}: masks have shape {np.shape(masks[0])[1:]}, images "
+                             f"{np.shape(images)[1:]}")
+        if len(ids) == 0:
+            continue
+        if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):
+            raise InputError(f"{where}: image ids are not in increasing order")
+        last = int(ids[-1])
+        yield (ids, images, *(np.asarray(m) for m in masks))
+
+
+def guard_reads(stream, where, what: str) -> Iterator:
+    """Pass ``stream`` through; a read error of a shard (truncated HDF5, missing key ...)
+    becomes one InputError line naming ``where`` and ``what`` was being read."""
+    it = iter(stream)
+    while True:
+        try:
+            piece = next(it)
+        except StopIteration:
+            return
+        except InputError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{where}: cannot read {what} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        yield piece
+
+
+def stream_batches(data: str | os.PathLike, split: str, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Checked (ids, images) batches of ``batch_size`` from a shard folder or npz; read
+    errors of a shard (truncated HDF5 ...) become InputError."""
+    from . import data as D
+
+    batches = guard_reads(D.as_batches(Path(data), split, batch_size), data, f"{split} images")
+    return checked_batches(batches, str(data))
+
+
+def count_images(data: str | os.PathLike, split: str = "test") -> int:
+    """Number of images of ``split`` in a shard folder or an npz (checks the image shape)."""
+    from . import data as D
+
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"{data}: data path does not exist")
+    if data.is_dir():
+        shape = D.read_dataset(data).get("image_shape")
+        if shape is not None and tuple(shape) != tuple(IMAGE_SHAPE):
+            raise InputError(f"{data / 'dataset.json'}: image_shape {tuple(shape)}, "
+                             f"expected {tuple(IMAGE_SHAPE)}")
+        check_shards(data, split)
+    return int(D.split_info(data, split)["count"])
+
+
+def check_shards(shard_dir: Path, split: str) -> None:
+    """Check every shard of ``split`` against its sha256 in dataset.json and its image shape
+    (HDF5 metadata), so an edited, truncated or foreign shard fails before any prediction work."""
+    import h5py
+
+    from . import data as D
+    from .runfolder import verify_shards
+
+    for path in D.shard_paths(shard_dir, split):
+        try:
+            with h5py.File(path, "r") as f:
+                shape = f["images"].shape
+                n_ids = f["ids"].shape[0]
+        except KeyError as e:
+            raise InputError(f"{path}: missing dataset {e}") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read HDF5 shard (truncated or corrupt: "
+                             f"{str(e).splitlines()[0]})") from None
+        if len(shape) != 3 or tuple(shape[1:]) != tuple(IMAGE_SHAPE):
+            raise InputError(f"{path}: images have shape {tuple(shape[1:])}, "
+                             f"expected {tuple(IMAGE_SHAPE)}")
+        if n_ids != shape[0]:
+            raise InputError(f"{path}: {n_ids} ids for {shape[0]} images")
+    verify_shards(shard_dir, split)
