@@ -97,8 +97,10 @@ def run(cmd: list, log: Path) -> float:
     with open(log, "a") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
-        subprocess.run([str(c) for c in cmd], check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"}).returncode
+    if rc:
+        sys.exit(f"yardstick: {Path(cmd[0]).name} {cmd[1]} exited with {rc}; see {log}")
     return time.perf_counter() - t0
 
 
@@ -187,6 +189,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.set and not args.name:
         ap.error("--set needs --name (the variant's run folders are named after it)")
+    for what, path in (("--data", args.data / "dataset.json"), ("--recipe", args.recipe)):
+        if not path.is_file():
+            ap.error(f"{what}: {path} does not exist (--data is a shard folder from marsseg-cli prepare)")
     name = args.name or args.recipe.stem
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         ap.error(f"--name {name!r}: letters, digits, '_', '-', '.' only")

@@ -3,6 +3,7 @@
 # changed back to what marsseg did before, 30 epochs, training seed 0, split seed 0.
 # Two runs at a time with 1 thread each (2 cores); every run's row is printed by bench.yardstick.
 #   SHARDS=runs/real-mars/shards results/ablate-fold0.sh [NAME ...]
+# (SHARDS: the real-mars shard folder, `results/run-real-mars.sh prepare` makes runs/real-mars/shards)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-runs/real-mars/shards}
