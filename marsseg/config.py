@@ -103,9 +103,10 @@ class AugmentConfig:
     hflip: float = 0.0
     vflip: float = 0.0  # off by default: terrain has a horizon
     cutmix: float = 0.0
-    # sample: each image gets its own box from a random partner with p = cutmix;
-    # batch: with p = cutmix the whole batch gets one box from a permutation of itself
-    cutmix_mode: str = "sample"
+    # batch: with p = cutmix the whole batch gets one box from a permutation of itself (the
+    # CutMix paper's code; 2-3 mIoU better than per-sample on real-mars fold 0, issue 10);
+    # sample: each image gets its own box from a random partner with p = cutmix
+    cutmix_mode: str = "batch"
     # per image, with this probability: paste ALL big-rock pixels of one random
     # big-rock training image at the same position (the reference report's class-4 CutMix)
     rock_paste: float = 0.0
