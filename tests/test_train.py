@@ -187,7 +187,7 @@ def test_decay_norms_puts_every_parameter_in_the_decayed_group():
 
     model = build_model("unet-se", base_width=4, depth=2)
     n = sum(1 for _ in model.parameters())
-    opt = make_optimizer(OptimizerConfig(weight_decay=1e-4), model)
+    opt = make_optimizer(OptimizerConfig(weight_decay=1e-4, decay_norms=False), model)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and len(plain["params"]) > 0
