@@ -34,6 +34,7 @@ from .runfolder import RunFolder, data_fingerprint, fold_name
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
+_CORE_SHARING = False  # see _run_ray
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,10 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         share = None
-        if opts.threads is None:  # --threads pins the count (and bit-identical reruns)
+        # Core sharing is OFF until it stops oversubscribing: the per-epoch ray.get on the
+        # CoreShare actor blocks inside the task, and Ray releases a blocked task's CPU, so
+        # it starts further folds (3+ ran at once on 2 CPUs). A non-blocking poll is needed.
+        if opts.threads is None and _CORE_SHARING:  # --threads pins the count
             cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
             share = ray.remote(num_cpus=0)(CoreShare).remote(cpus)
         task = ray.remote(_fold_task)

@@ -220,6 +220,8 @@ def test_embedded_ray_workers_are_not_niced(local_ray):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="core sharing is off (orchestrate._CORE_SHARING): its blocking "
+                   "ray.get inside a fold task let Ray start more folds than CPUs")
 def test_running_folds_take_over_the_cores_of_finished_ones(shards, tmp_path, local_ray):
     total = int(local_ray.cluster_resources()["CPU"])
     if total < 2:
