@@ -195,9 +195,8 @@ def main() -> None:
     name = args.name or args.recipe.stem
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         ap.error(f"--name {name!r}: letters, digits, '_', '-', '.' only")
-    args.split_seed = tomllib.loads(args.recipe.read_text()).get("split_seed", None)
-    if args.split_seed is None:
-        args.split_seed = tomllib.loads(args.recipe.read_text()).get("seed", 0)
+    doc = tomllib.loads(args.recipe.read_text())
+    args.split_seed = doc.get("split_seed", doc.get("seed", 0))
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         m = marsseg_row(args, name, seed)

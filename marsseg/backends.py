@@ -359,7 +359,8 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
 
     runners = []
     for fm, module in zip(folds, modules, strict=True):
-        sha = sha256_file(Path(fm.path) / WEIGHTS)
+        # the recorded sha256 (checked by load_ensemble in the driver); hash only without one
+        sha = fm.sha256 or sha256_file(Path(fm.path) / WEIGHTS)
         path = cache_path(fm.path, backend, precision, sha, n)
         if not _writable(path.parent):  # a read-only run folder: convert into a temp folder
             path = Path(_scratch().name) / path.name

@@ -31,6 +31,7 @@ class FoldModel:
     weight: float
     model: nn.Module
     path: Path
+    sha256: str | None = None  # of the weights, as recorded in the ensemble file (if any)
 
     @property
     def name(self) -> str:
@@ -126,5 +127,6 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     for name, w, f in plan:
         folder = run.fold_path(name, f)
         model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
-        out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder))
+        out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
+                                    f.get("sha256")))
     return out

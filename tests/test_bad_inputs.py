@@ -124,14 +124,18 @@ def _weight(value: str):
     return edit
 
 
-def shards_with(edit):
-    """A copy of the world's shards with `edit(folder)` applied."""
+def _copy_with(what: str, edit):
+    """A copy of the world's `what` folder ("shards" or "run") with `edit(folder)` applied."""
     def setup(w, tmp):
-        bad = tmp / "shards"
-        shutil.copytree(w.shards, bad)
+        bad = tmp / what
+        shutil.copytree(getattr(w, what), bad)
         edit(bad)
         return {"bad": bad}
     return setup
+
+
+def shards_with(edit):
+    return _copy_with("shards", edit)
 
 
 def _empty_test_split(folder: Path) -> None:
@@ -146,13 +150,7 @@ def _truncate(folder: Path) -> None:
 
 
 def run_with(edit):
-    """A copy of the world's run folder with `edit(folder)` applied."""
-    def setup(w, tmp):
-        bad = tmp / "run"
-        shutil.copytree(w.run, bad)
-        edit(bad)
-        return {"bad": bad}
-    return setup
+    return _copy_with("run", edit)
 
 
 def _replace_weights(run: Path) -> None:
