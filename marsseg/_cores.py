@@ -1,10 +1,17 @@
 """Spare cores for Ray fold tasks: the running folds of a node share its CPUs evenly.
 
-`train_one_fold` stays Ray-free: it only calls a `threads_fn` at each epoch start;
-orchestrate.py builds that function around the `CoreShare` actor below.
+`train_one_fold` stays Ray-free: it only calls a `threads_fn` at each epoch start.
+The fold tasks of one train-folds job count each other through marker files in a
+node-local folder (one per Ray job), so asking costs no Ray call: a blocking
+`ray.get` inside a task makes Ray lend the task's CPU to the next queued fold, and
+an earlier actor-based version ran 3 folds at once on 2 CPUs that way.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 
 def share_threads(node_cpus: float, running: int, base: int) -> int:
@@ -17,23 +24,57 @@ def share_threads(node_cpus: float, running: int, base: int) -> int:
     return max(base, int(node_cpus) // max(1, running))
 
 
-class CoreShare:
-    """A tiny Ray actor: which fold tasks run on which node, for `share_threads`.
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's live process
+        return True
+    return True
 
-    Keyed by (member, fold), so a retried task replaces its dead attempt instead of
-    counting twice.
+
+def share_folder(job: str) -> Path:
+    """The node-local folder where the fold tasks of Ray job `job` leave their markers."""
+    return Path(tempfile.gettempdir()) / "marsseg-cores" / job
+
+
+class CoreShare:
+    """One fold task's place among the running folds of its node (a context manager).
+
+    Entering leaves a marker `<key>@<pid>` in `folder`; `threads()` counts the markers
+    of live processes (a killed task's marker is removed by the next count) and returns
+    `share_threads(node_cpus, running, base)`; leaving removes the marker.
     """
 
-    def __init__(self, node_cpus: dict[str, float]):
-        self.node_cpus = dict(node_cpus)
-        self.running: dict[str, str] = {}  # task key -> node id
+    def __init__(self, folder: Path, key: str, node_cpus: float, base: int):
+        self.folder, self.node_cpus, self.base = Path(folder), node_cpus, base
+        self.marker = self.folder / f"{key.replace(os.sep, '-')}@{os.getpid()}"
 
-    def start(self, key: str, node: str) -> None:
-        self.running[key] = node
+    def __enter__(self) -> CoreShare:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.marker.touch()
+        return self
 
-    def finish(self, key: str) -> None:
-        self.running.pop(key, None)
+    def __exit__(self, *exc) -> None:
+        self.marker.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()  # the last fold out removes the job's folder
+        except OSError:
+            pass
 
-    def threads(self, node: str, base: int) -> int:
-        n = sum(1 for v in self.running.values() if v == node)
-        return share_threads(self.node_cpus.get(node, base), n, base)
+    def running(self) -> int:
+        n = 0
+        for p in self.folder.glob("*@*"):
+            pid = p.name.rsplit("@", 1)[1]
+            if pid.isdigit() and _alive(int(pid)):
+                n += 1
+            else:
+                p.unlink(missing_ok=True)
+        return max(1, n)
+
+    def threads(self) -> int:
+        try:
+            return share_threads(self.node_cpus, self.running(), self.base)
+        except OSError:  # an unreadable folder must not fail a fold: keep the base
+            return self.base

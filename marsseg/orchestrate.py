@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cores import CoreShare
+from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .ensemble import collect, same_folds, summary_table
@@ -34,7 +34,6 @@ from .runfolder import RunFolder, data_fingerprint, fold_name
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
-_CORE_SHARING = False  # see _run_ray
 
 
 @dataclass(frozen=True)
@@ -174,11 +173,12 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 # --- Ray ---------------------------------------------------------------------------------------
 
 
-def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, share):
+def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, node_cpus):
     """Body of one Ray task: train one fold, sending progress events to the board actor.
 
-    With a `share` actor (no --threads given) the fold asks it at every epoch start
-    how many threads to use, so folds still running take over the cores of finished ones.
+    With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
+    running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
+    takes its share of the CPUs, so folds still running take over the cores of finished ones.
     """
     import ray
 
@@ -186,22 +186,16 @@ def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, share):
     if board is not None:
         def progress(ev):
             board.report.remote(ev)
-    key, node = fold_name(member, fold), ray.get_runtime_context().get_node_id()
-    threads_fn = None
-    if share is not None:
-        share.start.remote(key, node)
-
-        def threads_fn() -> int:
-            try:
-                return ray.get(share.threads.remote(node, threads), timeout=10)
-            except Exception:  # noqa: BLE001 - a lost actor must not fail a fold: keep the base
-                return threads
-    try:
+    ctx = ray.get_runtime_context()
+    with contextlib.ExitStack() as stack:
+        threads_fn = None
+        if node_cpus is not None:
+            share = stack.enter_context(CoreShare(
+                share_folder(ctx.get_job_id()), fold_name(member, fold),
+                node_cpus.get(ctx.get_node_id(), threads), threads))
+            threads_fn = share.threads
         return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
                               threads_fn=threads_fn, **kwargs)
-    finally:
-        if share is not None:
-            share.finish.remote(key)
 
 
 class ProgressBoard:
@@ -235,13 +229,9 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             if want > have.get(key, 0):  # Ray would wait forever for such a task
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-        share = None
-        # Core sharing is OFF until it stops oversubscribing: the per-epoch ray.get on the
-        # CoreShare actor blocks inside the task, and Ray releases a blocked task's CPU, so
-        # it starts further folds (3+ ran at once on 2 CPUs). A non-blocking poll is needed.
-        if opts.threads is None and _CORE_SHARING:  # --threads pins the count
-            cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-            share = ray.remote(num_cpus=0)(CoreShare).remote(cpus)
+        node_cpus = None
+        if opts.threads is None:  # --threads pins the count
+            node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
         task = ray.remote(_fold_task)
         threads = opts.threads or max(1, int(opts.cpus_per_task))
         refs = {}
@@ -250,7 +240,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=fold_name(member, fold)).remote(
                 recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
-                share)
+                node_cpus)
             refs[ref] = (member, fold)
         pending = list(refs)
         results = []

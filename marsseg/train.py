@@ -399,7 +399,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                "val_iou": [round_score(v) for v in iou], "lr": lr,
                "img_s": round(n_img / train_s, 2),
                "seconds": round(time.perf_counter() - t_epoch, 3),
-               "threads": torch.get_num_threads(),
+               "threads": torch.get_num_threads(), "time": round(time.time(), 3),
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True

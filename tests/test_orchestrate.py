@@ -129,15 +129,22 @@ def test_cli_fp16_on_cpu_exits_2(shards, tmp_path):
 def test_share_threads_gives_idle_cores_to_running_folds():
     assert [share_threads(2, n, 1) for n in (0, 1, 2, 3)] == [2, 2, 1, 1]
     assert [share_threads(16, n, 2) for n in (1, 3, 8, 16)] == [16, 5, 2, 2]
-    board = CoreShare({"n1": 4, "n2": 2})  # the actor's logic, without Ray
-    board.start("a/fold_0", "n1")
-    board.start("a/fold_1", "n1")
-    board.start("a/fold_2", "n2")
-    assert board.threads("n1", 1) == 2 and board.threads("n2", 1) == 2
-    board.start("a/fold_1", "n1")  # a retried task replaces its dead attempt
-    assert board.threads("n1", 1) == 2
-    board.finish("a/fold_1")
-    assert board.threads("n1", 1) == 4 and board.threads("n3", 1) == 1  # unknown node: base
+
+
+def test_core_share_counts_live_folds_of_its_folder(tmp_path):
+    folder = tmp_path / "job"
+    with CoreShare(folder, "a/fold_0", 4, 1) as a:
+        assert a.threads() == 4  # alone on the node
+        with CoreShare(folder, "a/fold_1", 4, 1) as b:
+            assert a.threads() == b.threads() == 2
+            (folder / "a-fold_2@99999999").touch()  # a killed task's marker: not counted
+            assert a.threads() == 2 and not (folder / "a-fold_2@99999999").exists()
+        assert a.threads() == 4
+        other = CoreShare(tmp_path / "other-job", "a-fold_0", 4, 1)
+        assert other.threads() == 4  # another job's folds are not counted
+    assert not folder.exists()  # the last fold out removes the folder
+    with CoreShare(folder, "a-fold_0", 2, 3) as c:
+        assert c.threads() == 3  # never below the task's own threads
 
 
 # --- Ray -----------------------------------------------------------------------------------
@@ -220,8 +227,6 @@ def test_embedded_ray_workers_are_not_niced(local_ray):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="core sharing is off (orchestrate._CORE_SHARING): its blocking "
-                   "ray.get inside a fold task let Ray start more folds than CPUs")
 def test_running_folds_take_over_the_cores_of_finished_ones(shards, tmp_path, local_ray):
     total = int(local_ray.cluster_resources()["CPU"])
     if total < 2:
@@ -231,6 +236,12 @@ def test_running_folds_take_over_the_cores_of_finished_ones(shards, tmp_path, lo
     out = tmp_path / "run"
     train_folds(recipe, shards, out, RunOptions(cpus_per_task=total / 2, progress="none"))
     base = max(1, int(total / 2))
-    seen = [json.loads(x)["threads"] for f in range(3)
-            for x in (out / "a" / f"fold_{f}" / "metrics.jsonl").read_text().splitlines()]
+    rows = {f: [json.loads(x) for x in (out / "a" / f"fold_{f}" / "metrics.jsonl").read_text().splitlines()]
+            for f in range(3)}
+    seen = [r["threads"] for f in rows for r in rows[f]]
     assert set(seen) == {base, total}, seen
+    # Never more folds at once than the CPUs hold (a blocking call inside a task lets Ray
+    # start the next one early): a fold runs from its first epoch's start to its last's end.
+    spans = [(rs[0]["time"] - rs[0]["seconds"], rs[-1]["time"]) for rs in rows.values()]
+    for t, _ in spans:
+        assert sum(a <= t < b for a, b in spans) <= 2, spans
