@@ -28,8 +28,9 @@ Precision = Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no
 Device = Annotated[str | None, typer.Option(
     help="torch device (default: cuda if available, else cpu)")]
 Backend = Annotated[str, typer.Option(
-    help="eager | compile (AOTInductor, frozen) | openvino | openvino-int8 (CPU) | auto; "
-         "conversions are cached in each fold folder")]
+    help="auto (openvino on a CPU in bf16 when installed, else eager) | eager | compile "
+         "(AOTInductor, frozen) | openvino | openvino-int8 (CPU); conversions are cached in "
+         "each fold folder")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
 
 

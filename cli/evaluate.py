@@ -26,7 +26,7 @@ def evaluate(
     precision: Precision = "auto",
     classes: Annotated[str, typer.Option(help="foreground (as submitted) | all")] = "foreground",
     device: Device = None,
-    backend: Backend = "eager",
+    backend: Backend = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Score the run on labeled data: table on stdout, scores.json in the run folder."""

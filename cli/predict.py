@@ -32,7 +32,7 @@ def predict(
     device: Device = None,
     channels_last: Annotated[bool, typer.Option(help="channels_last memory format")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="same as --backend compile")] = False,
-    backend: Backend = "eager",
+    backend: Backend = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Predict masks with the run's ensemble and write the submission CSV."""

@@ -79,20 +79,23 @@ def _require(name: str) -> None:
                              "installed: pip install 'marsseg[openvino]'") from None
 
 
-def resolve(name: str, device: torch.device, compile_flag: bool = False) -> str:
+def resolve(name: str, device: torch.device, compile_flag: bool = False,
+            precision: str = "bf16") -> str:
     """The concrete backend for ``name`` on ``device``; checks its packages are installed.
 
-    ``auto``: eager on a GPU (its kernels are already fast; nothing to convert); on a
-    CPU openvino when installed: in the first probe it ran 1.4x eager bf16 with 0.38%
-    of labels off fp32 (eager bf16: 0.41%), inside the 0.5% budget. int8 and compile
-    stay opt-in until bench/bench_backends.py and real-mars gold say otherwise.
+    ``auto``: eager on a GPU (its kernels are already fast; nothing to convert) and for
+    fp32 (``precision`` "no": OpenVINO fp32 ran 0.62x eager bf16 here); on a CPU in bf16
+    openvino when installed: `make bench` measured 2.85x eager bf16 with 0.39% of pixels
+    off fp32 (eager bf16: 0.78%) and real-mars gold mIoU +0.02, inside the 0.5% / 0.1
+    budget. int8 (3.65% drift) and compile (1.63%) stay opt-in.
     ``compile_flag`` is the older ``--compile`` switch: it means ``compile``.
     """
     name = check_name(name)
     if compile_flag and name in ("eager", "auto"):
         name = "compile"
     if name == "auto":
-        name = "openvino" if device.type == "cpu" and available("openvino") else "eager"
+        cpu_bf16 = device.type == "cpu" and precision == "bf16"
+        name = "openvino" if cpu_bf16 and available("openvino") else "eager"
     if name.startswith("openvino") and device.type != "cpu":
         raise InputError(f"backend {name} runs on the CPU only (device is {device}); "
                          "use --device cpu or --backend eager")

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
+from . import backends as B
 from ._io import write_json_atomic
 from ._progress import pct, progress_bar
 from .backends import stderr_line
-from .device import autocast
+from .device import autocast, resolve_device, resolve_precision
 from .errors import InputError
 from .loader import load_ensemble
 from .metrics import (
@@ -45,7 +46,7 @@ from .metrics import (
 )
 from .predictor import PredictConfig, Predictor, forward_views, to_labels
 from .runfolder import RunFolder
-from .stream import check_shards, checked_batches, guard_reads
+from .stream import check_shards, checked_batches, guard_reads, prescan
 
 
 @dataclass
@@ -229,6 +230,12 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         run.check_writable()
     val_ids = _val_ids(run, data, total) if oof else None
     all_val = np.concatenate(list(val_ids.values())) if oof else None
+    device = resolve_device(cfg.device)
+    if B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device)) != "eager":
+        # bad data must fail before a backend conversion is shown or cached in the run folder
+        ids = prescan(data, split, cfg.batch_size, with_masks=True)
+        matched = int(np.isin(ids, all_val).sum()) if oof else len(ids)
+        _check_scored(run, data, split, matched, total if not oof else len(all_val), matched)
     pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
     scoring = _Pass(ens, pred, cfg, val_ids)
     matched = 0

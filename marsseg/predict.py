@@ -29,7 +29,7 @@ from ._progress import progress_bar
 from .device import resolve_device, resolve_precision
 from .loader import Ensemble, load_ensemble
 from .predictor import BatchResult, PredictConfig, Predictor
-from .stream import count_images, stream_batches
+from .stream import count_images, prescan, stream_batches
 
 # --------------------------------------------------------------------------- Ray at the edge
 
@@ -118,9 +118,13 @@ def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     """
     if ensemble is None:  # also validates the folder before Ray starts
         ensemble = load_ensemble(run_dir, members, folds)
+    device = resolve_device(cfg.device)
+    backend = B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device))
+    if backend != "eager":  # bad data must fail before a conversion is shown or cached
+        prescan(data, split, cfg.batch_size)
     batches = stream_batches(data, split, cfg.batch_size)
     if workers and workers > 1:
-        if B.resolve(cfg.backend, resolve_device(cfg.device), cfg.compile) != "eager":
+        if backend != "eager":
             Predictor(ensemble, cfg, log=log, calib_data=data)  # convert once; workers load it
         yield from _ray_results(run_dir, members, folds, cfg, batches, workers, address,
                                 want_probs, want_disagreement)
@@ -181,7 +185,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     names = ensemble.names
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    backend = B.resolve(cfg.backend, device, cfg.compile)  # a missing package fails here
+    backend = B.resolve(cfg.backend, device, cfg.compile, precision)  # a missing package fails here
     want = probs_path is not None
     pw = None
     ok = False

@@ -130,7 +130,7 @@ class Predictor:
         self.weights = [m.weight for m in ensemble.models]
         self.names = ensemble.names
         self.views = cfg.views
-        self.backend = B.resolve(cfg.backend, self.device, cfg.compile)
+        self.backend = B.resolve(cfg.backend, self.device, cfg.compile, self.precision)
         self.models = B.prepare(ensemble.models, self.backend, device=self.device,
                                 precision=self.precision, batch_size=cfg.batch_size,
                                 views=self.views, channels_last=cfg.channels_last, log=log,

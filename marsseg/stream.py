@@ -91,6 +91,21 @@ def stream_batches(data: str | os.PathLike, split: str, batch_size: int
     return checked_batches(batches, str(data))
 
 
+def prescan(data: str | os.PathLike, split: str, batch_size: int, with_masks: bool = False
+            ) -> np.ndarray:
+    """Read ``split`` once through every check of the prediction stream (and the label
+    check with ``with_masks``) without predicting; returns its ids. Runs before work that
+    leaves traces (a backend conversion cached in the run folder, its progress line), so
+    bad data still fails with one line and nothing written."""
+    from . import data as D
+
+    what = "labeled images" if with_masks else f"{split} images"
+    stream = guard_reads(D.as_batches(Path(data), split, batch_size, with_masks=with_masks),
+                         data, what)
+    ids = [b[0] for b in checked_batches(stream, str(data))]
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
 def count_images(data: str | os.PathLike, split: str = "test") -> int:
     """Number of images of ``split`` in a shard folder or an npz (checks the image shape)."""
     from . import data as D

@@ -92,6 +92,8 @@ def test_auto_rule(monkeypatch):
     assert B.resolve("eager", cpu) == "eager"
     assert B.resolve("eager", cpu, compile_flag=True) == "compile"
     assert B.resolve("auto", cpu) == ("openvino" if B.available("openvino") else "eager")
+    assert B.resolve("auto", cpu, precision="no") == "eager"  # fp32: OpenVINO fp32 is slower
+    assert B.resolve("auto", gpu, precision="fp16") == "eager"
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert B.resolve("auto", cpu) == "eager"
 
