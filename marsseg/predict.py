@@ -105,33 +105,52 @@ class _ProbsWriter:
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
+_NOT_READY = object()  # iter_predictions: ready_predictor has not run yet
+
+
+def ready_predictor(ensemble: Ensemble, data: str | os.PathLike, split: str,
+                    cfg: PredictConfig, *, workers: int = 0,
+                    log: Callable[[str], None] | None = None) -> Predictor | None:
+    """The in-process Predictor, its backend converted or loaded from the cache; with
+    ``workers`` > 1 only the conversion (the workers load it) and None. Before a
+    conversion, the data is read once through every check: bad data must fail before
+    a conversion is shown or cached."""
+    device = resolve_device(cfg.device)
+    backend = B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device))
+    if backend != "eager":
+        prescan(data, split, cfg.batch_size)
+    if workers > 1 and backend == "eager":
+        return None
+    pred = Predictor(ensemble, cfg, log=log, calib_data=data)
+    return None if workers > 1 else pred
+
+
 def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                      cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
                      folds: Sequence[int] | None = None, split: str = "test", workers: int = 0,
                      address: str | None = None, want_probs: bool = False,
                      want_disagreement: bool = False, ensemble: Ensemble | None = None,
-                     log: Callable[[str], None] | None = None) -> Iterator[BatchResult]:
+                     log: Callable[[str], None] | None = None,
+                     predictor: Predictor | None | object = _NOT_READY) -> Iterator[BatchResult]:
     """Stream BatchResults in id order over ``split`` of ``data`` (shard folder or npz).
 
     ``ensemble``: an already loaded ``load_ensemble(run_dir, members, folds)`` to reuse.
     ``log``: gets one line per backend conversion (seconds included).
+    ``predictor``: what ``ready_predictor`` returned for these arguments, None included
+    (then it is not called again).
     """
-    if ensemble is None:  # also validates the folder before Ray starts
-        ensemble = load_ensemble(run_dir, members, folds)
-    device = resolve_device(cfg.device)
-    backend = B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device))
-    if backend != "eager":  # bad data must fail before a conversion is shown or cached
-        prescan(data, split, cfg.batch_size)
+    workers = workers or 0
+    if predictor is _NOT_READY:
+        if ensemble is None:  # also validates the folder before Ray starts
+            ensemble = load_ensemble(run_dir, members, folds)
+        predictor = ready_predictor(ensemble, data, split, cfg, workers=workers, log=log)
     batches = stream_batches(data, split, cfg.batch_size)
-    if workers and workers > 1:
-        if backend != "eager":
-            Predictor(ensemble, cfg, log=log, calib_data=data)  # convert once; workers load it
+    if workers > 1:
         yield from _ray_results(run_dir, members, folds, cfg, batches, workers, address,
                                 want_probs, want_disagreement)
         return
-    pred = Predictor(ensemble, cfg, log=log, calib_data=data)
     for ids, images in batches:
-        yield pred(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
+        yield predictor(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
 
 
 def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
@@ -190,6 +209,9 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     pw = None
     ok = False
     t0 = time.perf_counter()
+    pred = ready_predictor(ensemble, data, split, cfg, workers=workers or 0,
+                           log=B.stderr_line if progress else None)
+    t_setup = time.perf_counter()
     try:
         if want:
             pw = _ProbsWriter(probs_path, total, {
@@ -200,7 +222,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
             for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
                                       split=split, workers=workers, address=address,
                                       want_probs=want, want_disagreement=want,
-                                      ensemble=ensemble, log=B.stderr_line if progress else None):
+                                      ensemble=ensemble, predictor=pred):
                 w.write(r.ids, r.labels)
                 if pw:
                     pw.write(r)
@@ -211,8 +233,10 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     finally:
         if pw:
             pw.close(ok)
-    dt = time.perf_counter() - t0
-    return {"rows": total, "seconds": round(dt, 3), "images_per_s": round(total / max(dt, 1e-9), 1),
+    t_end = time.perf_counter()
+    return {"rows": total, "seconds": round(t_end - t0, 3),
+            "setup_seconds": round(t_setup - t0, 3),  # backend conversion or cache load
+            "images_per_s": round(total / max(t_end - t_setup, 1e-9), 1),
             "models": names, "views": len(cfg.views), "precision": precision, "backend": backend,
             "device": str(device), "csv": str(out_csv),
             "probs": str(probs_path) if probs_path else None}
