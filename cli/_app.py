@@ -93,10 +93,14 @@ def _root(
     """Mars terrain segmentation: prepare data, train k-fold ensembles, predict with TTA."""
 
 
+_sigterm_seen = threading.Event()  # Ray's waits re-raise a plain KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame):
     # Ignore a second TERM so the first one's cleanup runs to the end (SLURM follows
     # up with SIGKILL after KillWait anyway).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _sigterm_seen.set()
     raise Terminated()
 
 
@@ -106,6 +110,7 @@ def _sigterm_raises():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _sigterm_seen.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
@@ -122,10 +127,10 @@ def user_errors():
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT) from None
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        raise typer.Exit(EXIT_TERMINATED) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or _sigterm_seen.is_set():
+            print("terminated", file=sys.stderr)
+            raise typer.Exit(EXIT_TERMINATED) from None
         print("interrupted", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except SystemExit as e:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 
@@ -26,11 +28,18 @@ def start_ray(address: str | None = None, min_cpus: int = 0) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
               configure_logging=True)
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, **kw)
     else:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus),
                  _system_config={"worker_niceness": 0}, **kw)
+    if callable(before):
+        # ray.init replaces the driver's SIGTERM handler (and Ray's C++ core adds a
+        # crash handler that dumps a stack and exits 1): put the caller's back, so
+        # the CLI's SIGTERM still unwinds (temp files removed, Ray shut down, exit 143).
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

@@ -104,6 +104,30 @@ def test_sigterm_during_train_folds_then_rerun_resumes(shards, tmp_path):
     assert not list(Path(run).rglob("*.tmp-*"))
 
 
+@pytest.mark.slow
+def test_sigterm_during_train_folds_on_ray_exits_143_and_resumes(shards, tmp_path):
+    # ray.init puts its own SIGTERM handlers in the driver (Python's sys.exit and a C++
+    # crash handler that dumps a stack and exits 1); the CLI's must win.
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.replace("epochs = 6", "epochs = 40"))
+    run = tmp_path / "run"
+    args = ["train-folds", "--data", str(shards), "--recipe", str(recipe), "--out", str(run),
+            "--progress", "plain", "--folds", "0"]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = run / "a" / "fold_0" / "state" / "trainer.json"
+    wait_for(state.exists, proc, "fold 0 saves an epoch")
+    rc, err = terminate(proc)
+    assert rc == 143, err
+    assert err.splitlines()[-1:] == ["terminated"], err
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+    assert not (run / "a" / "fold_0" / "done.json").exists()
+    res = CliRunner().invoke(app, args + ["--sequential", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (run / "a" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(40)), [r["epoch"] for r in rows]
+    assert any(r.get("resumed") for r in rows)  # continued, not started over
+
+
 def test_sigterm_unwinds_through_finally_and_the_handler_is_restored(capsys):
     before = signal.getsignal(signal.SIGTERM)
     cleaned = []
