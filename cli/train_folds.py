@@ -30,7 +30,6 @@ def train_folds(
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget per fold, e.g. 90s, 12m, 1.5h: each fold's epochs come from a timing probe before epoch 0 and are kept in its budget.json (not with --epochs)")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the training model (opt-in; on CPU it needs a C++ compiler)")] = False,
 ) -> None:
     with user_errors():
         from marsseg.budget import parse_duration
@@ -41,6 +40,6 @@ def train_folds(
                           gpus_per_task=gpus_per_task, threads=threads, address=address,
                           sequential=sequential, members=parse_list(members, "--members"),
                           folds=parse_list(folds, "--folds", int), max_retries=max_retries,
-                          progress=progress, compile=compile,
+                          progress=progress,
                           time_budget=parse_duration(time_budget) if time_budget is not None else None)
         run(recipe, data, out, opts, epochs=epochs)

@@ -51,7 +51,6 @@ class RunOptions:
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
-    compile: bool = False  # torch.compile the training model (opt-in: needs a C++ compiler on CPU)
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -75,8 +74,7 @@ class RunOptions:
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
-        return {"precision": self.precision, "time_budget": self.time_budget,
-                "compile": self.compile}
+        return {"precision": self.precision, "time_budget": self.time_budget}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:

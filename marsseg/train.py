@@ -360,6 +360,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     count measured once and kept in budget.json (see `budget`). threads_fn: asked at
     every epoch start for the torch thread count (e.g. more when other folds finished).
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
+    Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
+    on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
