@@ -52,11 +52,16 @@ class CoreShare:
         self.marker = self.folder / f"{key.replace(os.sep, '-')}@{os.getpid()}"
 
     def __enter__(self) -> CoreShare:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.marker.touch()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+        except OSError:  # no writable temp folder: this fold keeps its own threads
+            self.marker = None
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.marker is None:
+            return
         self.marker.unlink(missing_ok=True)
         try:
             self.folder.rmdir()  # the last fold out removes the job's folder
@@ -74,6 +79,8 @@ class CoreShare:
         return max(1, n)
 
     def threads(self) -> int:
+        if self.marker is None:
+            return self.base
         try:
             return share_threads(self.node_cpus, self.running(), self.base)
         except OSError:  # an unreadable folder must not fail a fold: keep the base

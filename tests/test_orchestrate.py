@@ -145,6 +145,9 @@ def test_core_share_counts_live_folds_of_its_folder(tmp_path):
     assert not folder.exists()  # the last fold out removes the folder
     with CoreShare(folder, "a-fold_0", 2, 3) as c:
         assert c.threads() == 3  # never below the task's own threads
+    (tmp_path / "file").write_text("")
+    with CoreShare(tmp_path / "file" / "job", "a/fold_0", 4, 1) as d:
+        assert d.threads() == 1  # no folder to count in: the task's own threads
 
 
 # --- Ray -----------------------------------------------------------------------------------
