@@ -10,7 +10,7 @@ import typer
 from marsseg.runfolder import ENSEMBLE
 
 from ._app import app, user_errors
-from ._options import BatchSize, Folds, Members, Precision, Quiet, parse_list
+from ._options import Backend, BatchSize, Folds, Members, Precision, Quiet, parse_list
 
 
 @app.command("report")
@@ -25,6 +25,7 @@ def report(
     overlays: Annotated[int, typer.Option(min=0, help="images in each of the best/worst overlays")] = 4,
     batch_size: BatchSize = 64,
     precision: Precision = "auto",
+    backend: Backend = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Write the report PNGs of a run (and refresh scores.json when --data is given)."""
@@ -32,7 +33,7 @@ def report(
         from marsseg.predictor import PredictConfig
         from marsseg.report import report as run_report
 
-        cfg = PredictConfig(tta=tta, batch_size=batch_size, precision=precision)
+        cfg = PredictConfig(tta=tta, batch_size=batch_size, precision=precision, backend=backend)
         r = run_report(ensemble, out, data=data, cfg=cfg, members=parse_list(members, "--members"),
                        folds=parse_list(folds, "--folds", int), split=split, n_overlays=overlays,
                        progress=not quiet)
