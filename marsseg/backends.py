@@ -156,6 +156,19 @@ def cache_path(fold_dir: Path, backend: str, precision: str, sha: str, n: int) -
     return Path(fold_dir) / "cache" / f"{backend}-{prec}-{sha[:16]}-b{n}{tag}"
 
 
+def _fold_sha(fm) -> str:
+    """The recorded sha256 (checked by load_ensemble in the driver); hashed only without one."""
+    return fm.sha256 or sha256_file(Path(fm.path) / WEIGHTS)
+
+
+def converted(folds, backend: str, *, precision: str, n: int) -> bool:
+    """True when every fold's conversion for this backend, precision and static batch
+    ``n`` is already cached in its fold folder (nothing to convert, nothing to write)."""
+    return backend == "eager" or all(
+        _is_cached(backend, cache_path(fm.path, backend, precision, _fold_sha(fm), n))
+        for fm in folds)
+
+
 def _prune(cache_dir: Path, backend: str, sha: str) -> None:
     """Drop this backend's conversions of other weights (the fold was retrained)."""
     if not cache_dir.is_dir():
@@ -362,8 +375,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
 
     runners = []
     for fm, module in zip(folds, modules, strict=True):
-        # the recorded sha256 (checked by load_ensemble in the driver); hash only without one
-        sha = fm.sha256 or sha256_file(Path(fm.path) / WEIGHTS)
+        sha = _fold_sha(fm)
         path = cache_path(fm.path, backend, precision, sha, n)
         if not _writable(path.parent):  # a read-only run folder: convert into a temp folder
             path = Path(_scratch().name) / path.name

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 
 from . import CLASS_NAMES, NUM_CLASSES
-from . import backends as B
 from ._io import write_json_atomic
 from ._progress import pct, progress_bar
 from .backends import stderr_line
-from .device import autocast, resolve_device, resolve_precision
+from .device import autocast
 from .errors import InputError
 from .loader import load_ensemble
 from .metrics import (
@@ -44,9 +43,9 @@ from .metrics import (
     pixel_accuracy,
     round_score,
 )
-from .predictor import PredictConfig, Predictor, forward_views, to_labels
+from .predictor import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .runfolder import RunFolder
-from .stream import check_shards, checked_batches, guard_reads, prescan
+from .stream import check_shards, prescan, stream_batches
 
 
 @dataclass
@@ -210,7 +209,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     ``cfg.tta`` False skips the TTA rows. Returns the scores dict (also written to
     the run folder's scores file when ``write``); scores are fractions 0..1.
     """
-    from .data import as_batches, split_info
+    from .data import split_info
 
     run_dir, data = Path(run_dir), Path(data)
     if not data.exists():
@@ -230,8 +229,7 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         run.check_writable()
     val_ids = _val_ids(run, data, total) if oof else None
     all_val = np.concatenate(list(val_ids.values())) if oof else None
-    device = resolve_device(cfg.device)
-    if B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device)) != "eager":
+    if needs_conversion(ens, cfg):
         # bad data must fail before a backend conversion is shown or cached in the run folder
         ids = prescan(data, split, cfg.batch_size, with_masks=True)
         matched = int(np.isin(ids, all_val).sum()) if oof else len(ids)
@@ -240,10 +238,9 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
     scoring = _Pass(ens, pred, cfg, val_ids)
     matched = 0
     t0 = time.perf_counter()
-    stream = as_batches(data, split, cfg.batch_size, with_masks=True)
     with progress_bar(total, f"evaluate ({'out-of-fold' if oof else split})", progress) as advance, \
             torch.inference_mode():
-        for ids, images, masks in _with_masks(stream, str(data)):
+        for ids, images, masks in stream_batches(data, split, cfg.batch_size, with_masks=True):
             matched += int(np.isin(ids, all_val).sum()) if oof else len(ids)
             scoring.batch(ids, images, masks, run.splits)
             advance(len(ids))
@@ -275,12 +272,6 @@ def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected
                          "not the data this run was trained on")
     if scored == 0:
         raise InputError(f"{data}: no image of the {split} split could be scored")
-
-
-def _with_masks(stream, where: str):
-    """Checked (ids, images, masks) batches (`stream.checked_batches`); read errors of a
-    shard become InputError. ``as_batches`` already yields fixed-size batches."""
-    return checked_batches(guard_reads(stream, where, "labeled images"), where)
 
 
 def format_table(result: dict):

@@ -28,7 +28,7 @@ from ._io import atomic_path
 from ._progress import progress_bar
 from .device import resolve_device, resolve_precision
 from .loader import Ensemble, load_ensemble
-from .predictor import BatchResult, PredictConfig, Predictor
+from .predictor import BatchResult, PredictConfig, Predictor, needs_conversion
 from .stream import count_images, prescan, stream_batches
 
 # --------------------------------------------------------------------------- Ray at the edge
@@ -115,14 +115,14 @@ def ready_predictor(ensemble: Ensemble, data: str | os.PathLike, split: str,
     ``workers`` > 1 only the conversion (the workers load it) and None. Before a
     conversion, the data is read once through every check: bad data must fail before
     a conversion is shown or cached."""
-    device = resolve_device(cfg.device)
-    backend = B.resolve(cfg.backend, device, cfg.compile, resolve_precision(cfg.precision, device))
-    if backend != "eager":
+    convert = needs_conversion(ensemble, cfg)
+    if convert:
         prescan(data, split, cfg.batch_size)
-    if workers > 1 and backend == "eager":
-        return None
-    pred = Predictor(ensemble, cfg, log=log, calib_data=data)
-    return None if workers > 1 else pred
+    if workers <= 1:
+        return Predictor(ensemble, cfg, log=log, calib_data=data)
+    if convert:
+        Predictor(ensemble, cfg, log=log, calib_data=data)  # the workers load its cache
+    return None
 
 
 def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,

@@ -115,6 +115,16 @@ class BatchResult:
     #                                        label differs from the ensemble's
 
 
+def needs_conversion(ensemble: Ensemble, cfg: PredictConfig) -> bool:
+    """True when building a Predictor for ``cfg`` would convert a fold (and cache it in
+    the run folder, with a progress line): the callers check their data before that."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    backend = B.resolve(cfg.backend, device, cfg.compile, precision)
+    return not B.converted(ensemble.models, backend, precision=precision,
+                           n=cfg.batch_size * len(cfg.views))
+
+
 class Predictor:
     """Runs an ensemble on batches of uint8 images. No Ray, no files: pure compute."""
 

@@ -81,28 +81,25 @@ def guard_reads(stream, where, what: str) -> Iterator:
         yield piece
 
 
-def stream_batches(data: str | os.PathLike, split: str, batch_size: int
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Checked (ids, images) batches of ``batch_size`` from a shard folder or npz; read
-    errors of a shard (truncated HDF5 ...) become InputError."""
+def stream_batches(data: str | os.PathLike, split: str, batch_size: int,
+                   with_masks: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
+    """Checked (ids, images[, masks]) batches of ``batch_size`` from a shard folder or npz
+    (masks also label-checked); read errors of a shard (truncated HDF5 ...) become InputError."""
     from . import data as D
 
-    batches = guard_reads(D.as_batches(Path(data), split, batch_size), data, f"{split} images")
+    what = "labeled images" if with_masks else f"{split} images"
+    batches = guard_reads(D.as_batches(Path(data), split, batch_size, with_masks=with_masks),
+                          data, what)
     return checked_batches(batches, str(data))
 
 
 def prescan(data: str | os.PathLike, split: str, batch_size: int, with_masks: bool = False
             ) -> np.ndarray:
-    """Read ``split`` once through every check of the prediction stream (and the label
-    check with ``with_masks``) without predicting; returns its ids. Runs before work that
-    leaves traces (a backend conversion cached in the run folder, its progress line), so
-    bad data still fails with one line and nothing written."""
-    from . import data as D
-
-    what = "labeled images" if with_masks else f"{split} images"
-    stream = guard_reads(D.as_batches(Path(data), split, batch_size, with_masks=with_masks),
-                         data, what)
-    ids = [b[0] for b in checked_batches(stream, str(data))]
+    """Read ``split`` once through every check of ``stream_batches`` without predicting;
+    returns its ids. Runs before work that leaves traces (a backend conversion cached in
+    the run folder, its progress line), so bad data still fails with one line and
+    nothing written."""
+    ids = [b[0] for b in stream_batches(data, split, batch_size, with_masks)]
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
