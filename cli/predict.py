@@ -38,7 +38,7 @@ def predict(
     """Predict masks with the run's ensemble and write the submission CSV."""
     with user_errors():
         from marsseg.predict import predict as run_predict
-        from marsseg.predictor import PredictConfig
+        from marsseg.inference import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
                             precision=precision, classes=classes, channels_last=channels_last,

@@ -34,7 +34,7 @@ from ._progress import pct, progress_bar
 from .backends import stderr_line
 from .device import autocast
 from .errors import InputError
-from .loader import load_ensemble
+from .ensemble import load_ensemble
 from .metrics import (
     class_iou,
     confusion_matrix,
@@ -43,9 +43,9 @@ from .metrics import (
     pixel_accuracy,
     round_score,
 )
-from .predictor import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
+from .inference import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .runfolder import RunFolder
-from .stream import check_shards, prescan, stream_batches
+from .data import check_shards, prescan, stream_batches
 
 
 @dataclass
