@@ -138,8 +138,8 @@ def _trained_drift(batch: int) -> dict | None:
     from marsseg import backends as B
     from marsseg.data import load_split
     from marsseg.ensemble import load_ensemble
-    from marsseg.metrics import confusion_matrix, course_miou
     from marsseg.inference import PredictConfig, Predictor
+    from marsseg.metrics import confusion_matrix, course_miou
 
     run, data = os.environ.get("BENCH_TRAINED_RUN"), os.environ.get("BENCH_TRAINED_DATA")
     if not run or not data:

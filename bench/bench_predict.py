@@ -145,8 +145,8 @@ def _peak_rss(run: Path, shards: Path, d: Path) -> dict:
 
 def run(quick: bool = False) -> dict:
     from marsseg.ensemble import load_ensemble
-    from marsseg.predict import predict
     from marsseg.inference import PredictConfig, Predictor
+    from marsseg.predict import predict
 
     members = 5
     n_naive = 1 if quick else 3

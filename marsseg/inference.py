@@ -18,8 +18,8 @@ from torch import nn
 
 from . import backends as B
 from .device import autocast, check_device, resolve_device, resolve_precision
-from .errors import InputError
 from .ensemble import Ensemble
+from .errors import InputError
 from .metrics import labeled_argmax
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both

@@ -51,8 +51,8 @@ from .data.loaders import make_loaders
 from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
-from .metrics import labeled_argmax, round_score
 from .losses import make_loss
+from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 

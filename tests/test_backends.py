@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from marsseg import backends as B
 from marsseg import ensemble as L
-from marsseg import predict as P
 from marsseg import inference as PR
+from marsseg import predict as P
 from marsseg.cli import app
 from marsseg.data import prepare
 from marsseg.evaluate import evaluate

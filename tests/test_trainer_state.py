@@ -8,8 +8,8 @@ import shutil
 import pytest
 from test_train import Interrupt, metrics, stop_after, tiny_recipe
 
-from marsseg.errors import InputError
 from marsseg.checkpoint import TrainerState
+from marsseg.errors import InputError
 from marsseg.train import train_one_fold
 
 # state/trainer.json exactly as train_one_fold wrote it before TrainerState existed
