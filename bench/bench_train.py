@@ -100,10 +100,7 @@ def bare_loop(member, images: np.ndarray, masks: np.ndarray, val_images: np.ndar
             for group in opt.param_groups:
                 group["lr"] = lr_at(member.schedule, member.optimizer.lr, step, steps, epochs)
             x, y = augment_batch(x_all[idx].to(dev).unsqueeze(1).float(), y_all[idx].to(dev).long(),
-                                 generator=aug, hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                                 cutmix_mode=a.cutmix_mode, rock_images=rocks,
-                                 rock_paste_p=a.rock_paste, rock_bank=bank, rock_target=a.rock_target,
-                                 brightness=a.brightness, contrast=a.contrast)
+                                 a, generator=aug, rock_images=rocks, rock_bank=bank)
             with torch.autocast(**amp):
                 out = model(x.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(out.float(), y)

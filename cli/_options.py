@@ -24,7 +24,9 @@ Members = Annotated[list[str] | None, typer.Option(
 Folds = Annotated[list[str] | None, typer.Option(
     help="fold numbers (default: all); repeat or comma-separate")]
 BatchSize = Annotated[int, typer.Option(min=1, help="images per forward pass (x views)")]
-Precision = Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")]
+Precision = Annotated[str, typer.Option(
+    help="auto (GPU: bf16 if supported, else fp16; CPU: bf16 only with native bf16 matmul, "
+         "else fp32) | bf16 | fp16 (GPU only) | no (fp32)")]
 Device = Annotated[str | None, typer.Option(
     help="torch device (default: cuda if available, else cpu)")]
 Backend = Annotated[str, typer.Option(

@@ -18,7 +18,7 @@ def train_folds(
     data: Annotated[Path, typer.Option(help="prepared shard folder (marsseg-cli prepare)")],
     recipe: Annotated[Path, typer.Option(help="recipe TOML, e.g. ensembles/seed-final.toml")],
     out: Annotated[Path, typer.Option(help="run folder, e.g. runs/<name>; re-running resumes it")],
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CPU and bf16-capable GPUs, else fp16) | bf16 | fp16 (GPU only) | no")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (GPU: bf16 if supported, else fp16; CPU: bf16 only with native bf16 matmul, else fp32) | bf16 | fp16 (GPU only) | no (fp32)")] = "auto",
     cpus_per_task: Annotated[float, typer.Option(help="CPUs Ray reserves per (member, fold) task")] = 1.0,
     gpus_per_task: Annotated[float, typer.Option(help="GPUs per task; fractions share a GPU, e.g. 0.5")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="torch threads per task (default: int(cpus-per-task); --sequential: torch's default)")] = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .config import AugmentConfig
 from .errors import InputError
 
 ROCK = 4  # class index of Big Rock
@@ -298,21 +299,22 @@ def jitter(images: torch.Tensor, brightness: float = 0.0, contrast: float = 0.0,
     return ((images - mean) * scale + mean + shift).clamp(0.0, 255.0)
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, *,
-                  generator: torch.Generator | None, hflip_p: float = 0.5, vflip_p: float = 0.0,
-                  cutmix_p: float = 0.0, cutmix_alpha: float = 1.0, cutmix_mode: str = "sample",
-                  rock_images: RockImages | None = None, rock_paste_p: float = 0.0,
-                  rock_bank: RockBank | None = None, rock_target: float = 0.0,
-                  rock_tolerance: float = 0.005, brightness: float = 0.0, contrast: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training pipeline: flips, CutMix, whole-image rock paste, big-rock crop
-    paste to a share (last of the label ops, so its target holds for the final
-    batch), then intensity jitter."""
-    images, masks = hflip(images, masks, hflip_p, generator)
-    images, masks = vflip(images, masks, vflip_p, generator)
-    images, masks = cutmix(images, masks, cutmix_p, generator, cutmix_alpha, cutmix_mode)
-    images, masks = rock_paste_images(images, masks, rock_images, rock_paste_p, generator)
-    if rock_bank is not None and rock_target > 0:
-        images, masks = rock_paste(images, masks, rock_bank, rock_target, generator, rock_tolerance)
-    images = jitter(images, brightness, contrast, generator)
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig = AugmentConfig(),
+                  *, generator: torch.Generator | None, rock_images: RockImages | None = None,
+                  rock_bank: RockBank | None = None, cutmix_alpha: float = 1.0,
+                  rock_tolerance: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training pipeline of a member's `AugmentConfig`: flips, CutMix, whole-image rock
+    paste (from ``rock_images``), big-rock crop paste to a share (from ``rock_bank``; last
+    of the label ops, so its target holds for the final batch), then intensity jitter.
+
+    Shape: images float (B, 1, H, W), masks int64 (B, H, W); both returned new.
+    """
+    images, masks = hflip(images, masks, cfg.hflip, generator)
+    images, masks = vflip(images, masks, cfg.vflip, generator)
+    images, masks = cutmix(images, masks, cfg.cutmix, generator, cutmix_alpha, cfg.cutmix_mode)
+    images, masks = rock_paste_images(images, masks, rock_images, cfg.rock_paste, generator)
+    if rock_bank is not None and cfg.rock_target > 0:
+        images, masks = rock_paste(images, masks, rock_bank, cfg.rock_target, generator,
+                                   rock_tolerance)
+    images = jitter(images, cfg.brightness, cfg.contrast, generator)
     return images, masks

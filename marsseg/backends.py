@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from ._io import sha256_file
+from .data import as_batches, open_data
 from .errors import InputError
+from .models.registry import to_model_input
 from .runfolder import WEIGHTS
 
 BACKENDS = ("auto", "eager", "compile", "openvino", "openvino-int8")
@@ -84,10 +86,10 @@ def resolve(name: str, device: torch.device, compile_flag: bool = False,
     """The concrete backend for ``name`` on ``device``; checks its packages are installed.
 
     ``auto``: eager on a GPU (its kernels are already fast; nothing to convert) and for
-    fp32 (``precision`` "no": OpenVINO fp32 ran 0.62x eager bf16 here); on a CPU in bf16
-    openvino when installed: `make bench` measured 2.85x eager bf16 with 0.39% of pixels
-    off fp32 (eager bf16: 0.78%) and real-mars gold mIoU +0.02, inside the 0.5% / 0.1
-    budget. int8 (3.65% drift) and compile (1.63%) stay opt-in.
+    fp32 (``precision`` "no": OpenVINO fp32 was slower than eager bf16); on a CPU in bf16
+    openvino when installed (faster than eager bf16 and within the accuracy budget; the
+    figures are in README and bench/results). int8 and compile drift further from fp32
+    and stay opt-in.
     ``compile_flag`` is the older ``--compile`` switch: it means ``compile``.
     """
     name = check_name(name)
@@ -295,12 +297,12 @@ def _load_ov(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tenso
 
 def calibration_images(data: str | os.PathLike, n: int = CALIBRATION_IMAGES) -> np.ndarray:
     """``n`` training images spread evenly over the train split of ``data`` (shard folder
-    or npz); the test split when there is no train split. Shape: uint8 (n, H, W)."""
-    from . import data as D
-
+    or npz, a path or an opened source); the test split when there is no train split.
+    Shape: uint8 (n, H, W)."""
+    source = open_data(data)
     for split in ("train", "test"):
         try:
-            parts = [b[1] for b in D.as_batches(Path(data), split, 1024)]
+            parts = [b[1] for b in as_batches(source, split, 1024)]
         except (InputError, KeyError, OSError):
             continue
         if parts:
@@ -313,7 +315,7 @@ def calibration_images(data: str | os.PathLike, n: int = CALIBRATION_IMAGES) -> 
 def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ...]],
                    n: int) -> list[np.ndarray]:
     """Calibration inputs in the static shape: groups of ``batch`` images, views stacked."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)), channels_last=False)
     out = []
     for s in range(0, max(len(x) - batch, 0) + 1, batch):
         c = x[s:s + batch]

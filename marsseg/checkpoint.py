@@ -65,15 +65,13 @@ def save_state(accelerator, fold_dir: Path, trainer: dict) -> None:
         write_trainer(tmp, trainer)
 
 
-def load_state(accelerator, state: Path) -> dict:
-    """Restore accelerate's state (model, optimizer, RNGs) from `state`; returns trainer.json."""
-    trainer = read_trainer(state)
+def load_state(accelerator, state: Path) -> None:
+    """Restore accelerate's state (model, optimizer, RNGs) from `state`."""
     try:
         accelerator.load_state(str(state))
     except Exception as e:  # noqa: BLE001 - a corrupt state must not surface as a traceback
         raise InputError(f"{state}: cannot resume from the saved training state "
                          f"({type(e).__name__}); delete it to train the fold from epoch 0") from None
-    return trainer
 
 
 def resume(fold_dir: Path, accelerator) -> TrainerState | None:

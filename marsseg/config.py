@@ -58,7 +58,6 @@ CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt", "effective")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 CUTMIX_MODES = ("sample", "batch")
-PRECISIONS = ("auto", "bf16", "fp16", "no")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -377,12 +376,3 @@ def with_epochs(recipe: Recipe, epochs: int | None) -> Recipe:
         raise InputError(f"--epochs must be >= 1, got {epochs}")
     members = tuple(dataclasses.replace(m, epochs=epochs) for m in recipe.members)
     return dataclasses.replace(recipe, members=members)
-
-
-def check_precision(precision: str, gpus: float) -> None:
-    """Reject a precision that cannot run on the requested devices (before any worker starts)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision: unknown value {precision!r} (valid: {', '.join(PRECISIONS)})")
-    if precision == "fp16" and gpus <= 0:
-        raise InputError("--precision fp16 is GPU-only (CPU autocast supports bf16); "
-                         "use --precision bf16 or no, or request GPUs with --gpus-per-task")

@@ -1,20 +1,55 @@
-"""Where and in what precision networks run: the device and precision policy.
+"""Where and in what precision networks run: the one authority on device and precision.
 
 One rule for training and prediction. ``auto`` means bf16 autocast on a CUDA GPU
 that supports it (else fp16), and on a CPU only when it has native bf16 matmul
 (AVX512-BF16 / AMX); other CPUs run fp32 ("no"): there bf16 is emulated, slower
 than fp32 and less exact, so it buys nothing. fp16 is GPU-only (CPU autocast
 supports bf16 only).
+
+A command turns its options into one frozen `Resolved` at its entry point
+(`resolve`) and hands it down: nothing below decides the device or precision again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from .config import PRECISIONS
 from .errors import InputError
+
+#: the --precision values: auto (the rule above), bf16, fp16 (GPU only), no (fp32)
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """How a command runs its networks, decided once: device, precision (bf16 | fp16 |
+    no), backend (``backends.BACKENDS`` minus auto; training: eager) and torch threads
+    (None: torch's default)."""
+
+    device: torch.device
+    precision: str
+    backend: str = "eager"
+    threads: int | None = None
+
+    def autocast(self):
+        """The autocast context of this precision on this device."""
+        return autocast(self.device, self.precision)
+
+    def with_backend(self, backend: str) -> Resolved:
+        return dataclasses.replace(self, backend=backend)
+
+    def with_threads(self, threads: int | None) -> Resolved:
+        return dataclasses.replace(self, threads=threads)
+
+
+def check_precision_name(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: unknown value {precision!r} (valid: {', '.join(PRECISIONS)})")
+    return precision
 
 
 def check_device(device: str | None) -> torch.device | None:
@@ -54,19 +89,52 @@ def cpu_bf16_fast() -> bool:
         return False
 
 
+def cuda_bf16() -> bool:
+    """True when the current CUDA GPU supports bf16."""
+    return bool(torch.cuda.is_bf16_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto`` to bf16 | fp16 | no for ``device`` (module docstring); fp16 off CUDA and
     unknown values are InputErrors."""
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision: unknown value {precision!r} (valid: {', '.join(PRECISIONS)})")
+    check_precision_name(precision)
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 is GPU-only (CPU autocast supports bf16); "
                          "use --precision bf16 or no")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_bf16() else "fp16"
     return "bf16" if device.type == "cpu" and cpu_bf16_fast() else "no"
+
+
+def resolve(device: str | torch.device | None, precision: str,
+            threads: int | None = None) -> Resolved:
+    """The one resolution of a command's ``--device`` and ``--precision`` (backend eager)."""
+    if not isinstance(device, torch.device):
+        device = resolve_device(device)
+    return Resolved(device, resolve_precision(precision, device), threads=threads)
+
+
+def resolve_training(precision: str, gpus: float | None) -> Resolved:
+    """The one resolution of train-folds' ``--precision`` for its fold tasks.
+
+    ``gpus``: GPUs each Ray task gets (a task with a GPU trains on CUDA, one without on
+    the CPU: Ray hides the GPUs from it); None: the folds run in this process, on CUDA
+    when this machine has it. ``auto`` on a task GPU the driver cannot see (a cluster)
+    is fp16, which every CUDA GPU runs.
+    """
+    check_precision_name(precision)
+    if gpus is None:
+        return resolve(None, precision)
+    if gpus <= 0:
+        if precision == "fp16":
+            raise InputError("--precision fp16 is GPU-only (CPU autocast supports bf16); "
+                             "use --precision bf16 or no, or request GPUs with --gpus-per-task")
+        return resolve("cpu", precision)
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and cuda_bf16() else "fp16"
+    return Resolved(torch.device("cuda"), precision)
 
 
 def autocast(device: torch.device, precision: str):

@@ -9,9 +9,10 @@ with the same weight count the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,15 +46,21 @@ class Ensemble:
     run_dir: Path
     models: list[FoldModel] = field(default_factory=list)
 
-    def __iter__(self) -> Iterator[tuple[nn.Module, float]]:
-        return ((m.model, m.weight) for m in self.models)
-
     def __len__(self) -> int:
         return len(self.models)
 
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    def subset(self, folds: Sequence[int]) -> Ensemble:
+        """The fold models of ``folds`` (the same loaded networks), weights renormalised to 1."""
+        chosen = [m for m in self.models if m.fold in set(folds)]
+        total = sum(m.weight for m in chosen)
+        if not chosen or total <= 0:
+            raise InputError(f"{self.run_dir}: no fold models for fold(s) {list(folds)}")
+        return Ensemble(self.run_dir, [dataclasses.replace(m, weight=m.weight / total)
+                                       for m in chosen])
 
 
 def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:

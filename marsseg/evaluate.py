@@ -22,53 +22,30 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import CLASS_NAMES, NUM_CLASSES
+from . import CLASS_NAMES
 from ._io import write_json_atomic
 from ._progress import pct, progress_bar
 from .backends import stderr_line
-from .data import check_shards, prescan, stream_batches
-from .device import autocast
-from .ensemble import load_ensemble
+from .data import open_checked, prescan, split_info, stream_batches
+from .data.source import ShardSource, Source
+from .device import Resolved
+from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
-from .inference import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
-from .metrics import (
-    class_iou,
-    confusion_matrix,
-    course_miou,
-    full_confusion_matrix,
-    pixel_accuracy,
-    round_score,
-)
-from .runfolder import RunFolder
+from .inference import PredictConfig, Predictor, mean_views, needs_conversion, to_labels
+from .metrics import ConfusionMeter, confusion_matrix, course_miou, round_score
+from .runfolder import RunFolder, data_fingerprint
 
 
-@dataclass
-class _Meter:
-    """Course confusion matrix (truth 0 dropped) plus the full one, and an image count."""
-
-    cm: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES,) * 2, np.int64))
-    full: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES,) * 2, np.int64))
-    images: int = 0
-
-    def update(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        f = full_confusion_matrix(pred, truth)
-        self.full += f
-        f[0, :] = 0
-        self.cm += f
-        self.images += len(pred)
-
-    def row(self, name: str, kind: str, tta: bool) -> dict:
-        iou = class_iou(self.cm)
-        return {"name": name, "kind": kind, "tta": tta, "images": self.images,
-                "miou": round_score(course_miou(self.cm)),
-                "pixel_accuracy": round_score(pixel_accuracy(self.cm)),
-                "iou": [round_score(v) for v in iou]}
+def _row(meter: ConfusionMeter, name: str, kind: str, tta: bool) -> dict:
+    """One row of the scores: course mIoU, pixel accuracy and per-class IoU of ``meter``."""
+    return {"name": name, "kind": kind, "tta": tta, "images": meter.images,
+            "miou": round_score(meter.miou()), "pixel_accuracy": round_score(meter.accuracy()),
+            "iou": [round_score(v) for v in meter.iou()]}
 
 
 def per_image_miou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -76,15 +53,13 @@ def per_image_miou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.array([course_miou(confusion_matrix(p, t)) for p, t in zip(pred, truth, strict=True)])
 
 
-def _labeled(data: Path, split: str) -> bool:
-    from .data import split_info
-
+def _labeled(data: Source, split: str) -> bool:
     return bool(split_info(data, split)["labeled"])
 
 
-def choose_split(data: str | os.PathLike, split: str | None) -> str:
+def choose_split(data: str | os.PathLike | Source, split: str | None) -> str:
     """``test`` when it has masks, else ``train`` (out-of-fold); an explicit split must be labeled."""
-    data = Path(data)
+    data = open_checked(data)
     if split is None:
         return "test" if _labeled(data, "test") else "train"
     if split == "test" and not _labeled(data, "test"):
@@ -93,14 +68,12 @@ def choose_split(data: str | os.PathLike, split: str | None) -> str:
     return split
 
 
-def _check_oof_data(run: RunFolder, data: Path) -> None:
+def _check_oof_data(run: RunFolder, data: Source) -> None:
     """Out-of-fold scores only mean something on the data the run was trained on."""
-    from .runfolder import data_fingerprint
-
-    if data.is_dir():
+    if isinstance(data, ShardSource):
         run.check_data(data_fingerprint(data))
     else:
-        run.check_source(data)
+        run.check_source(data.path)
 
 
 class _Pass:
@@ -119,50 +92,55 @@ class _Pass:
         self.members = list(dict.fromkeys(m.member for m in ens.models))
         # OOF: one fold per member sees each image, so that fold carries the member's share.
         self.share = {n: sum(m.weight for m in ens.models if m.member == n) for n in self.members}
-        self.fold_m = {m.name: _Meter() for m in ens.models}
-        self.fold_t = {m.name: _Meter() for m in ens.models}
-        self.ens_m, self.ens_t = _Meter(), _Meter()
+        self.fold_m = {m.name: ConfusionMeter(full=True) for m in ens.models}
+        self.fold_t = {m.name: ConfusionMeter(full=True) for m in ens.models}
+        self.ens_m, self.ens_t = ConfusionMeter(full=True), ConfusionMeter(full=True)
         self.img_ids: list[np.ndarray] = []
         self.img_scores: list[np.ndarray] = []
 
     def _labels(self, probs: torch.Tensor) -> np.ndarray:
         return to_labels(probs, self.classes).cpu().numpy()
 
+    def _rows(self, ids: np.ndarray, splits) -> list[np.ndarray | None] | None:
+        """Per fold model, the batch positions it scores: all (None) in test mode; in
+        out-of-fold mode only its own validation images."""
+        if self.val_ids is None:
+            return None
+        rows = []
+        for fm in self.ens.models:
+            if fm.fold not in self.val_ids:
+                raise InputError(f"{splits}: no fold {fm.fold}")
+            rows.append(np.flatnonzero(np.isin(ids, self.val_ids[fm.fold])))
+        return rows
+
     def batch(self, ids: np.ndarray, images: np.ndarray, masks: np.ndarray, splits) -> None:
         """Score one batch. Shape: ids (b,), images and masks uint8 (b, H, W)."""
-        pred, oof = self.pred, self.val_ids is not None
-        x = pred.to_input(images)
         b = len(ids)
-        acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
-        acc_t = torch.zeros_like(acc_m)
+        rows = self._rows(ids, splits)
+        acc_m = acc_t = None
         cover = np.zeros(b)
-        for fm, model in zip(self.ens.models, pred.models, strict=True):
-            if oof:
-                if fm.fold not in self.val_ids:
-                    raise InputError(f"{splits}: no fold {fm.fold}")
-                rows = np.isin(ids, self.val_ids[fm.fold])
-                if not rows.any():
-                    continue
-                w = self.share[fm.member]
-            else:
-                rows = np.ones(b, bool)
-                w = fm.weight
-            sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
-            with autocast(pred.device, pred.precision):
-                ps = forward_views(model, x[sel] if oof else x, self.views)
+        for k, ps in self.pred.member_views(images, rows):
+            fm = self.ens.models[k]
+            # OOF: one fold per member sees each image, so that fold carries the member's share
+            w = fm.weight if rows is None else self.share[fm.member]
+            pos = np.arange(b) if rows is None else rows[k]
+            sel = torch.from_numpy(pos).to(ps[0].device)
             plain = ps[0]
-            both = sum(ps[1:], ps[0].clone()) / len(ps) if self.tta else plain
-            truth = masks[rows]
+            both = mean_views(ps) if self.tta else plain
+            truth = masks[pos]
             self.fold_m[fm.name].update(self._labels(plain), truth)
             if self.tta:
                 self.fold_t[fm.name].update(self._labels(both), truth)
+            if acc_m is None:
+                acc_m = torch.zeros(b, *plain.shape[1:], device=plain.device)
+                acc_t = torch.zeros_like(acc_m)
             acc_m.index_add_(0, sel, plain * w)
             acc_t.index_add_(0, sel, both * w)
-            cover[rows] += w
+            cover[pos] += w
         done = cover > 1 - 1e-6  # every selected member contributed (always, in test mode)
         if done.any():
             truth = masks[done]
-            dsel = torch.from_numpy(np.flatnonzero(done)).to(x.device)
+            dsel = torch.from_numpy(np.flatnonzero(done)).to(acc_m.device)
             lab_m = self._labels(acc_m[dsel])
             self.ens_m.update(lab_m, truth)
             lab_t = self._labels(acc_t[dsel]) if self.tta else lab_m
@@ -174,19 +152,19 @@ class _Pass:
     def scores(self) -> dict:
         """The rows (folds, ensemble, ensemble+tta), confusion and per-image part of the result."""
         models = self.ens.models
-        rows = [self.fold_m[m.name].row(m.name, "fold", False) for m in models]
+        rows = [_row(self.fold_m[m.name], m.name, "fold", False) for m in models]
         if self.tta:
             for r, m in zip(rows, models, strict=True):
-                r["miou_tta"] = self.fold_t[m.name].row(m.name, "fold", True)["miou"]
-        rows.append(self.ens_m.row("ensemble", "ensemble", False))
+                r["miou_tta"] = round_score(self.fold_t[m.name].miou())
+        rows.append(_row(self.ens_m, "ensemble", "ensemble", False))
         best = self.ens_m
         if self.tta:
-            rows.append(self.ens_t.row("ensemble+tta", "ensemble", True))
+            rows.append(_row(self.ens_t, "ensemble+tta", "ensemble", True))
             best = self.ens_t
         ids = np.concatenate(self.img_ids) if self.img_ids else np.zeros(0, np.int64)
         per = np.concatenate(self.img_scores) if self.img_scores else np.zeros(0)
         return {"rows": rows,
-                "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
+                "confusion": best.cm.tolist(),  # truth 0 kept, rows = truth, cols = prediction
                 "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]}}
 
 
@@ -200,41 +178,40 @@ def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
     return val_ids
 
 
-def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
+def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike | Source, *,
              cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, split: str | None = None,
-             progress: bool = False, write: bool = True) -> dict:
+             progress: bool = False, write: bool = True, rt: Resolved | None = None,
+             ensemble: Ensemble | None = None) -> dict:
     """Score single folds, the ensemble and the ensemble with TTA on labeled data.
 
     ``cfg.tta`` False skips the TTA rows. Returns the scores dict (also written to
     the run folder's scores file when ``write``); scores are fractions 0..1.
+    ``rt`` and ``ensemble``: the caller's resolution and loaded ensemble (`report`);
+    by default resolved (`PredictConfig.resolve`) and loaded here, once.
     """
-    from .data import split_info
-
-    run_dir, data = Path(run_dir), Path(data)
-    if not data.exists():
-        raise InputError(f"{data}: data path does not exist")
+    run_dir, data = Path(run_dir), open_checked(data)
     split = choose_split(data, split)
     run = RunFolder(run_dir if run_dir.is_dir() else run_dir.parent)
     oof = split == "train"
     if oof:
         _check_oof_data(run, data)
-    if data.is_dir():
-        check_shards(data, split)
+    data.check(split)
     total = int(split_info(data, split)["count"])
     if total == 0:
         raise InputError(f"{data}: the {split} split holds no images; nothing to score")
-    ens = load_ensemble(run_dir, members, folds)
+    ens = ensemble if ensemble is not None else load_ensemble(run_dir, members, folds)
+    rt = rt if rt is not None else cfg.resolve()
     if write:
         run.check_writable()
     val_ids = _val_ids(run, data, total) if oof else None
     all_val = np.concatenate(list(val_ids.values())) if oof else None
-    if needs_conversion(ens, cfg):
+    if needs_conversion(ens, cfg, rt):
         # bad data must fail before a backend conversion is shown or cached in the run folder
         ids = prescan(data, split, cfg.batch_size, with_masks=True)
         matched = int(np.isin(ids, all_val).sum()) if oof else len(ids)
         _check_scored(run, data, split, matched, total if not oof else len(all_val), matched)
-    pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
+    pred = Predictor(ens, cfg, rt, log=stderr_line if progress else None, calib_data=data)
     scoring = _Pass(ens, pred, cfg, val_ids)
     matched = 0
     t0 = time.perf_counter()
@@ -251,8 +228,8 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         "format_version": 1,
         "run": str(run_dir), "data": str(data), "split": split,
         "mode": "oof" if oof else "test", "images": total,
-        "classes": cfg.classes, "views": len(cfg.views), "precision": pred.precision,
-        "backend": pred.backend, "device": str(pred.device), "seconds": round(dt, 2),
+        "classes": cfg.classes, "views": len(cfg.views), "precision": rt.precision,
+        "backend": rt.backend, "device": str(rt.device), "seconds": round(dt, 2),
         "class_names": list(CLASS_NAMES), "members": scoring.members, "models": ens.names,
         **scoring.scores(),
     }

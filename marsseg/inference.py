@@ -1,15 +1,23 @@
 """Inference: the Predictor runs a loaded ensemble on batches of uint8 images, with flip TTA.
 
-Per batch, the TTA views are stacked into ONE forward pass per model:
-``cat([x, flip(x)])`` -> logits -> softmax -> each view flipped back -> mean.
-Member softmaxes are then averaged with their weights. No Ray and no files
-here: ``predict`` streams data through it, ``evaluate`` and ``report`` call it
-directly, and ``backends`` turns its fold modules into the callables it runs.
+Configure once, load once, funnel once (nnU-Net's predictor is the model): a
+`Predictor` is built from a loaded `Ensemble`, a `PredictConfig` and the command's
+`Resolved` device, precision, backend and threads; every caller then funnels into
+ONE method, `Predictor.member_views`, which gives each fold model's softmax of each
+TTA view: the views are stacked into one forward pass per model
+(``cat([x, flip(x)])`` -> logits -> softmax -> each view flipped back).
+``__call__`` averages the views (`mean_views`) and the models with their weights
+for `predict` and `report`; `evaluate` scores the views and models one by one; the
+training loop's out-of-fold pass runs one fold through it.
+
+No Ray here. Building a Predictor sets torch's thread count (``Resolved.threads``)
+and, for a converting backend, writes the conversion into each fold folder's
+cache (``backends.prepare``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,10 +25,11 @@ import torch
 from torch import nn
 
 from . import backends as B
-from .device import autocast, check_device, resolve_device, resolve_precision
+from .device import Resolved, check_precision_name, resolve
 from .ensemble import Ensemble
 from .errors import InputError
 from .metrics import labeled_argmax
+from .models.registry import to_model_input
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
 #: (the mirror group nnU-Net uses). Rover images have the sky on top, so vflip is opt-in.
@@ -53,17 +62,21 @@ class PredictConfig:
 
     def __post_init__(self):
         B.check_name(self.backend)
-        if self.precision not in ("auto", "bf16", "fp16", "no"):
-            raise InputError(f"precision must be auto, bf16, fp16 or no, got {self.precision!r}")
+        check_precision_name(self.precision)
         if self.classes not in ("foreground", "all"):
             raise InputError(f"classes must be foreground or all, got {self.classes!r}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
-        check_device(self.device)
 
     @property
     def views(self) -> tuple[tuple[int, ...], ...]:
         return tta_views(self.tta, self.tta_vflip)
+
+    def resolve(self) -> Resolved:
+        """The one resolution of device, precision, backend (its packages checked) and
+        threads for a command: call it at the entry point and pass the result down."""
+        rt = resolve(self.device, self.precision, self.threads)
+        return rt.with_backend(B.resolve(self.backend, rt.device, self.compile, rt.precision))
 
 
 def forward_views(model: nn.Module, x: torch.Tensor,
@@ -82,13 +95,11 @@ def forward_views(model: nn.Module, x: torch.Tensor,
             for k, d in enumerate(views)]
 
 
-def forward_tta(model: nn.Module, x: torch.Tensor,
-                views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> torch.Tensor:
-    """Softmax of ``model`` averaged over TTA views, all views in one forward pass.
+def mean_views(ps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of one model's view softmaxes (`forward_views`), summed in view order.
 
-    Shape: x float (B, 1, H, W) in 0..255 -> probs float32 (B, C, H, W).
+    Shape: each float32 (B, C, H, W) -> float32 (B, C, H, W) (the first one itself if alone).
     """
-    ps = forward_views(model, x, views)
     if len(ps) == 1:
         return ps[0]
     out = ps[0].clone()
@@ -115,66 +126,79 @@ class BatchResult:
     #                                        label differs from the ensemble's
 
 
-def needs_conversion(ensemble: Ensemble, cfg: PredictConfig) -> bool:
+def needs_conversion(ensemble: Ensemble, cfg: PredictConfig, rt: Resolved) -> bool:
     """True when building a Predictor for ``cfg`` would convert a fold (and cache it in
     the run folder, with a progress line): the callers check their data before that."""
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    backend = B.resolve(cfg.backend, device, cfg.compile, precision)
-    return not B.converted(ensemble.models, backend, precision=precision,
+    return not B.converted(ensemble.models, rt.backend, precision=rt.precision,
                            n=cfg.batch_size * len(cfg.views))
 
 
 class Predictor:
-    """Runs an ensemble on batches of uint8 images. No Ray, no files: pure compute."""
+    """Runs a loaded ensemble on batches of uint8 images (module docstring)."""
 
-    def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig(), *,
-                 log: Callable[[str], None] | None = None, calib_data=None):
-        """``log`` gets one line per backend conversion; ``calib_data`` (shards or npz)
-        gives the int8 backend its calibration images."""
+    def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig(),
+                 rt: Resolved | None = None, *, log: Callable[[str], None] | None = None,
+                 calib_data=None):
+        """``rt``: the command's resolution (default: ``cfg.resolve()``, for a caller that
+        is itself the entry point). ``log`` gets one line per backend conversion;
+        ``calib_data`` (shards, npz or an opened source) gives the int8 backend its
+        calibration images."""
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        self.rt = rt = rt if rt is not None else cfg.resolve()
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        self.ensemble = ensemble
         self.weights = [m.weight for m in ensemble.models]
         self.names = ensemble.names
         self.views = cfg.views
-        self.backend = B.resolve(cfg.backend, self.device, cfg.compile, self.precision)
-        self.models = B.prepare(ensemble.models, self.backend, device=self.device,
-                                precision=self.precision, batch_size=cfg.batch_size,
+        self.models = B.prepare(ensemble.models, rt.backend, device=rt.device,
+                                precision=rt.precision, batch_size=cfg.batch_size,
                                 views=self.views, channels_last=cfg.channels_last, log=log,
                                 calib_data=calib_data)
+
+    device = property(lambda self: self.rt.device)
+    precision = property(lambda self: self.rt.precision)
+    backend = property(lambda self: self.rt.backend)
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """Shape: images uint8 (b, H, W) -> float (b, 1, H, W) 0..255 on the device."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.unsqueeze(1).float()
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return to_model_input(x, self.cfg.channels_last)
 
     @torch.inference_mode()
-    def model_probs(self, images: np.ndarray) -> list[torch.Tensor]:
-        """Per-model TTA-averaged softmax, each float32 (B, C, H, W) on the device."""
+    def member_views(self, images: np.ndarray, rows: Sequence[np.ndarray | None] | None = None
+                     ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """The one forward path: (model index, softmax of each TTA view) per fold model.
+
+        ``rows`` (one per model): positions into ``images`` that model sees (None: all;
+        a model with no row is skipped). Shape: images uint8 (b, H, W) -> each view float32
+        (n, C, H, W) on the device, n = that model's rows, flipped back, in view order.
+        """
         x = self.to_input(images)
-        with autocast(self.device, self.precision):
-            return [forward_tta(m, x, self.views) for m in self.models]
+        for k, model in enumerate(self.models):
+            r = None if rows is None else rows[k]
+            if r is not None and not len(r):
+                continue
+            xs = x if r is None else x[torch.from_numpy(np.asarray(r)).to(x.device)]
+            with self.rt.autocast():
+                ps = forward_views(model, xs, self.views)
+            yield k, ps
 
     @torch.inference_mode()
     def __call__(self, ids: np.ndarray, images: np.ndarray, *, want_probs: bool = False,
                  want_disagreement: bool = False) -> BatchResult:
-        """Predict one batch. Shape: ids (b,), images uint8 (b, H, W)."""
-        x = self.to_input(images)
+        """Predict one batch: the weighted mean over models of each model's view mean.
+
+        Shape: ids (b,), images uint8 (b, H, W).
+        """
         need_each = want_disagreement and len(self.models) > 1
         each = []
         probs = None
-        with autocast(self.device, self.precision):
-            for m, w in zip(self.models, self.weights, strict=True):
-                p = forward_tta(m, x, self.views)
-                if need_each:
-                    each.append(to_labels(p, self.cfg.classes))
-                probs = p * w if probs is None else probs.add_(p, alpha=w)
+        for k, ps in self.member_views(images):
+            p, w = mean_views(ps), self.weights[k]
+            if need_each:
+                each.append(to_labels(p, self.cfg.classes))
+            probs = p * w if probs is None else probs.add_(p, alpha=w)
         labels = to_labels(probs, self.cfg.classes)
         out = BatchResult(np.asarray(ids, dtype=np.int64), labels.cpu().numpy())
         if want_probs:

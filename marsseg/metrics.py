@@ -116,13 +116,16 @@ class ConfusionMeter:
         self.num_classes = num_classes
         self.full = full
         self.cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.images = 0  # items along the first axis of every update (images of a batch)
 
     def update(self, pred, target) -> None:
         fn = full_confusion_matrix if self.full else confusion_matrix
         self.cm += fn(pred, target, self.num_classes)
+        self.images += len(pred)
 
     def reset(self) -> None:
         self.cm[:] = 0
+        self.images = 0
 
     def iou(self) -> np.ndarray:
         cm = self.cm.copy()

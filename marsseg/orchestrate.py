@@ -26,7 +26,9 @@ from pathlib import Path
 
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
-from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .config import Recipe, load_recipe, parse_recipe, with_epochs
+from .data import open_checked
+from .device import Resolved, resolve_training
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
@@ -53,12 +55,6 @@ class RunOptions:
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
 
     def check(self) -> None:
-        if self.sequential:  # in-process: whatever this machine has
-            import torch
-
-            check_precision(self.precision, 1 if torch.cuda.is_available() else 0)
-        else:
-            check_precision(self.precision, self.gpus_per_task)
         if self.cpus_per_task <= 0:
             raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
@@ -72,9 +68,10 @@ class RunOptions:
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
 
-    def fold_kwargs(self) -> dict:
-        """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
-        return {"precision": self.precision, "time_budget": self.time_budget}
+    def resolve(self) -> Resolved:
+        """Device and precision of every fold, decided once here (`device.resolve_training`)
+        and handed to each fold task."""
+        return resolve_training(self.precision, None if self.sequential else self.gpus_per_task)
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -127,10 +124,14 @@ def _check_resources(opts: RunOptions) -> None:
 
 
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
-    """Every check that needs no writing, in one place: (train split, splits, new?, data record)."""
+    """Every check that needs no writing, in one place: (train split, splits, new?, data record).
+
+    The data is opened once: its dataset.json read once, the train split loaded once (the
+    fold tasks get this split, not the path)."""
     run.check_target()
-    split = load_train(data)  # first: what is wrong inside a shard is the clearer message
-    fp = data_fingerprint(data)  # verifies the train shards against dataset.json
+    source = open_checked(data)
+    split = load_train(source)  # first: what is wrong inside a shard is the clearer message
+    fp = data_fingerprint(source)  # verifies the train shards against dataset.json
     run.check_data(fp)
     _check_recipe(run, recipe, opts.time_budget)
     splits, new = plan_splits(recipe, split, run)
@@ -171,8 +172,11 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 # --- Ray ---------------------------------------------------------------------------------------
 
 
-def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, node_cpus):
+def _fold_task(recipe, member, fold, split, out, kwargs, threads, board, node_cpus):
     """Body of one Ray task: train one fold, sending progress events to the board actor.
+
+    ``split``: the driver's train split (from Ray's object store); ``kwargs``: the
+    driver's resolved device and precision (``rt``), the run's splits and time budget.
 
     With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
     running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
@@ -192,7 +196,7 @@ def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, node_cpu
                 share_folder(ctx.get_job_id()), fold_name(member, fold),
                 node_cpus.get(ctx.get_node_id(), threads), threads))
             threads_fn = share.threads
-        return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
+        return train_one_fold(recipe, member, fold, split, out, threads=threads, progress=progress,
                               threads_fn=threads_fn, **kwargs)
 
 
@@ -215,7 +219,7 @@ def _unwrap_task_error(e: Exception) -> Exception:
     return cause if isinstance(cause, InputError) else e
 
 
-def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
+def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view) -> list[dict]:
     import ray
 
     from .cluster import ray_session
@@ -231,13 +235,14 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
         task = ray.remote(_fold_task)
+        split_ref = ray.put(split)  # once: every task reads it from the object store
         threads = opts.threads or max(1, int(opts.cpus_per_task))
         refs = {}
         for member, fold in jobs:
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=fold_name(member, fold)).remote(
-                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
+                recipe, member, fold, split_ref, str(out), fold_kwargs, threads, board,
                 node_cpus)
             refs[ref] = (member, fold)
         pending = list(refs)
@@ -285,6 +290,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
         raise InputError("--epochs and --time-budget both set the epoch count; give one of them")
     recipe = with_epochs(load_recipe(recipe_path), epochs)
     options.check()
+    rt = options.resolve()
     selected = _select(recipe, options)
     run = RunFolder(out)
     split, splits, new_splits, fp = _validate(recipe, selected, data, run, options)
@@ -295,8 +301,10 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                        options.time_budget)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
             held.enter_context(run.lock_folds(jobs))
-        _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
-               console)
+        fold_kwargs = {"rt": rt, "splits": splits, "time_budget": options.time_budget}
+        done = _train(recipe, jobs, [j for j in selected if j not in jobs], split, run, options,
+                      fold_kwargs, console)
+        run.remember_done(done)  # weights hashed as each fold finished: not hashed again
         with run.lock():
             ens = collect(run, recipe, split, splits, data)
             if not same_folds(run, ens):
@@ -313,9 +321,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     return ens_out
 
 
-def _train(recipe: Recipe, jobs, skipped, split, data: Path, run: RunFolder, options: RunOptions,
-           console) -> None:
-    """Train `jobs` in this process or on Ray, with the progress view."""
+def _train(recipe: Recipe, jobs, skipped, split, run: RunFolder, options: RunOptions,
+           fold_kwargs: dict, console) -> list[dict]:
+    """Train `jobs` in this process or on Ray, with the progress view; their done records."""
     from ._progress import ProgressView
 
     # Under a time budget each fold's count is decided when it starts (0 = not known yet).
@@ -325,11 +333,10 @@ def _train(recipe: Recipe, jobs, skipped, split, data: Path, run: RunFolder, opt
     if skipped:
         view.log(f"{len(skipped)} fold(s) already finished in {run.path}, skipped")
     if not jobs:
-        return
+        return []
     with view:
         if options.sequential:
-            for m, f in jobs:
-                train_one_fold(recipe, m, f, split, run.path, threads=options.threads,
-                               progress=lambda ev: view.update([ev]), **options.fold_kwargs())
-        else:
-            _run_ray(recipe, jobs, data, run.path, options, view)
+            return [train_one_fold(recipe, m, f, split, run.path, threads=options.threads,
+                                   progress=lambda ev: view.update([ev]), **fold_kwargs)
+                    for m, f in jobs]
+        return _run_ray(recipe, jobs, split, run.path, options, fold_kwargs, view)

@@ -1,6 +1,6 @@
 """Predict a data split with a run folder's ensemble: the submission CSV, optionally probabilities.
 
-Images stream from the data source in fixed-size batches (`stream`), so the
+Images stream from the data source in fixed-size batches (`data.stream`), so the
 output is identical for any shard layout and any number of Ray workers, and
 memory stays bounded by the batch size. Each batch goes through a `Predictor`
 (pure compute: the ensemble, batched flip TTA) and out to the CSV writer and,
@@ -19,37 +19,37 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from . import IMAGE_SHAPE, NUM_CLASSES
 from . import backends as B
 from ._io import atomic_path
 from ._progress import progress_bar
-from .data import count_images, prescan, stream_batches
-from .device import resolve_device, resolve_precision
+from .data import count_images, open_checked, prescan, stream_batches
+from .data.source import Source
+from .device import Resolved
 from .ensemble import Ensemble, load_ensemble
 from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
+from .submission import SubmissionWriter, check_out_path
 
 # --------------------------------------------------------------------------- Ray at the edge
 
 
-def _ray_results(run_dir, members, folds, cfg, batches: Iterable, workers: int,
-                 address: str | None, want_probs: bool, want_dis: bool) -> Iterator[BatchResult]:
-    """Spread batches over ``workers`` Ray actors; yield results in input order."""
+def _ray_results(run_dir, members, folds, cfg: PredictConfig, rt: Resolved, batches: Iterable,
+                 workers: int, address: str | None, want_probs: bool,
+                 want_dis: bool) -> Iterator[BatchResult]:
+    """Spread batches over ``workers`` Ray actors; yield results in input order. Each actor
+    loads the ensemble (weights checked by the driver) and runs at the driver's ``rt``."""
     import ray
 
     from .cluster import ray_session
 
+    rt = rt.with_threads(rt.threads or 1)
     with ray_session(address, min_cpus=workers):
-        gpu = cfg.device != "cpu" and torch.cuda.is_available()
+        gpu = rt.device.type == "cuda"
 
         @ray.remote(num_cpus=1, num_gpus=(1.0 / workers) if gpu else 0)
         class _Worker:
             def __init__(self):
-                threads = cfg.threads or 1
-                self.p = Predictor(load_ensemble(run_dir, members, folds, verify=False),
-                                   PredictConfig(**{**cfg.__dict__, "threads": threads}))
+                self.p = Predictor(load_ensemble(run_dir, members, folds, verify=False), cfg, rt)
 
             def run(self, ids, images):
                 return self.p(ids, images, want_probs=want_probs, want_disagreement=want_dis)
@@ -105,52 +105,21 @@ class _ProbsWriter:
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
-_NOT_READY = object()  # iter_predictions: ready_predictor has not run yet
-
-
-def ready_predictor(ensemble: Ensemble, data: str | os.PathLike, split: str,
-                    cfg: PredictConfig, *, workers: int = 0,
+def ready_predictor(ensemble: Ensemble, data: Source, split: str, cfg: PredictConfig,
+                    rt: Resolved, *, workers: int = 0,
                     log: Callable[[str], None] | None = None) -> Predictor | None:
     """The in-process Predictor, its backend converted or loaded from the cache; with
     ``workers`` > 1 only the conversion (the workers load it) and None. Before a
     conversion, the data is read once through every check: bad data must fail before
     a conversion is shown or cached."""
-    convert = needs_conversion(ensemble, cfg)
+    convert = needs_conversion(ensemble, cfg, rt)
     if convert:
         prescan(data, split, cfg.batch_size)
     if workers <= 1:
-        return Predictor(ensemble, cfg, log=log, calib_data=data)
+        return Predictor(ensemble, cfg, rt, log=log, calib_data=data)
     if convert:
-        Predictor(ensemble, cfg, log=log, calib_data=data)  # the workers load its cache
+        Predictor(ensemble, cfg, rt, log=log, calib_data=data)  # the workers load its cache
     return None
-
-
-def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
-                     cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
-                     folds: Sequence[int] | None = None, split: str = "test", workers: int = 0,
-                     address: str | None = None, want_probs: bool = False,
-                     want_disagreement: bool = False, ensemble: Ensemble | None = None,
-                     log: Callable[[str], None] | None = None,
-                     predictor: Predictor | None | object = _NOT_READY) -> Iterator[BatchResult]:
-    """Stream BatchResults in id order over ``split`` of ``data`` (shard folder or npz).
-
-    ``ensemble``: an already loaded ``load_ensemble(run_dir, members, folds)`` to reuse.
-    ``log``: gets one line per backend conversion (seconds included).
-    ``predictor``: what ``ready_predictor`` returned for these arguments, None included
-    (then it is not called again).
-    """
-    workers = workers or 0
-    if predictor is _NOT_READY:
-        if ensemble is None:  # also validates the folder before Ray starts
-            ensemble = load_ensemble(run_dir, members, folds)
-        predictor = ready_predictor(ensemble, data, split, cfg, workers=workers, log=log)
-    batches = stream_batches(data, split, cfg.batch_size)
-    if workers > 1:
-        yield from _ray_results(run_dir, members, folds, cfg, batches, workers, address,
-                                want_probs, want_disagreement)
-        return
-    for ids, images in batches:
-        yield predictor(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
 
 
 def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
@@ -160,26 +129,6 @@ def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
     if unknown:
         raise TypeError(f"unknown predict option(s): {', '.join(sorted(unknown))}")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
-
-
-def predict_probs(run_dir: str | os.PathLike, data: str | os.PathLike, *,
-                  cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
-                  folds: Sequence[int] | None = None, split: str = "test",
-                  **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Averaged probabilities in memory (small sets; use ``predict(probs_path=...)`` for big ones).
-
-    Returns ids int64 (n,), probs float16 (n, C, H, W), disagreement float16 (n, H, W).
-    ``options`` override fields of ``cfg`` (tta=..., batch_size=..., precision=...).
-    """
-    cfg = _config(cfg, options)
-    res = list(iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
-                                split=split, want_probs=True, want_disagreement=True))
-    if not res:
-        h, w = IMAGE_SHAPE
-        return (np.zeros(0, np.int64), np.zeros((0, NUM_CLASSES, h, w), np.float16),
-                np.zeros((0, h, w), np.float16))
-    return (np.concatenate([r.ids for r in res]), np.concatenate([r.probs for r in res]),
-            np.concatenate([r.disagreement for r in res]))
 
 
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
@@ -193,36 +142,40 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     ``options`` override fields of ``cfg`` (e.g. ``tta=False, precision="no"``).
     Returns a summary dict (rows, seconds, images/s, models, views, precision, paths).
     Any failure (bad input, Ctrl-C) leaves neither CSV nor probs file behind.
+    Configure once: the output paths, the data (opened once), the ensemble (loaded and its
+    weights checked once) and device, precision and backend (`PredictConfig.resolve`) are
+    settled here, before any work, and handed down.
     """
-    from .submission import SubmissionWriter, check_out_path
-
     cfg = _config(cfg, options)
     out_csv = check_out_path(out_csv)
     probs_path = check_out_path(probs_path) if probs_path else None
-    total = count_images(data, split)
+    src = open_checked(data)
+    total = count_images(src, split)
     ensemble = load_ensemble(run_dir, members, folds)  # fail fast, before any work
-    names = ensemble.names
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    backend = B.resolve(cfg.backend, device, cfg.compile, precision)  # a missing package fails here
+    rt = cfg.resolve()  # a missing backend package fails here
+    workers = workers or 0
     want = probs_path is not None
     pw = None
     ok = False
     t0 = time.perf_counter()
-    pred = ready_predictor(ensemble, data, split, cfg, workers=workers or 0,
+    pred = ready_predictor(ensemble, src, split, cfg, rt, workers=workers,
                            log=B.stderr_line if progress else None)
     t_setup = time.perf_counter()
+    batches = stream_batches(src, split, cfg.batch_size)
+    if workers > 1:
+        results = _ray_results(run_dir, members, folds, cfg, rt, batches, workers, address,
+                               want, want)
+    else:
+        results = (pred(ids, images, want_probs=want, want_disagreement=want)
+                   for ids, images in batches)
     try:
         if want:
             pw = _ProbsWriter(probs_path, total, {
-                "models": json.dumps(names), "views": json.dumps(cfg.views),
-                "classes": cfg.classes, "precision": precision})
+                "models": json.dumps(ensemble.names), "views": json.dumps(cfg.views),
+                "classes": cfg.classes, "precision": rt.precision})
         with SubmissionWriter(out_csv, expected_rows=total) as w, \
                 progress_bar(total, "predict", progress) as advance:
-            for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
-                                      split=split, workers=workers, address=address,
-                                      want_probs=want, want_disagreement=want,
-                                      ensemble=ensemble, predictor=pred):
+            for r in results:
                 w.write(r.ids, r.labels)
                 if pw:
                     pw.write(r)
@@ -237,6 +190,6 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     return {"rows": total, "seconds": round(t_end - t0, 3),
             "setup_seconds": round(t_setup - t0, 3),  # backend conversion or cache load
             "images_per_s": round(total / max(t_end - t_setup, 1e-9), 1),
-            "models": names, "views": len(cfg.views), "precision": precision, "backend": backend,
-            "device": str(device), "csv": str(out_csv),
+            "models": ensemble.names, "views": len(cfg.views), "precision": rt.precision,
+            "backend": rt.backend, "device": str(rt.device), "csv": str(out_csv),
             "probs": str(probs_path) if probs_path else None}

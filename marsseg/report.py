@@ -17,7 +17,9 @@ import numpy as np
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import atomic_path, check_writable
-from .ensemble import load_ensemble
+from .data import as_batches, open_checked
+from .data.source import Source
+from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
 from .inference import PredictConfig, Predictor
 from .runfolder import METRICS, RunFolder, fold_name
@@ -114,7 +116,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
 
 #: columns of the metrics lines that are bookkeeping, not training curves
 _NOT_CURVES = {"epoch", "step", "fold", "time", "seconds", "wall_s", "pid", "img_s",
-               "images_per_s", "best_epoch"}
+               "images_per_s", "best_epoch", "threads"}
 
 
 def _series(recs: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -232,10 +234,8 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, disag
 # --------------------------------------------------------------------------- the report
 
 
-def _pick_rows(data: Path, split: str, ids: np.ndarray, batch_size: int = 256):
+def _pick_rows(data: Source, split: str, ids: np.ndarray, batch_size: int = 256):
     """images and masks of the given ids (streaming; only those rows are kept)."""
-    from .data import as_batches
-
     want = set(int(i) for i in ids)
     got: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for b_ids, b_img, b_mask in as_batches(data, split, batch_size, with_masks=True):
@@ -245,24 +245,22 @@ def _pick_rows(data: Path, split: str, ids: np.ndarray, batch_size: int = 256):
     return (np.stack([got[int(i)][0] for i in ids]), np.stack([got[int(i)][1] for i in ids]))
 
 
-def _overlay_predictions(run_dir: Path, scores: dict, ids: np.ndarray, images: np.ndarray,
-                         cfg: PredictConfig, members, folds):
-    """Ensemble labels and disagreement for the chosen images; out-of-fold in OOF mode."""
+def _overlay_predictions(ens: Ensemble, pred: Predictor, scores: dict, ids: np.ndarray,
+                         images: np.ndarray):
+    """Ensemble labels and disagreement for the chosen images; out-of-fold in OOF mode
+    (each image from the folds that held it out, `Ensemble.subset`)."""
+    if scores.get("mode") != "oof":
+        r = pred(ids, images, want_disagreement=True)
+        return r.labels, r.disagreement
     labels = np.zeros(images.shape, np.uint8)
     dis = np.zeros(images.shape, np.float32)
-    if scores.get("mode") == "oof":
-        for k, vids in RunFolder(run_dir).val_ids().items():
-            if folds is not None and k not in folds:
-                continue
-            rows = np.flatnonzero(np.isin(ids, vids))
-            if len(rows):
-                r = Predictor(load_ensemble(run_dir, members, [k]), cfg)(
-                    ids[rows], images[rows], want_disagreement=True)
-                labels[rows], dis[rows] = r.labels, r.disagreement
-    else:
-        r = Predictor(load_ensemble(run_dir, members, folds), cfg)(
-            ids, images, want_disagreement=True)
-        labels, dis = r.labels, r.disagreement
+    folds = sorted({m.fold for m in ens.models})
+    for k, vids in RunFolder(ens.run_dir).val_ids().items():
+        rows = np.flatnonzero(np.isin(ids, vids))
+        if k in folds and len(rows):
+            r = Predictor(ens.subset([k]), pred.cfg, pred.rt)(ids[rows], images[rows],
+                                                             want_disagreement=True)
+            labels[rows], dis[rows] = r.labels, r.disagreement
     return labels, dis
 
 
@@ -289,9 +287,13 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     scores = None
     scores_path = RunFolder(run_dir).scores
     check_writable(out_dir if out_dir.is_dir() else out_dir.parent)
-    if data is not None:
-        scores = run_evaluate(run_dir, data, cfg=cfg, members=members, folds=folds, split=split,
-                              progress=progress)
+    ens = pred = None
+    if data is not None:  # configure once: data, ensemble, resolution; evaluate and overlays share them
+        data = open_checked(data)
+        ens = load_ensemble(run_dir, members, folds)
+        rt = cfg.resolve()
+        scores = run_evaluate(run_dir, data, cfg=cfg, split=split, progress=progress, rt=rt,
+                              ensemble=ens)
     elif scores_path.is_file():
         try:
             scores = json.loads(scores_path.read_text())
@@ -326,11 +328,11 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 continue
             pick_ids = ids[pick]
             srt = np.argsort(pick_ids)
-            images, truth = _pick_rows(Path(data), scores["split"], pick_ids[srt])
+            images, truth = _pick_rows(data, scores["split"], pick_ids[srt])
             back = np.argsort(srt)  # restore best-first / worst-first order
             images, truth = images[back], truth[back]
-            labels, dis = _overlay_predictions(run_dir, scores, pick_ids, images, cfg,
-                                               members, folds)
+            pred = pred or Predictor(ens, cfg, rt)
+            labels, dis = _overlay_predictions(ens, pred, scores, pick_ids, images)
             titles = [f"id {i}\nmIoU {100 * s[p]:.1f}" for i, p in zip(pick_ids, pick,
                                                                        strict=True)]
             files.append(str(plot_overlays(images, truth, labels, dis, titles,

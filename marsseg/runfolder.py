@@ -28,6 +28,7 @@ from pathlib import Path
 from ._io import atomic_path, check_writable, sha256_file, write_json_atomic
 from ._lock import file_lock
 from .data import read_dataset, verify_shards
+from .data.source import ShardSource
 from .errors import InputError
 
 RECIPE = "recipe.toml"
@@ -58,13 +59,16 @@ def fold_name(member: str, fold: int) -> str:
 # --- data fingerprint -------------------------------------------------------------------------
 
 
-def data_fingerprint(shard_dir: str | os.PathLike) -> dict:
+def data_fingerprint(shard_dir: str | os.PathLike | ShardSource) -> dict:
     """What a run records about its data: path, dataset.json sha256, source and train shard
-    sha256s (the train shards are verified on the way)."""
+    sha256s (the train shards are verified on the way). ``shard_dir``: a path or an
+    opened shard folder (its dataset.json is not read again)."""
+    info = shard_dir.info if isinstance(shard_dir, ShardSource) else None
     shard_dir = Path(shard_dir).resolve()
-    shards = verify_shards(shard_dir, "train")
+    info = info if info is not None else read_dataset(shard_dir)
+    shards = verify_shards(shard_dir, "train", info)
     return {"path": str(shard_dir), "dataset_sha256": sha256_file(shard_dir / "dataset.json"),
-            "source_sha256": read_dataset(shard_dir).get("source", {}).get("sha256"),
+            "source_sha256": info.get("source", {}).get("sha256"),
             "train_shards": [{"file": s["file"], "count": s["count"], "sha256": s["sha256"]}
                              for s in shards]}
 
@@ -77,6 +81,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._verified: dict[tuple[str, int], dict] = {}  # weights hashed once per command
 
     recipe = property(lambda self: self.path / RECIPE)
     overrides = property(lambda self: self.path / OVERRIDES)
@@ -222,7 +227,10 @@ class RunFolder:
         return d
 
     def verify_fold(self, member: str, fold: int) -> dict | None:
-        """done.json of a finished fold after checking its weights against its sha256."""
+        """done.json of a finished fold after checking its weights against its sha256 (once
+        per RunFolder: a command hashes each fold's weights once)."""
+        if (member, fold) in self._verified:
+            return self._verified[(member, fold)]
         done = self.read_done(member, fold)
         if done is None:
             return None
@@ -234,7 +242,13 @@ class RunFolder:
         if sha256_file(weights) != done["sha256"]:
             raise InputError(f"{weights}: sha256 differs from {d / DONE} (replaced or corrupted); "
                              f"{hint}")
+        self._verified[(member, fold)] = done
         return done
+
+    def remember_done(self, records: Sequence[dict]) -> None:
+        """Done records of folds this command trained (their sha256 hashed as they finished)."""
+        for d in records:
+            self._verified[(d["member"], int(d["fold"]))] = d
 
     def write_done(self, member: str, fold: int, done: dict) -> None:
         write_json_atomic(self.fold_dir(member, fold) / DONE, done)

@@ -87,8 +87,8 @@ def select_members(oof: dict[str, np.ndarray], masks: np.ndarray, max_steps: int
     return Selection(weights=weights, oof_miou=best, single=single, trace=trace)
 
 
-def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
-               data: Path | None = None, max_steps: int | None = None) -> Selection:
+def select_run(run_dir: Path, data: Path | None = None, max_steps: int | None = None
+               ) -> Selection:
     """Select members of a run folder by OOF score and write the choice into its ensemble file.
 
     `data` defaults to the shard folder the run recorded; other data is refused.

@@ -139,17 +139,6 @@ class SubmissionWriter:
         self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or removed on error
 
 
-def write_submission(path: str | os.PathLike, ids: np.ndarray, masks: np.ndarray) -> Path:
-    """Write a whole submission at once (sorted by id). Shape: ids (n,), masks (n, H, W)."""
-    ids = np.asarray(ids)
-    order = np.argsort(ids, kind="stable")
-    with SubmissionWriter(path, expected_rows=len(ids)) as w:
-        for s in range(0, len(ids), 1024):
-            sel = order[s:s + 1024]
-            w.write(ids[sel], np.asarray(masks)[sel])
-    return w.path
-
-
 def _lines(path: Path) -> Iterable[bytes]:
     with open(path, "rb") as f:
         yield from f

@@ -48,11 +48,14 @@ from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
-from .device import resolve_precision
+from .device import Resolved, resolve
+from .ensemble import load_ensemble
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
+from .inference import PredictConfig, Predictor
 from .losses import make_loss
 from .metrics import labeled_argmax, round_score
+from .models.registry import to_model_input
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 
@@ -76,11 +79,6 @@ def make_accelerator(precision: str, cpu: bool):
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,H,W) on device -> float (B,1,H,W) 0..255, channels_last (the model normalises)."""
-    return images.unsqueeze(1).float().contiguous(memory_format=torch.channels_last)
-
-
 def poll_threads(threads_fn: Callable[[], int] | None) -> None:
     """Apply the thread count `threads_fn` asks for now (e.g. a share of idle cores)."""
     n = threads_fn() if threads_fn is not None else None
@@ -88,18 +86,16 @@ def poll_threads(threads_fn: Callable[[], int] | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int) -> np.ndarray:
-    """Softmax (n,5,H,W) f16 of the saved best weights, reloaded with load_pretrained."""
-    from .models.registry import load_pretrained
-
-    model = load_pretrained(fold_dir, map_location=accelerator.device)
-    model = model.to(memory_format=torch.channels_last)
+def predict_oof(f: FoldSetup, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Softmax (n,5,H,W) f16 of the saved best weights (reloaded from the fold folder) on
+    ``images``, through the Predictor's one forward path (no TTA, the fold's precision)."""
+    rt = Resolved(f.accelerator.device, f.precision)
+    pred = Predictor(load_ensemble(f.fold_dir), PredictConfig(tta=False, batch_size=batch_size),
+                     rt)
     out = np.empty((len(images), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
-    with torch.no_grad(), accelerator.autocast():
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[s:s + batch_size]).to(accelerator.device)
-            p = torch.softmax(model(to_model_input(x)).float(), dim=1)
-            out[s:s + len(x)] = p.half().cpu().numpy()
+    for s in range(0, len(images), batch_size):
+        ((_, (p,)),) = pred.member_views(images[s:s + batch_size])
+        out[s:s + len(p)] = p.half().cpu().numpy()
     return out
 
 
@@ -168,18 +164,18 @@ class FoldSetup:
 
 
 
-def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: str,
-            compile: bool) -> FoldSetup:
+def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, rt: Resolved,
+            splits: dict | None, compile: bool) -> FoldSetup:
     """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
     from .models.registry import build_model
 
-    use_cuda = torch.cuda.is_available()
-    prec = resolve_precision(precision, torch.device("cuda" if use_cuda else "cpu"))
+    prec = rt.precision
     split = load_train(data)
-    train_rows, val_rows, n_filtered = fold_rows(split, ensure_splits(recipe, split, out), fold, m)
+    splits = splits if splits is not None else ensure_splits(recipe, split, out)
+    train_rows, val_rows, n_filtered = fold_rows(split, splits, fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=not use_cuda)
+    accelerator = make_accelerator(prec, cpu=rt.device.type != "cuda")
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
@@ -231,12 +227,9 @@ def _train_step(f: FoldSetup, images, masks, lr: float) -> tuple[torch.Tensor, i
 
     for g in f.optimizer.param_groups:
         g["lr"] = lr
-    a = f.member.augment
-    x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=f.aug_gen,
-                         hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                         cutmix_mode=a.cutmix_mode, rock_images=f.rock_images,
-                         rock_paste_p=a.rock_paste, rock_bank=f.rock_bank,
-                         rock_target=a.rock_target, brightness=a.brightness, contrast=a.contrast)
+    x, y = augment_batch(to_model_input(images, channels_last=False), masks.long(),
+                         f.member.augment, generator=f.aug_gen, rock_images=f.rock_images,
+                         rock_bank=f.rock_bank)
     logits = f.model(x.contiguous(memory_format=torch.channels_last))
     loss = f.loss_fn(logits, y)
     f.accelerator.backward(loss)
@@ -305,7 +298,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
     """Write the out-of-fold file, then done.json (last: the fold is finished); returns done."""
     m, val_images = f.member, f.split.images[f.val_rows]
     if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
-        best_probs = predict_oof(f.fold_dir, val_images, f.accelerator, 2 * m.batch_size)
+        best_probs = predict_oof(f, val_images, 2 * m.batch_size)
     write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
     best_row = next((r for r in rows if r["epoch"] == state.best_epoch), {})
@@ -326,20 +319,24 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
 
 
 def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
-                   *, precision: str = "auto", threads: int | None = None,
+                   *, rt: Resolved | None = None, precision: str = "auto",
+                   splits: dict | None = None, threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
-    data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
-    (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
+    data: shard folder (or a loaded train Split). rt: device and precision as the caller
+    resolved them (train-folds: `RunOptions.resolve`); without it ``precision`` (auto |
+    bf16 | fp16 | no; fp16 is GPU-only) is resolved here for this machine. splits: the
+    run's splits as the caller planned them (default: read or made in `out`).
+    threads: torch CPU threads for this fold. progress: called
     with small dicts ("start", "batch", "epoch", "done" events) for live display.
     time_budget: wall seconds for this fold's epochs; replaces the member's epochs by a
     count measured once and kept in budget.json (see `budget`). threads_fn: asked at
     every epoch start for the torch thread count (e.g. more when other folds finished).
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
-    Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
-    on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
+    Not a train-folds option (`make bench`, BENCH_TRAIN_COMPILE=1, found it no faster than
+    eager on a CPU); kept for that bench.
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -351,7 +348,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile)
+    rt = rt if rt is not None else resolve(None, precision)
+    f = _set_up(recipe, m, fold, data, out, rt, splits, compile)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()

@@ -26,6 +26,7 @@ from marsseg.augment import (
     rock_paste_images,
     vflip,
 )
+from marsseg.config import AugmentConfig
 
 FEW = settings(max_examples=20, deadline=None)
 H, W = 16, 32
@@ -68,9 +69,10 @@ def assert_aligned(images: torch.Tensor, masks: torch.Tensor) -> None:
 
 
 OPS = st.fixed_dictionaries({
-    "hflip_p": st.sampled_from([0.0, 0.5, 1.0]),
-    "vflip_p": st.sampled_from([0.0, 0.5, 1.0]),
-    "cutmix_p": st.sampled_from([0.0, 0.5, 1.0]),
+    "hflip": st.sampled_from([0.0, 0.5, 1.0]),
+    "vflip": st.sampled_from([0.0, 0.5, 1.0]),
+    "cutmix": st.sampled_from([0.0, 0.5, 1.0]),
+    "cutmix_mode": st.sampled_from(["batch", "sample"]),
     "rock_target": st.sampled_from([0.0, 0.03, 0.1]),
 })
 
@@ -80,7 +82,8 @@ OPS = st.fixed_dictionaries({
 def test_labels_in_range_and_image_mask_aligned(seed, b, ops):
     images, masks = batch(seed, b)
     g = torch.Generator().manual_seed(seed)
-    out_i, out_m = augment_batch(images, masks, generator=g, rock_bank=make_bank(seed), **ops)
+    out_i, out_m = augment_batch(images, masks, AugmentConfig(**ops), generator=g,
+                                 rock_bank=make_bank(seed))
     assert out_i.shape == images.shape and out_m.shape == masks.shape
     assert_aligned(out_i, out_m)
 
@@ -90,8 +93,9 @@ def test_labels_in_range_and_image_mask_aligned(seed, b, ops):
 def test_same_seed_same_batch(seed, b, ops):
     images, masks = batch(seed, b)
     bank = make_bank(seed)
-    runs = [augment_batch(images, masks, generator=torch.Generator().manual_seed(seed),
-                          rock_bank=bank, brightness=0.1, contrast=0.2, **ops) for _ in range(2)]
+    cfg = AugmentConfig(brightness=0.1, contrast=0.2, **ops)
+    runs = [augment_batch(images, masks, cfg, generator=torch.Generator().manual_seed(seed),
+                          rock_bank=bank) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     # inputs are not modified in place
     assert_aligned(images, masks)
@@ -197,6 +201,13 @@ def test_flips_by_hand():
     assert torch.equal(hflip(x, m, 0.0, g)[1], m)
 
 
+def test_augment_batch_defaults_are_the_recipe_defaults():
+    import inspect
+
+    assert inspect.signature(augment_batch).parameters["cfg"].default == AugmentConfig()
+
+
+@FEW
 def test_default_pipeline_never_flips_vertically():
     # each row has one label: any horizontal flip leaves it, a vertical one would not
     m = torch.arange(4).repeat_interleave(8).reshape(1, 4, 8).repeat(6, 1, 1)
@@ -212,7 +223,7 @@ def test_jitter_stays_in_range_and_keeps_masks():
     x = torch.rand(8, 1, 4, 4) * 255
     m = torch.randint(0, 5, (8, 4, 4))
     g = torch.Generator().manual_seed(0)
-    xi, mi = augment_batch(x, m, generator=g, hflip_p=0.0, brightness=0.5, contrast=0.5)
+    xi, mi = augment_batch(x, m, AugmentConfig(brightness=0.5, contrast=0.5), generator=g)
     assert torch.equal(mi, m)
     assert float(xi.min()) >= 0.0 and float(xi.max()) <= 255.0
     assert not torch.equal(xi, x)

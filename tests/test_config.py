@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from marsseg.config import Recipe, check_precision, load_recipe, parse_recipe
+from marsseg.config import Recipe, load_recipe, parse_recipe
+from marsseg.device import resolve_training
 from marsseg.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,11 +136,11 @@ def test_load_recipe_file_errors(tmp_path):
 
 def test_fp16_is_gpu_only():
     with pytest.raises(InputError, match="GPU-only"):
-        check_precision("fp16", gpus=0)
-    check_precision("fp16", gpus=0.5)
-    check_precision("bf16", gpus=0)
+        resolve_training("fp16", gpus=0)
+    resolve_training("fp16", gpus=0.5)
+    resolve_training("bf16", gpus=0)
     with pytest.raises(InputError, match="--precision"):
-        check_precision("fp8", gpus=1)
+        resolve_training("fp8", gpus=1)
 
 
 @pytest.mark.parametrize("terms", [{"ce": 0.0}, {"ce": 0.0, "dice": 0.0}])

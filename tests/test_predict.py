@@ -53,14 +53,14 @@ def test_tta_equals_hand_computed_average():
     with torch.no_grad():
         p1 = torch.softmax(m(x), 1)
         p2 = torch.softmax(m(x.flip(-1)), 1).flip(-1)
-        got = PR.forward_tta(m, x, PR.VIEWS_HFLIP)
+        got = PR.mean_views(PR.forward_views(m, x, PR.VIEWS_HFLIP))
         assert not torch.allclose(p1, p2, atol=1e-3)  # the views really differ
         torch.testing.assert_close(got, (p1 + p2) / 2, atol=1e-5, rtol=1e-5)
         views = [torch.softmax(m(x.flip(d) if d else x), 1) for d in PR.VIEWS_HVFLIP]
         views = [v.flip(d) if d else v for v, d in zip(views, PR.VIEWS_HVFLIP, strict=True)]
-        torch.testing.assert_close(PR.forward_tta(m, x, PR.tta_views(True, vflip=True)),
-                                   sum(views) / 4, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(PR.forward_tta(m, x, PR.tta_views(False)), p1)
+        four = PR.mean_views(PR.forward_views(m, x, PR.tta_views(True, vflip=True)))
+        torch.testing.assert_close(four, sum(views) / 4, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(PR.mean_views(PR.forward_views(m, x, PR.tta_views(False))), p1)
 
 
 def test_views_go_through_one_forward_pass():
@@ -71,7 +71,7 @@ def test_views_go_through_one_forward_pass():
             calls.append(x.shape[0])
             return torch.zeros(x.shape[0], 5, *x.shape[2:])
 
-    PR.forward_tta(Spy(), torch.zeros(3, 1, 64, 128), PR.VIEWS_HFLIP)
+    PR.forward_views(Spy(), torch.zeros(3, 1, 64, 128), PR.VIEWS_HFLIP)
     assert calls == [6]
 
 
@@ -90,7 +90,7 @@ def test_flip_symmetric_model_same_with_and_without_tta(world, tmp_path):
         xt = torch.from_numpy(x).float()[:, None]
         m = ens.models[0].model
         torch.testing.assert_close(m(xt.flip(-1)), m(xt).flip(-1), atol=1e-4, rtol=1e-4)
-    p = PR.Predictor(ens, PR.PredictConfig(tta=False, **FP32)).model_probs(x)[0]
+    ((_, (p,)),) = PR.Predictor(ens, PR.PredictConfig(tta=False, **FP32)).member_views(x)
     top2 = p.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
     assert clear.mean() > 0.99
@@ -130,7 +130,7 @@ def test_ensemble_average_is_weighted_member_softmax(world, tmp_path):
     ens = L.load_ensemble(run)
     x = np.load(world["npz"])["test_set"][:2]
     pred = PR.Predictor(ens, PR.PredictConfig(tta=True, **FP32))
-    each = pred.model_probs(x)
+    each = [PR.mean_views(ps) for _, ps in pred.member_views(x)]
     got = pred(np.arange(2), x, want_probs=True, want_disagreement=True)
     want = 0.75 * each[0] + 0.25 * each[1]
     np.testing.assert_allclose(got.probs.astype(np.float32), want.numpy(), atol=1e-3)
@@ -292,11 +292,14 @@ def test_ctrl_c_leaves_no_csv(world, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_keyword_options_and_predict_probs(world, tmp_path):
+def test_keyword_options_and_probs_file(world, tmp_path):
+    import h5py
+
     r = P.predict(world["run"], world["npz"], tmp_path / "s.csv", tta=False, precision="no",
-                  batch_size=4)
+                  batch_size=4, probs_path=tmp_path / "p.h5")
     assert r["views"] == 1 and r["precision"] == "no"
-    ids, probs, dis = P.predict_probs(world["run"], world["npz"], tta=False, precision="no")
+    with h5py.File(tmp_path / "p.h5") as f:
+        probs, dis = f["probs"][()], f["disagreement"][()]
     assert probs.shape == (11, 5, 64, 128) and dis.shape == (11, 64, 128)
     _, masks = read_submission(tmp_path / "s.csv")
     p = torch.from_numpy(probs.astype(np.float32))

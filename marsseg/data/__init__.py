@@ -31,12 +31,12 @@ from .shards import (
     verify_shards,
 )
 from .source import as_batches, open_data, split_info
-from .stream import count_images, prescan, stream_batches
+from .stream import count_images, open_checked, prescan, stream_batches
 from .summary import describe
 from .writer import prepare
 
 __all__ = [
-    "Split", "as_batches", "check_shards", "class_counts", "count_images", "describe",
+    "Split", "as_batches", "check_shards", "class_counts", "count_images", "describe", "open_checked",
     "duplicate_mask_groups", "iter_batches", "load_npz", "load_split", "open_data", "prepare",
     "prescan", "read_dataset", "shard_paths", "split_info", "stream_batches", "verify_shards",
 ]

@@ -81,10 +81,10 @@ def check_split(split: str) -> None:
         raise InputError(f"unknown split '{split}', expected one of: {', '.join(SPLITS)}")
 
 
-def shard_paths(shard_dir: Path, split: str) -> list[Path]:
-    """Shard files of one split in id order."""
+def shard_paths(shard_dir: Path, split: str, info: dict | None = None) -> list[Path]:
+    """Shard files of one split in id order (``info``: dataset.json as already read)."""
     check_split(split)
-    info = read_dataset(shard_dir)
+    info = info if info is not None else read_dataset(shard_dir)
     return [Path(shard_dir) / s["file"] for s in info["splits"][split]["shards"]]
 
 
@@ -135,9 +135,9 @@ class Split:
         return self.class_counts[:, 4] > 0
 
 
-def load_split(shard_dir: Path, split: str) -> Split:
+def load_split(shard_dir: Path, split: str, info: dict | None = None) -> Split:
     """Read a whole split of a shard folder into memory (small data: ~45 MB for 2,700 images)."""
-    paths = shard_paths(shard_dir, split)
+    paths = shard_paths(shard_dir, split, info)
     parts: dict[str, list] = {}
     for p in paths:
         with _open_h5(p) as f:
@@ -197,7 +197,8 @@ def rebatch(chunks: Iterable[tuple], batch_size: int) -> Iterator[tuple]:
 
 
 def iter_batches(
-    shard_dir: Path, split: str, batch_size: int, with_masks: bool = False
+    shard_dir: Path, split: str, batch_size: int, with_masks: bool = False,
+    info: dict | None = None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Stream (ids int64 (b,), images uint8 (b, 64, 128)[, masks uint8 (b, 64, 128)]).
 
@@ -205,8 +206,9 @@ def iter_batches(
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1 (got {batch_size})")
-    paths = shard_paths(shard_dir, split)
-    if with_masks and not read_dataset(shard_dir)["splits"][split]["labeled"]:
+    info = info if info is not None else read_dataset(shard_dir)
+    paths = shard_paths(shard_dir, split, info)
+    if with_masks and not info["splits"][split]["labeled"]:
         raise InputError(f"{shard_dir}: split '{split}' has no masks")
 
     def chunks():
@@ -223,10 +225,10 @@ def iter_batches(
     return rebatch(chunks(), batch_size)
 
 
-def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:
+def read_flags(shard_dir: Path, split: str, info: dict | None = None) -> dict[str, np.ndarray]:
     """The small per-image datasets of a split (no images or masks are read)."""
     parts: dict[str, list] = {}
-    for p in shard_paths(shard_dir, split):
+    for p in shard_paths(shard_dir, split, info):
         with _open_h5(p) as f:
             for k in ("class_counts", "bg_fraction", "outlier", "groups"):
                 if k in f:
@@ -234,13 +236,15 @@ def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[dict]:
+def verify_shards(shard_dir: str | os.PathLike, split: str, info: dict | None = None
+                  ) -> list[dict]:
     """Check every shard of `split` against the sha256 in dataset.json; returns its entries.
 
     Run once per command: a shard edited after `prepare` is an InputError naming it.
     """
     shard_dir = Path(shard_dir)
-    entries = read_dataset(shard_dir)["splits"][split]["shards"]
+    info = info if info is not None else read_dataset(shard_dir)
+    entries = info["splits"][split]["shards"]
     for s in entries:
         path = shard_dir / s["file"]
         if sha256_file(path) != s.get("sha256"):
@@ -249,12 +253,13 @@ def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[dict]:
     return entries
 
 
-def check_shards(shard_dir: Path, split: str) -> None:
+def check_shards(shard_dir: Path, split: str, info: dict | None = None) -> None:
     """Check every shard of ``split`` against its sha256 in dataset.json and its image shape
     (HDF5 metadata), so an edited, truncated or foreign shard fails before any prediction work."""
     import h5py
 
-    for path in shard_paths(shard_dir, split):
+    info = info if info is not None else read_dataset(shard_dir)
+    for path in shard_paths(shard_dir, split, info):
         try:
             with h5py.File(path, "r") as f:
                 shape = f["images"].shape
@@ -269,4 +274,4 @@ def check_shards(shard_dir: Path, split: str) -> None:
                              f"expected {tuple(IMAGE_SHAPE)}")
         if n_ids != shape[0]:
             raise InputError(f"{path}: {n_ids} ids for {shape[0]} images")
-    verify_shards(shard_dir, split)
+    verify_shards(shard_dir, split, info)

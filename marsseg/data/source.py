@@ -1,7 +1,9 @@
 """Data given on the command line: a course npz or a prepared shard folder, read alike.
 
 `open_data` is the one place that tells the two apart; `as_batches`, `split_info` and
-`describe` ask the object it returns.
+`describe` ask the object it returns. A command opens its data once and hands the
+source along: a shard folder's dataset.json is read once per source (`ShardSource.info`),
+an npz is loaded once (`NpzSource.data`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ class _Source:
 
     def __init__(self, path: Path):
         self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def check(self, split: str) -> None:
+        """Check the stored files of ``split`` before any work (a shard folder's sha256s)."""
 
 
 class NpzSource(_Source):
@@ -77,14 +88,21 @@ class ShardSource(_Source):
 
     @cached_property
     def _train(self) -> dict[str, np.ndarray]:
-        return shards.read_flags(self.path, "train")
+        return shards.read_flags(self.path, "train", self.info)
 
     def split_info(self, split: str) -> dict:
         s = self.info["splits"][split]
         return {"count": s["count"], "labeled": s["labeled"]}
 
     def batches(self, split: str, batch_size: int, with_masks: bool) -> Iterator[tuple]:
-        return shards.iter_batches(self.path, split, batch_size, with_masks)
+        return shards.iter_batches(self.path, split, batch_size, with_masks, info=self.info)
+
+    def check(self, split: str) -> None:
+        """Every shard of ``split`` against its sha256 and image shape (`shards.check_shards`)."""
+        shards.check_shards(self.path, split, self.info)
+
+    def load_split(self, split: str) -> shards.Split:
+        return shards.load_split(self.path, split, self.info)
 
     def train_flags(self, outlier_min_count: int = DEFAULT_OUTLIER_MIN_COUNT) -> Flags:
         """Stored flags; `outlier_min_count` applies only if the folder did not record its own."""
@@ -98,7 +116,7 @@ class ShardSource(_Source):
     def test_counts(self) -> np.ndarray | None:
         if not self.info["splits"]["test"]["labeled"]:
             return None
-        te = shards.read_flags(self.path, "test")
+        te = shards.read_flags(self.path, "test", self.info)
         return te["class_counts"].astype(np.int64) if "class_counts" in te else None
 
     def n_groups(self) -> int | None:
@@ -107,14 +125,20 @@ class ShardSource(_Source):
         return len(np.unique(self._train["groups"]))
 
 
-def open_data(data: Path) -> NpzSource | ShardSource:
-    """The npz file or shard folder at `data` (a folder is read as shards, anything else as npz)."""
+Source = NpzSource | ShardSource
+
+
+def open_data(data: Path | Source) -> Source:
+    """The npz file or shard folder at `data` (a folder is read as shards, anything else as
+    npz); an already opened source is returned as it is."""
+    if isinstance(data, _Source):
+        return data
     data = Path(data)
     return ShardSource(data) if data.is_dir() else NpzSource(data)
 
 
 def as_batches(
-    data: Path, split: str, batch_size: int, with_masks: bool = False
+    data: Path | Source, split: str, batch_size: int, with_masks: bool = False
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Stream (ids int64 (b,), images uint8 (b, 64, 128)[, masks]) from a shard folder or npz.
 
@@ -124,7 +148,7 @@ def as_batches(
     return open_data(data).batches(split, batch_size, with_masks)
 
 
-def split_info(data: Path, split: str) -> dict:
+def split_info(data: Path | Source, split: str) -> dict:
     """count and labeled for a split of a shard folder or npz, without loading images."""
     shards.check_split(split)
     return open_data(data).split_info(split)

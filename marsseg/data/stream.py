@@ -17,8 +17,7 @@ import numpy as np
 
 from .. import IMAGE_SHAPE
 from ..errors import InputError
-from .shards import check_shards, read_dataset
-from .source import as_batches, split_info
+from .source import NpzSource, ShardSource, Source, as_batches, open_data, split_info
 
 
 def check_images(images: np.ndarray, where: str) -> np.ndarray:
@@ -66,18 +65,19 @@ def guard_reads(stream, where, what: str) -> Iterator:
         yield piece
 
 
-def stream_batches(data: str | os.PathLike, split: str, batch_size: int,
+def stream_batches(data: str | os.PathLike | Source, split: str, batch_size: int,
                    with_masks: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
     """Checked (ids, images[, masks]) batches of ``batch_size`` from a shard folder or npz
-    (masks also label-checked); read errors of a shard (truncated HDF5 ...) become InputError."""
+    (a path or an opened source; masks also label-checked); read errors of a shard
+    (truncated HDF5 ...) become InputError."""
     what = "labeled images" if with_masks else f"{split} images"
-    batches = guard_reads(as_batches(Path(data), split, batch_size, with_masks=with_masks),
+    batches = guard_reads(as_batches(open_data(data), split, batch_size, with_masks=with_masks),
                           data, what)
     return checked_batches(batches, str(data))
 
 
-def prescan(data: str | os.PathLike, split: str, batch_size: int, with_masks: bool = False
-            ) -> np.ndarray:
+def prescan(data: str | os.PathLike | Source, split: str, batch_size: int,
+            with_masks: bool = False) -> np.ndarray:
     """Read ``split`` once through every check of ``stream_batches`` without predicting;
     returns its ids. Runs before work that leaves traces (a backend conversion cached in
     the run folder, its progress line), so bad data still fails with one line and
@@ -86,15 +86,24 @@ def prescan(data: str | os.PathLike, split: str, batch_size: int, with_masks: bo
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
-def count_images(data: str | os.PathLike, split: str = "test") -> int:
-    """Number of images of ``split`` in a shard folder or an npz (checks the image shape)."""
-    data = Path(data)
-    if not data.exists():
+def open_checked(data: str | os.PathLike | Source) -> Source:
+    """The data at ``data`` opened once (an InputError when the path does not exist); a
+    command opens its data here and hands the source along."""
+    if isinstance(data, (NpzSource, ShardSource)):
+        return data
+    if not Path(data).exists():
         raise InputError(f"{data}: data path does not exist")
-    if data.is_dir():
-        shape = read_dataset(data).get("image_shape")
+    return open_data(Path(data))
+
+
+def count_images(data: str | os.PathLike | Source, split: str = "test") -> int:
+    """Number of images of ``split`` in a shard folder or an npz; a shard folder's image
+    shape and every shard of ``split`` are checked on the way (`ShardSource.check`)."""
+    src = open_checked(data)
+    if isinstance(src, ShardSource):
+        shape = src.info.get("image_shape")
         if shape is not None and tuple(shape) != tuple(IMAGE_SHAPE):
-            raise InputError(f"{data / 'dataset.json'}: image_shape {tuple(shape)}, "
+            raise InputError(f"{src.path / 'dataset.json'}: image_shape {tuple(shape)}, "
                              f"expected {tuple(IMAGE_SHAPE)}")
-        check_shards(data, split)
-    return int(split_info(data, split)["count"])
+        src.check(split)
+    return int(split_info(src, split)["count"])

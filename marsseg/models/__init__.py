@@ -8,8 +8,9 @@ from .registry import (
     load_config,
     load_pretrained,
     save_pretrained,
+    to_model_input,
 )
 from .unet import UNet, UNetConfig
 
 __all__ = ["MODELS", "PRESETS", "UNet", "UNetConfig", "build_model", "count_parameters",
-           "load_config", "load_pretrained", "save_pretrained"]
+           "load_config", "load_pretrained", "save_pretrained", "to_model_input"]

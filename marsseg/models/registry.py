@@ -66,6 +66,14 @@ def build_model(name: str, **args) -> nn.Module:
     return model
 
 
+def to_model_input(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """What every network takes: uint8 images (B, H, W) -> float (B, 1, H, W) in 0..255 (the
+    network normalises), channels_last unless told otherwise. Training, validation,
+    prediction and backend calibration all convert through here."""
+    x = images.unsqueeze(1).float()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
