@@ -32,8 +32,8 @@ import torch
 
 from ._io import write_json_atomic
 from .errors import InputError
+from .runfolder import BUDGET
 
-BUDGET = "budget.json"
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*$")
 

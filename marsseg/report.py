@@ -22,7 +22,7 @@ from .data.source import Source
 from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
 from .inference import PredictConfig, Predictor
-from .runfolder import METRICS, RunFolder, fold_name
+from .runfolder import METRICS, METRICS_BOOKKEEPING, RunFolder, fold_name
 from .runfolder import read_metrics as read_metrics_file
 
 #: background, soil, bedrock, sand, big rock
@@ -114,9 +114,6 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-#: columns of the metrics lines that are bookkeeping, not training curves
-_NOT_CURVES = {"epoch", "step", "fold", "time", "seconds", "wall_s", "pid", "img_s",
-               "images_per_s", "best_epoch", "threads"}
 
 
 def _series(recs: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -125,7 +122,7 @@ def _series(recs: list[dict]) -> dict[str, list[tuple[float, float]]]:
     for i, r in enumerate(recs):
         x = r.get("epoch", i)
         for k, v in r.items():
-            if k in _NOT_CURVES or isinstance(v, bool):
+            if k in METRICS_BOOKKEEPING or isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)):
                 out.setdefault(k, []).append((x, v))

@@ -46,6 +46,10 @@ STATE = "state"
 TRAINER_STATE = "trainer.json"
 OOF = "oof.h5"
 DONE = "done.json"
+BUDGET = "budget.json"  # with --time-budget: the fold's epochs, decided before epoch 0
+#: metrics.jsonl columns that are bookkeeping, not training curves (report plots the rest)
+METRICS_BOOKKEEPING = frozenset({"epoch", "step", "fold", "time", "seconds", "wall_s", "pid",
+                                 "img_s", "images_per_s", "best_epoch", "threads", "worker"})
 
 #: seconds to wait for the run folder's lock (held only while shared files are written)
 LOCK_WAIT = 120.0

@@ -137,7 +137,7 @@ def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) ->
 # --- the loop's state and phases --------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FoldSetup:
     """What `train_one_fold` builds before epoch 0 (plain data, no behaviour)."""
 
@@ -353,7 +353,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
-    f.member = m = _fit_time_budget(f, time_budget, has_state=saved is not None)
+    f = dataclasses.replace(f, member=_fit_time_budget(f, time_budget, has_state=saved is not None))
+    m = f.member
     report = Report(progress, m, fold)
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,

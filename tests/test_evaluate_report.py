@@ -126,3 +126,12 @@ def test_report_bad_out_is_exit_2(world, tmp_path):
     r = runner.invoke(app, ["report", "--ensemble", str(world["run"]), "--out",
                             str(tmp_path / "no" / "rep"), "-q"])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_bookkeeping_columns_are_not_curves():
+    from marsseg.report import _series
+
+    rows = [{"epoch": 0, "loss": 1.0, "threads": 2, "seconds": 3.0, "img_s": 9.0,
+             "worker": {"host": "h", "pid": 1}, "val_iou": [None, 0.1, 0.2, 0.3, 0.4]}]
+    assert set(_series(rows)) == {"loss", "val_iou Soil", "val_iou Bedrock", "val_iou Sand",
+                                  "val_iou Big Rock"}
