@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import MemberConfig, Recipe
+from .data import Split, load_split
+from .data.source import ShardSource
 from .errors import InputError
 from .runfolder import RunFolder
 
@@ -79,13 +81,13 @@ def splits_dict(folds: Sequence[np.ndarray], ids: Sequence[int], k: int, seed: i
 # --- a run's splits and a fold's rows ---------------------------------------------------------
 
 
-def load_train(data) -> object:
-    """`data` is a shard folder (Path/str) or an already loaded train `Split`."""
-    if hasattr(data, "images") and hasattr(data, "ids"):
+def load_train(data) -> Split:
+    """`data` is a shard folder (a path or an opened `ShardSource`, whose dataset.json is not
+    read again) or an already loaded train `Split`."""
+    if hasattr(data, "images") and hasattr(data, "ids"):  # a Split (or one built alike)
         return data
-    from .data import load_split
-
-    split = load_split(Path(data), "train")
+    split = (data.load_split("train") if isinstance(data, ShardSource)
+             else load_split(Path(data), "train"))
     if split.masks is None:
         raise InputError(f"{data}: the train split has no masks; cannot train")
     if len(split) == 0:

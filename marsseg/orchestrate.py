@@ -27,7 +27,7 @@ from pathlib import Path
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, load_recipe, parse_recipe, with_epochs
-from .data import open_checked
+from .data import open_data
 from .device import Resolved, resolve_training
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
@@ -129,7 +129,7 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     The data is opened once: its dataset.json read once, the train split loaded once (the
     fold tasks get this split, not the path)."""
     run.check_target()
-    source = open_checked(data)
+    source = open_data(data)
     split = load_train(source)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(source)  # verifies the train shards against dataset.json
     run.check_data(fp)
