@@ -207,7 +207,6 @@ def test_augment_batch_defaults_are_the_recipe_defaults():
     assert inspect.signature(augment_batch).parameters["cfg"].default == AugmentConfig()
 
 
-@FEW
 def test_default_pipeline_never_flips_vertically():
     # each row has one label: any horizontal flip leaves it, a vertical one would not
     m = torch.arange(4).repeat_interleave(8).reshape(1, 4, 8).repeat(6, 1, 1)
