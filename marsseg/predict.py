@@ -29,11 +29,11 @@ from . import backends as B
 from ._io import atomic_path, check_space, no_space
 from ._progress import progress_bar
 from .confine import check_apart
+from .data import count_images, prescan, stream_batches
 from .device import resolve_device, resolve_precision
+from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
-from .loader import Ensemble, load_ensemble
-from .predictor import BatchResult, PredictConfig, Predictor, needs_conversion
-from .stream import count_images, prescan, stream_batches
+from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
 
 # --------------------------------------------------------------------------- Ray at the edge
 

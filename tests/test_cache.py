@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from marsseg import backends as B
 from marsseg import cache as C
-from marsseg import loader as L
+from marsseg import ensemble as L
+from marsseg import inference as PR
 from marsseg import predict as P
-from marsseg import predictor as PR
 from marsseg.cli import app
 from marsseg.errors import InputError
 
