@@ -99,6 +99,7 @@ def _entries(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name != "filler")
 
 
+@pytest.mark.slow  # a real process (a crash at exit shows only there)
 def test_predict_probs_on_a_full_disk_leaves_neither_file(world, disk):
     """Item 8: the CSV was renamed into --out, then a traceback and a segfault (139)."""
     d = disk("600k")  # the CSV (~180 kB) fits, the probabilities (~1 MB) do not
@@ -126,6 +127,7 @@ def test_oof_cut_short_is_never_renamed_into_place(disk):
     assert _entries(d) == []
 
 
+@pytest.mark.slow  # a real process (a crash at exit shows only there)
 def test_train_folds_on_a_full_disk_leaves_no_run_folder(world, disk):
     """Item 11: a traceback in the lock's pwrite, and newrun/.lock left behind."""
     d = disk("256k", fill=True)
@@ -135,6 +137,7 @@ def test_train_folds_on_a_full_disk_leaves_no_run_folder(world, disk):
     assert _entries(d) == []
 
 
+@pytest.mark.slow  # a real process (a crash at exit shows only there)
 def test_train_folds_whose_disk_fills_while_training(world, disk):
     """The disk fills while folds train (weights, state, oof.h5): one line, exit 2, and
     no half-written file under its final name."""
