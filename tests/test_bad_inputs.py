@@ -260,6 +260,25 @@ def link_to(target: str, name: str = "link.csv"):
     return setup
 
 
+def _rehash(folder: Path) -> None:
+    info = json.loads((folder / "dataset.json").read_text())
+    for split in info["splits"].values():
+        for s in split["shards"]:
+            s["sha256"] = hashlib.sha256((folder / s["file"]).read_bytes()).hexdigest()
+    (folder / "dataset.json").write_text(json.dumps(info))
+
+
+def shard_claiming_rows(split: str, key: str = "masks", n: int = 10**9):
+    """Shards whose first `split` shard has a `key` dataset of `n` rows (chunked, never
+    written: a small file), rehashed into dataset.json as a hostile writer would."""
+    def edit(folder: Path) -> None:
+        with h5py.File(folder / f"{split}-000.h5", "r+") as f:
+            del f[key]
+            f.create_dataset(key, shape=(n, 64, 128), dtype="u1", chunks=(1, 64, 128))
+        _rehash(folder)
+    return shards_with(edit)
+
+
 ZEROS = np.zeros((3, 64, 128), np.uint8)
 
 
@@ -527,6 +546,18 @@ ROWS = [
                                     "--out", "{shards}/run", "--sequential"], None, "--out"),
     row("report-out-is-fold-folder", ["report", "--ensemble", "{run}", "--out", "{run}/a/fold_0"],
         None, "--out"),
+    # issue 19: tracebacks that are one line now
+    row("synth-n-train-1e9", ["synth", "--out", "{tmp}/s.npz", "--n-train", "1000000000"], None,
+        "--n-train 1000000000"),
+    row("train-shard-claims-1e9-rows", ["train-folds", "--data", "{bad}", "--recipe", "{recipe}",
+                                        "--out", "{tmp}/run", "--sequential"],
+        shard_claiming_rows("train"), "'masks' has shape (1000000000, 64, 128)"),
+    row("predict-shard-claims-1e9-rows", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                          "--out", "{tmp}/s.csv", "--backend", "eager"],
+        shard_claiming_rows("test", "images"), "1000000000"),
+    row("evaluate-shard-claims-1e9-rows", ["evaluate", "--ensemble", "{run}", "--data", "{bad}",
+                                           "--backend", "eager"],
+        shard_claiming_rows("test"), "'masks' has shape (1000000000, 64, 128)"),
     row("report-out-in-shards", ["report", "--ensemble", "{run}", "--out", "{shards}/r",
                                  "--data", "{shards}"], None, "--out"),
 ]
