@@ -100,9 +100,9 @@ def dead_leftovers(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
 def remove_leftovers(path: Path, hidden: bool = False) -> None:
     """Remove the temporary names of dead writers of `path` (``<name>.tmp-<pid>``), and
     an old copy moved aside by a folder swap (``<name>.old-<pid>``) once `path` is whole."""
-    dot = "." if hidden else ""
-    for p in dead_leftovers(path.parent, f"{dot}{path.name}.tmp-"):
-        _remove(p)
+    for dot in (".", "") if hidden else ("",):  # (a hidden writer's older, visible names too)
+        for p in dead_leftovers(path.parent, f"{dot}{path.name}.tmp-"):
+            _remove(p)
     if path.exists():
         for p in dead_leftovers(path.parent, f"{path.name}.old-"):
             _remove(p)

@@ -351,7 +351,7 @@ def _load_verified(backend: str, path: Path, precision: str, n: int, sha: str):
 
 
 def _convert_cached(backend, module, example, precision, path: Path, n: int, sha: str,
-                    calib) -> float:
+                    calib, fold_dir: Path) -> float:
     """Convert into `path`, record the manifest, prune older conversions; seconds spent.
     A failure leaves no file of this conversion behind."""
     t0 = time.perf_counter()
@@ -369,7 +369,7 @@ def _convert_cached(backend, module, example, precision, path: Path, n: int, sha
             raise InputError(f"{path.parent}: cannot write the {backend} conversion (no space "
                              "left on device)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{path.parent.parent}: {backend} conversion failed "
+        raise InputError(f"{fold_dir}: {backend} conversion failed "
                          f"({type(e).__name__}: {msg[:200]})") from None
     C.prune(path.parent, backend, sha)
     return time.perf_counter() - t0
@@ -422,11 +422,12 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
         path = cache_path(fm.path, backend, precision, sha, n)
         made = not path.parent.exists()
         if not C.usable_dir(path.parent):  # read-only, or a link: convert into a temp folder
-            path = Path(_scratch().name) / path.name
+            path, made = Path(_scratch().name) / path.name, False
         fn, why = _load_verified(backend, path, precision, n, sha)
         if fn is None:
             try:
-                s = _convert_cached(backend, module, example, precision, path, n, sha, calib)
+                s = _convert_cached(backend, module, example, precision, path, n, sha, calib,
+                                    fm.path)
             except BaseException:
                 if made:  # no empty cache/ left behind
                     with contextlib.suppress(OSError):

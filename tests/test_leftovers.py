@@ -46,15 +46,17 @@ def test_prepare_builds_in_a_hidden_folder_and_removes_a_killed_ones(tmp_path, d
     """`OUT.tmp-<pid>/` (260 MB) stayed; README says the temporary folder is hidden."""
     npz = make_npz(tmp_path / "d.npz", n_train=4, n_test=3)
     old = tmp_path / f".sh.tmp-{dead_pid}"
-    old.mkdir()
-    (old / "train-000.h5").write_bytes(b"half")
+    older = tmp_path / f"sh.tmp-{dead_pid}"  # the visible name earlier versions used
+    for d in (old, older):
+        d.mkdir()
+        (d / "train-000.h5").write_bytes(b"half")
     seen = []
     real = S.write_shard
     monkeypatch.setattr(S, "write_shard", lambda path, *a: seen.append(path.parent.name)
                         or real(path, *a))
     prepare(npz, tmp_path / "sh")
     assert seen and all(n.startswith(".sh.tmp-") for n in seen)
-    assert not old.exists()
+    assert not old.exists() and not older.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "sh"]
 
 
