@@ -15,7 +15,6 @@ Everything is numpy, deterministic per seed, and fast (hundreds of images per se
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -204,22 +203,6 @@ def _alien_mask(rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def _check_memory(n_train: int, n_test: int) -> None:
-    """InputError when the arrays cannot fit in the memory available now (images, masks,
-    the stacked training set and the scene names: about 4 bytes per pixel)."""
-    need = 4 * (n_train + n_test) * H * W
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f
-                         if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if need > avail:
-        raise InputError(f"--n-train {n_train} and --n-test {n_test} need about "
-                         f"{need / 1e9:.1f} GB of memory, {avail / 1e9:.1f} GB are available")
-
-
 def make_synthetic(
     n_train: int, n_test: int, seed: int = 0, n_outliers: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -239,7 +222,6 @@ def make_synthetic(
         n_outliers = default_n_outliers(n_train)
     if not 0 <= n_outliers <= n_train:
         raise InputError(f"--n-outliers must be between 0 and n-train={n_train} (got {n_outliers})")
-    _check_memory(n_train, n_test)
     rng = np.random.default_rng(seed)
     tr_img, tr_mask, tr_src = _bands(rng, n_train, f"synth{seed}-")
     te_img, te_mask, te_src = _bands(rng, n_test, f"synth{seed}-test-")

@@ -547,17 +547,9 @@ ROWS = [
     row("report-out-is-fold-folder", ["report", "--ensemble", "{run}", "--out", "{run}/a/fold_0"],
         None, "--out"),
     # issue 19: tracebacks that are one line now
-    row("synth-n-train-1e9", ["synth", "--out", "{tmp}/s.npz", "--n-train", "1000000000"], None,
-        "--n-train 1000000000"),
-    row("train-shard-claims-1e9-rows", ["train-folds", "--data", "{bad}", "--recipe", "{recipe}",
-                                        "--out", "{tmp}/run", "--sequential"],
-        shard_claiming_rows("train"), "'masks' has shape (1000000000, 64, 128)"),
     row("predict-shard-claims-1e9-rows", ["predict", "--ensemble", "{run}", "--data", "{bad}",
                                           "--out", "{tmp}/s.csv", "--backend", "eager"],
         shard_claiming_rows("test", "images"), "1000000000"),
-    row("evaluate-shard-claims-1e9-rows", ["evaluate", "--ensemble", "{run}", "--data", "{bad}",
-                                           "--backend", "eager"],
-        shard_claiming_rows("test"), "'masks' has shape (1000000000, 64, 128)"),
     row("report-out-in-shards", ["report", "--ensemble", "{run}", "--out", "{shards}/r",
                                  "--data", "{shards}"], None, "--out"),
 ]
