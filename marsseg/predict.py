@@ -88,7 +88,7 @@ class _ProbsWriter:
         self._atomic = atomic_path(path)
         self.tmp = self._atomic.__enter__()
         self.f = None
-        self.digest = hashlib.sha256()
+        self.digests = {k: hashlib.sha256() for k in ("ids", "probs", "disagreement")}
         self.n = 0
         try:
             with self._checked():
@@ -119,8 +119,8 @@ class _ProbsWriter:
             self.ids[s] = r.ids
             self.probs[s] = r.probs
             self.dis[s] = r.disagreement
-        for a in (r.ids, r.probs, r.disagreement):
-            self.digest.update(np.ascontiguousarray(a).tobytes())
+        for k, a in zip(self.digests, (r.ids, r.probs, r.disagreement), strict=True):
+            self.digests[k].update(np.ascontiguousarray(a).tobytes())
         self.n += len(r.ids)
 
     def finish(self) -> None:
@@ -130,12 +130,13 @@ class _ProbsWriter:
         with self._checked():
             self.f.close()
             self.f = None
-            back = hashlib.sha256()
+            back = {k: hashlib.sha256() for k in self.digests}
             with h5py.File(self.tmp, "r") as f:
+                whole = f["ids"].shape[0] == self.n
                 for s in range(0, self.n, 256):
-                    for name in ("ids", "probs", "disagreement"):
-                        back.update(np.ascontiguousarray(f[name][s:s + 256]).tobytes())
-        if back.hexdigest() != self.digest.hexdigest():
+                    for k, h in back.items():
+                        h.update(np.ascontiguousarray(f[k][s:s + 256]).tobytes())
+        if not whole or any(back[k].hexdigest() != self.digests[k].hexdigest() for k in back):
             raise InputError(f"{self.path}: the file written does not read back as written "
                              "(a full or failing disk?)")
 
