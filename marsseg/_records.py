@@ -38,8 +38,9 @@ def check_ensemble(spec, path: Path) -> None:
             if not isinstance(f, dict) or not isinstance(f.get("fold"), int) \
                     or isinstance(f.get("fold"), bool) or f["fold"] < 0:
                 raise InputError(f"{path}: {fk}.fold must be an integer >= 0")
-            p = f.get("path", "fold_0")
-            if not isinstance(p, str) or not p or not all(valid_name(q) for q in p.split("/")):
+            p = f.get("path")
+            if p is not None and (not isinstance(p, str)
+                                  or not all(valid_name(q) for q in p.split("/"))):
                 raise InputError(f"{path}: {fk}.path must be a path inside the run folder, got {p!r}")
             if not isinstance(f.get("sha256"), str) or not _SHA_RE.fullmatch(f["sha256"]):
                 raise InputError(f"{path}: {fk}.sha256 ({m['name']} fold {f['fold']}) must be the "

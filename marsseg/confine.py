@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError
-from .runfolder import DATA, ENSEMBLE, LOCK, OVERRIDES, RECIPE, SCORES, SPLITS, RunFolder
+from .runfolder import CONFIG, DATA, ENSEMBLE, LOCK, OVERRIDES, RECIPE, SCORES, SPLITS, RunFolder
 
 #: the run folder's own files at its top level (never an output of predict or report)
 _RUN_FILES = (RECIPE, OVERRIDES, DATA, SPLITS, ENSEMBLE, SCORES, LOCK, "budget.json")
@@ -52,5 +52,6 @@ def check_apart(out: str | os.PathLike, flag: str, *, run: str | os.PathLike | N
     if RunFolder(run).is_fold_folder() or not rel:
         refuse(f"the run folder {run}")
     top = Path(run).resolve() / rel[0]
-    if rel[0] in _RUN_FILES or (top.is_dir() and any(top.glob("fold_*"))) or rel[0] == "cache":
+    member = top.is_dir() and any(top.glob(f"*/{CONFIG}"))  # it holds fold folders
+    if rel[0] in _RUN_FILES or member or rel[0] == "cache":
         refuse(f"{Path(run) / rel[0]} of the run folder")

@@ -37,6 +37,7 @@ def run(tmp_path):
     run = tmp_path / "run"
     (run / "a" / "fold_0").mkdir(parents=True)
     (run / "a" / "fold_0" / "model.safetensors").write_bytes(b"w")
+    (run / "a" / "fold_0" / "config.json").write_text("{}")
     (run / "ensemble.json").write_text("{}")
     return run
 
@@ -56,7 +57,6 @@ def test_new_files_beside_the_runs_own_are_allowed(run, out):
 
 def test_a_single_fold_folder_is_refused_whole(run):
     fold = run / "a" / "fold_0"
-    (fold / "config.json").write_text("{}")
     with pytest.raises(InputError):
         check_apart(fold / "new.csv", "--out", run=fold)
 
