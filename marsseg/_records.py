@@ -42,7 +42,8 @@ def check_ensemble(spec, path: Path) -> None:
             if p is not None and (not isinstance(p, str)
                                   or not all(valid_name(q) for q in p.split("/"))):
                 raise InputError(f"{path}: {fk}.path must be a path inside the run folder, got {p!r}")
-            if not isinstance(f.get("sha256"), str) or not _SHA_RE.fullmatch(f["sha256"]):
+            sha = f.get("sha256")  # required where weights are loaded (ensemble.load_ensemble)
+            if sha is not None and (not isinstance(sha, str) or not _SHA_RE.fullmatch(sha)):
                 raise InputError(f"{path}: {fk}.sha256 ({m['name']} fold {f['fold']}) must be the "
                                  "weights' sha256 (64 hex digits); without it they cannot be "
                                  "checked")

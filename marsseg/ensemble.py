@@ -129,6 +129,9 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     out = Ensemble(run_dir)
     for name, w, f in plan:
         folder = run.fold_path(name, f)
+        if verify and not f.get("sha256"):
+            raise InputError(f"{run.ensemble}: {name} fold {f['fold']} has no 'sha256', so its "
+                             "weights cannot be checked; restore it (train-folds writes it)")
         model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
         out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
                                     f.get("sha256")))
