@@ -162,6 +162,7 @@ class FoldSetup:
     aug_gen: torch.Generator
     rock_bank: object
     rock_images: object
+    taught: object = None  # teaching.Taught: the teacher's targets of a taught fold
 
 
 class Report:

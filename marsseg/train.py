@@ -70,6 +70,7 @@ from .runfolder import (
     truncate_metrics,
     write_oof,
 )
+from .teaching import Taught, Teaching
 
 Progress = Callable[[dict], None]
 
@@ -172,9 +173,10 @@ class TrainerState:
         return cls(**values)
 
 
-def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: str,
-            compile: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
+def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
+            compile: bool, teaching: Teaching | None) -> FoldSetup:
+    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
+    (with `teaching`: the training loader streams the teacher's targets too)."""
     from .augment import RockBank, RockImages
     from .models.registry import build_model
 
@@ -196,6 +198,11 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     shuffle_gen = torch.Generator()
     loaders = make_loaders((tr_images, tr_masks), (split.images[val_rows], split.masks[val_rows]),
                            m.batch_size, shuffle_gen)
+    taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
+    if taught is not None:
+        loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
+                                       shuffle_gen), loaders[1])
+        taught.open_unlabeled(len(train_rows), m.batch_size, device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, *loaders)
     loss_fn = make_loss(m.loss, tr_masks, device)
     a = m.augment
@@ -203,7 +210,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     rocks = RockImages.from_arrays(tr_images, tr_masks, device) if a.rock_paste > 0 else None
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
-                     torch.Generator(device=device), bank, rocks)
+                     torch.Generator(device=device), bank, rocks, taught)
 
 
 def _resume(f: FoldSetup) -> TrainerState | None:
@@ -245,28 +252,37 @@ def _seed_epoch(f: FoldSetup, epoch: int) -> None:
     f.shuffle_gen.manual_seed(seed)
     f.aug_gen.manual_seed(seed)
     torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+    if f.taught is not None:
+        f.taught.start_epoch(seed)
 
 
-def _train_step(f: FoldSetup, images, masks, lr: float) -> tuple[torch.Tensor, int]:
-    """One optimizer step on a uint8 batch at `lr`; returns (detached loss, batch size)."""
+def _train_step(f: FoldSetup, images, masks, lr: float, soft=None) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a uint8 batch at `lr` (a taught fold: with the teacher's weighted
+    targets `soft`, all zero when not given); returns (detached loss, batch size)."""
     from .augment import augment_batch
 
     for g in f.optimizer.param_groups:
         g["lr"] = lr
     a = f.member.augment
-    x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=f.aug_gen,
-                         hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                         cutmix_mode=a.cutmix_mode, rock_images=f.rock_images,
-                         rock_paste_p=a.rock_paste, rock_bank=f.rock_bank,
-                         rock_target=a.rock_target, brightness=a.brightness, contrast=a.contrast)
-    logits = f.model(x.contiguous(memory_format=torch.channels_last))
-    loss = f.loss_fn(logits, y)
+    if f.taught is not None:
+        if soft is None:  # the --time-budget probe's batch: the same work, no target
+            soft = torch.zeros((len(images), NUM_CLASSES, *images.shape[1:]), device=images.device)
+        loss = f.taught.loss(f.model, f.loss_fn, a, f.aug_gen, images, masks, soft,
+                             rock_images=f.rock_images, rock_bank=f.rock_bank)
+    else:
+        x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=f.aug_gen,
+                             hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
+                             cutmix_mode=a.cutmix_mode, rock_images=f.rock_images,
+                             rock_paste_p=a.rock_paste, rock_bank=f.rock_bank,
+                             rock_target=a.rock_target, brightness=a.brightness,
+                             contrast=a.contrast)
+        loss = f.loss_fn(f.model(x.contiguous(memory_format=torch.channels_last)), y)
     f.accelerator.backward(loss)
     if f.member.grad_clip > 0:
         f.accelerator.clip_grad_norm_(f.model.parameters(), f.member.grad_clip)
     f.optimizer.step()
     f.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), len(y)
+    return loss.detach(), len(images)
 
 
 def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
@@ -276,9 +292,9 @@ def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
     f.model.train()
     loss_sum = torch.zeros((), device=f.accelerator.device)
     n_img, lr = 0, base_lr
-    for i, (images, masks) in enumerate(f.train_dl):
+    for i, batch in enumerate(f.train_dl):  # (images, masks[, weighted targets])
         lr = lr_at(m.schedule, base_lr, state.step, steps, m.epochs, state.plateau_scale)
-        loss, n = _train_step(f, images, masks, lr)
+        loss, n = _train_step(f, *batch[:2], lr, *batch[2:])
         loss_sum += loss * n
         n_img += n
         state.step += 1
@@ -305,7 +321,7 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     cm = validate(f.model, f.val_dl, f.accelerator, probs_out=probs_out)
     miou, iou = course_miou(cm), class_iou(cm)
     score = miou if math.isfinite(miou) else -1.0
-    if state.best_miou is None or score > state.best_miou:
+    if state.best_miou is None or score > state.best_miou or not len(f.val_rows):  # all: last
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
         save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
                         extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
@@ -326,9 +342,10 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             t_start: float) -> dict:
     """Write the out-of-fold file, then done.json (last: the fold is finished); returns done."""
     m, val_images = f.member, f.split.images[f.val_rows]
-    if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
+    if best_probs is None and len(val_images):  # best epoch trained by an earlier attempt
         best_probs = predict_oof(f.fold_dir, val_images, f.accelerator, 2 * m.batch_size)
-    write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
+    if len(val_images):  # fold "all" has no held-out images
+        write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
     best_row = next((r for r in rows if r["epoch"] == state.best_epoch), {})
     done = {"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
@@ -347,11 +364,16 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
+def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, data, out,
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
-                   threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
+                   threads_fn: Callable[[], int] | None = None, compile: bool = False,
+                   teaching: Teaching | None = None) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
+
+    fold: a fold number, or "all" (every training image, filters applied; nothing held
+    out, the last epoch's weights kept; nnU-Net's "fold all"). teaching: learn from a
+    teacher's stored targets too (`teaching`: the loss, the streamed targets).
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
     (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
@@ -373,7 +395,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile)
+    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching)
     saved = _resume(f)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -409,8 +431,11 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         state.epoch = epoch
         save_state(f.accelerator, f.fold_dir, state.to_json())
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
-               best_miou=state.best_miou, img_s=row["img_s"], seconds=row["seconds"])
+               best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
+               seconds=row["seconds"])
 
     done = _finish(f, state, best_probs, run, t_start)
+    if f.taught is not None:
+        f.taught.close()
     report("done", epoch=state.epoch, val_miou=done["val_miou"])
     return done
