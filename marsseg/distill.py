@@ -87,7 +87,7 @@ class _Plan:
 
 
 def _unlabeled(data: Path, asked: str | None) -> str:
-    from .stream import count_images
+    from .data import count_images
 
     n = count_images(data, "test")
     if asked is None:

@@ -129,7 +129,7 @@ def _fill_labeled(teacher: Teacher, f, ids: np.ndarray) -> int:
 
 def _unlabeled_images(data: Path, split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, images) of `split`: the images only, never its masks."""
-    from .stream import stream_batches
+    from .data import stream_batches
 
     got = list(stream_batches(data, split, batch_size))
     if not got:
@@ -142,8 +142,8 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
                   log: Callable[[str], None] | None = None) -> TargetsRecord:
     """Compute the teacher's targets for the train `split` of `data` (and its `unlabeled`
     split, "test" | "none") and store them at `path` (written whole, then renamed)."""
-    from .loader import load_ensemble
-    from .predictor import PredictConfig, Predictor
+    from .ensemble import load_ensemble
+    from .inference import PredictConfig, Predictor
 
     ids_u, images_u = (_unlabeled_images(data, unlabeled, batch_size) if unlabeled != "none"
                        else (np.zeros(0, np.int64), np.zeros((0, 64, 128), np.uint8)))
