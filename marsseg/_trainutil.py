@@ -163,6 +163,7 @@ class FoldSetup:
     rock_bank: object
     rock_images: object
     taught: object = None  # teaching.Taught: the teacher's targets of a taught fold
+    n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part
 
 
 class Report:
