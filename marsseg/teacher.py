@@ -64,10 +64,10 @@ class Teacher:
         return ModelConfig(name=cfg["name"], args=dict(cfg.get("args", {})))
 
 
-def open_teacher(path: str | Path, fp: dict) -> Teacher:
+def open_teacher(path: str | Path, fp: dict, need_oof: bool = True) -> Teacher:
     """Check a teacher run folder against data fingerprint `fp` (`runfolder.data_fingerprint`):
-    its ensemble file, data record (the same train shards), splits and every out-of-fold file
-    of the members in use. InputError naming the first problem."""
+    its ensemble file, data record (the same train shards), splits and (`need_oof`) every
+    out-of-fold file of the members in use. InputError naming the first problem."""
     run = RunFolder(Path(path).resolve())
     spec = run.read_ensemble()
     if run.read_data() is None:
@@ -85,7 +85,7 @@ def open_teacher(path: str | Path, fp: dict) -> Teacher:
             continue
         for f in m["folds"]:
             oof = run.fold_path(m["name"], f) / OOF
-            if not oof.is_file():
+            if need_oof and not oof.is_file():
                 raise InputError(f"{oof}: missing; a teacher needs the out-of-fold predictions "
                                  "that train-folds writes for every fold")
         members.append((m["name"], float(m.get("weight", 1.0)),
@@ -138,10 +138,11 @@ def _unlabeled_images(data: Path, split: str, batch_size: int) -> tuple[np.ndarr
 
 
 def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled: str,
-                  precision: str, dataset_sha256: str, batch_size: int = 32,
+                  precision: str, dataset_sha256: str, batch_size: int = 32, labeled: bool = True,
                   log: Callable[[str], None] | None = None) -> TargetsRecord:
-    """Compute the teacher's targets for the train `split` of `data` (and its `unlabeled`
-    split, "test" | "none") and store them at `path` (written whole, then renamed)."""
+    """Compute the teacher's targets for the train `split` of `data` (not with `labeled`
+    False: pseudo-labels need the unlabeled ones only) and its `unlabeled` split ("test" |
+    "none"), and store them at `path` (written whole, then renamed)."""
     from .ensemble import load_ensemble
     from .inference import PredictConfig, Predictor
 
@@ -154,7 +155,7 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
                             teacher.oof_miou)
         f = write_targets_file(tmp, rec, split.ids, ids_u, images_u)
         try:
-            missing = _fill_labeled(teacher, f, split.ids)
+            missing = _fill_labeled(teacher, f, split.ids) if labeled else len(split.ids)
             if len(ids_u):
                 pred = Predictor(load_ensemble(teacher.run.path), cfg)
                 if log:

@@ -125,6 +125,32 @@ def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray
     return f
 
 
+def with_pseudo_labels(train: tuple[np.ndarray, np.ndarray], path: Path | None,
+                       threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fold's training (images, masks) plus the unlabeled images of a targets file with
+    pseudo-labels: the teacher's label (classes 1..4, as submitted) where its probability
+    is at least `threshold`, else 0 (a loss with ignore_background ignores it). `path`
+    None: `train` as it is."""
+    import h5py
+
+    from .metrics import labeled_argmax
+
+    if path is None:
+        return train
+    try:
+        with h5py.File(path, "r") as f:
+            images, probs = f["unlabeled/images"][()], f["unlabeled/probs"]
+            masks = np.zeros(images.shape, np.uint8)
+            for s in range(0, len(images), 64):
+                p = probs[s:s + 64].astype(np.float32)
+                lab = np.asarray(labeled_argmax(p), np.int64)
+                conf = np.take_along_axis(p, lab[:, None], 1)[:, 0]
+                masks[s:s + 64] = np.where(conf >= threshold, lab, 0)
+    except (OSError, KeyError) as e:
+        raise InputError(f"{path}: unreadable targets file ({e})") from None
+    return np.concatenate([train[0], images]), np.concatenate([train[1], masks])
+
+
 # --- streaming ---------------------------------------------------------------------------------
 
 

@@ -55,7 +55,7 @@ from .losses import make_loss
 from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
-from .teaching import Taught, Teaching
+from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -166,12 +166,14 @@ class FoldSetup:
     rock_bank: RockBank | None
     rock_images: RockImages | None
     taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
+    n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
-            compile: bool, teaching: Teaching | None) -> FoldSetup:
+            compile: bool, teaching: Teaching | None, pseudo: bool) -> FoldSetup:
     """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
-    (with `teaching`: the training loader streams the teacher's targets too)."""
+    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
+    the training part gets the run's pseudo-labelled unlabeled images)."""
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -190,8 +192,10 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     optimizer = make_optimizer(m.optimizer, model)
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
-    loaders = make_loaders((tr_images, tr_masks), (split.images[val_rows], split.masks[val_rows]),
-                           m.batch_size, shuffle_gen)
+    fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
+                             else None, m.pseudo_threshold)  # never in validation
+    loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
+                           shuffle_gen)
     taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
     if taught is not None:
         loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
@@ -204,7 +208,8 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     rocks = RockImages.from_arrays(tr_images, tr_masks, device) if a.rock_paste > 0 else None
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
-                     torch.Generator(device=device), bank, rocks, taught)
+                     torch.Generator(device=device), bank, rocks, taught,
+                     len(fit[0]) - len(tr_images))
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -330,6 +335,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "val_iou": best_row.get("val_iou"), "epochs": m.epochs, "epochs_run": state.epoch + 1,
             "stopped_early": state.stopped_early, "n_train": int(len(f.train_rows)),
             "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
+            "n_pseudo": f.n_pseudo,
             "precision": f.precision, "device": str(f.accelerator.device),
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
@@ -345,12 +351,13 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False,
-                   teaching: Teaching | None = None) -> dict:
+                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
     out, the last epoch's weights kept; nnU-Net's "fold all"). teaching: learn from a
-    teacher's stored targets too (`teaching`: the loss, the streamed targets).
+    teacher's stored targets too (`teaching`: the loss, the streamed targets). pseudo: add
+    the pseudo-labelled images of the run folder's targets file to the training part.
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
     (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
@@ -372,7 +379,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching)
+    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()

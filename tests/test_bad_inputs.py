@@ -177,13 +177,17 @@ def teacher(edit=None, shards_edit=None):
         t = make_teacher(tmp / "teacher", w.shards)
         if edit:
             edit(t)
-        out = {"teacher": t, "student": tmp / "student.toml", "bad": w.shards}
+        (tmp / "ib.toml").write_text(RECIPE + "[members.loss]\nignore_background = true\n")
+        out = {"teacher": t, "student": tmp / "student.toml", "bad": w.shards,
+               "ib": tmp / "ib.toml"}
         if shards_edit:
             out["bad"] = _copy_with("shards", shards_edit)(w, tmp)["bad"]
         return out
     return setup
 
 
+TEACHER = ["train-folds", "--data", "{bad}", "--recipe", "{ib}", "--out", "{tmp}/run",
+           "--sequential", "--teacher", "{teacher}"]
 DISTILL = ["distill", "--ensemble", "{teacher}", "--data", "{bad}", "--out", "{tmp}/s",
            "--recipe", "{student}"]
 
@@ -398,6 +402,14 @@ ROWS = [
         "exactly one"),
     row("distill-epochs-and-budget", DISTILL + ["--epochs", "2", "--time-budget", "1m"],
         teacher(), "--time-budget"),
+    # train-folds --teacher
+    row("train-teacher-on-other-data", TEACHER[:2] + ["{other}"] + TEACHER[3:], teacher(),
+        "{other}: not the data"),
+    row("train-teacher-background-not-ignored", TEACHER[:4] + ["{recipe}"] + TEACHER[5:],
+        teacher(), "ignore_background"),
+    row("train-teacher-empty-test-split", TEACHER, teacher(shards_edit=_empty_test_split),
+        "holds no images"),
+    row("train-teacher-missing", TEACHER[:-1] + ["{tmp}/nope"], teacher(), "{tmp}/nope"),
 ]
 
 
