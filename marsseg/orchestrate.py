@@ -156,7 +156,7 @@ def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions,
     if opts.teacher is None:
         return None
     from ._io import sha256_file
-    from .stream import count_images
+    from .data import count_images
     from .teacher import open_teacher
     from .teaching import TARGETS, check_record
 
