@@ -79,7 +79,7 @@ def run(quick: bool = False) -> dict:
         summaries = {}
         for _ in range(ROUNDS):
             for name, run_dir in (("teacher", teacher), ("student", student)):
-                s = predict(run_dir, data, d / f"{name}.csv", tta=True)
+                s = predict(run_dir, data, d / f"{name}.csv", tta=True, backend="auto")
                 rows[name].append(s["images_per_s"])
                 summaries[name] = s
     best = {k: max(v) for k, v in rows.items()}
