@@ -58,6 +58,7 @@ from .metrics import labeled_argmax, round_score
 from .models.registry import to_model_input
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
+from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -90,8 +91,8 @@ def predict_oof(f: FoldSetup, images: np.ndarray, batch_size: int) -> np.ndarray
     """Softmax (n,5,H,W) f16 of the saved best weights (reloaded from the fold folder) on
     ``images``, through the Predictor's one forward path (no TTA, the fold's precision)."""
     rt = Resolved(f.accelerator.device, f.precision)
-    pred = Predictor(load_ensemble(f.fold_dir), PredictConfig(tta=False, batch_size=batch_size),
-                     rt)
+    best = load_ensemble(f.fold_dir, verify=False)  # this fold's own unfinished weights
+    pred = Predictor(best, PredictConfig(tta=False, batch_size=batch_size), rt)
     out = np.empty((len(images), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
     for s in range(0, len(images), batch_size):
         ((_, (p,)),) = pred.member_views(images[s:s + batch_size])
@@ -143,7 +144,7 @@ class FoldSetup:
 
     recipe: Recipe
     member: MemberConfig  # its epochs replaced once by --time-budget, before epoch 0
-    fold: int
+    fold: int | str  # a fold number or "all"
     fold_dir: Path
     split: Split  # the train split
     train_rows: np.ndarray
@@ -160,13 +161,16 @@ class FoldSetup:
     aug_gen: torch.Generator
     rock_bank: RockBank | None
     rock_images: RockImages | None
+    taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
+    n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
 
 
-
-
-def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, rt: Resolved,
-            splits: dict | None, compile: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
+def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Resolved,
+            splits: dict | None, compile: bool, teaching: Teaching | None,
+            pseudo: bool) -> FoldSetup:
+    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
+    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
+    the training part gets the run's pseudo-labelled unlabeled images)."""
     from .models.registry import build_model
 
     prec = rt.precision
@@ -185,8 +189,15 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, rt: Resolved,
     optimizer = make_optimizer(m.optimizer, model)
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
-    loaders = make_loaders((tr_images, tr_masks), (split.images[val_rows], split.masks[val_rows]),
-                           m.batch_size, shuffle_gen)
+    fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
+                             else None, m.pseudo_threshold)  # never in validation
+    loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
+                           shuffle_gen)
+    taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
+    if taught is not None:
+        loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
+                                       shuffle_gen), loaders[1])
+        taught.open_unlabeled(len(train_rows), m.batch_size, device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, *loaders)
     loss_fn = make_loss(m.loss, tr_masks, device)
     a = m.augment
@@ -194,7 +205,8 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, rt: Resolved,
     rocks = RockImages.from_arrays(tr_images, tr_masks, device) if a.rock_paste > 0 else None
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
-                     torch.Generator(device=device), bank, rocks)
+                     torch.Generator(device=device), bank, rocks, taught,
+                     len(fit[0]) - len(tr_images))
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -219,25 +231,33 @@ def _seed_epoch(f: FoldSetup, epoch: int) -> None:
     f.shuffle_gen.manual_seed(seed)
     f.aug_gen.manual_seed(seed)
     torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+    if f.taught is not None:
+        f.taught.start_epoch(seed)
 
 
-def _train_step(f: FoldSetup, images, masks, lr: float) -> tuple[torch.Tensor, int]:
-    """One optimizer step on a uint8 batch at `lr`; returns (detached loss, batch size)."""
+def _train_step(f: FoldSetup, images, masks, lr: float, soft=None) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a uint8 batch at `lr` (a taught fold: with the teacher's weighted
+    targets `soft`, all zero when not given); returns (detached loss, batch size)."""
     from .augment import augment_batch
 
     for g in f.optimizer.param_groups:
         g["lr"] = lr
-    x, y = augment_batch(to_model_input(images, channels_last=False), masks.long(),
-                         f.member.augment, generator=f.aug_gen, rock_images=f.rock_images,
-                         rock_bank=f.rock_bank)
-    logits = f.model(x.contiguous(memory_format=torch.channels_last))
-    loss = f.loss_fn(logits, y)
+    if f.taught is not None:
+        if soft is None:  # the --time-budget probe's batch: the same work, no target
+            soft = torch.zeros((len(images), NUM_CLASSES, *images.shape[1:]), device=images.device)
+        loss = f.taught.loss(f.model, f.loss_fn, f.member.augment, f.aug_gen, images, masks, soft,
+                             rock_images=f.rock_images, rock_bank=f.rock_bank)
+    else:
+        x, y = augment_batch(to_model_input(images, channels_last=False), masks.long(),
+                             f.member.augment, generator=f.aug_gen, rock_images=f.rock_images,
+                             rock_bank=f.rock_bank)
+        loss = f.loss_fn(f.model(x.contiguous(memory_format=torch.channels_last)), y)
     f.accelerator.backward(loss)
     if f.member.grad_clip > 0:
         f.accelerator.clip_grad_norm_(f.model.parameters(), f.member.grad_clip)
     f.optimizer.step()
     f.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), len(y)
+    return loss.detach(), len(images)
 
 
 def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
@@ -247,9 +267,9 @@ def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
     f.model.train()
     loss_sum = torch.zeros((), device=f.accelerator.device)
     n_img, lr = 0, base_lr
-    for i, (images, masks) in enumerate(f.train_dl):
+    for i, batch in enumerate(f.train_dl):  # (images, masks[, weighted targets])
         lr = lr_at(m.schedule, base_lr, state.step, steps, m.epochs, state.plateau_scale)
-        loss, n = _train_step(f, images, masks, lr)
+        loss, n = _train_step(f, *batch[:2], lr, *batch[2:])
         loss_sum += loss * n
         n_img += n
         state.step += 1
@@ -276,7 +296,7 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     cm = validate(f.model, f.val_dl, f.accelerator, probs_out=probs_out)
     miou, iou = course_miou(cm), class_iou(cm)
     score = miou if math.isfinite(miou) else -1.0
-    if state.best_miou is None or score > state.best_miou:
+    if state.best_miou is None or score > state.best_miou or not len(f.val_rows):  # all: last
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
         save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
                         extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
@@ -297,9 +317,10 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             t_start: float) -> dict:
     """Write the out-of-fold file, then done.json (last: the fold is finished); returns done."""
     m, val_images = f.member, f.split.images[f.val_rows]
-    if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
+    if best_probs is None and len(val_images):  # best epoch trained by an earlier attempt
         best_probs = predict_oof(f, val_images, 2 * m.batch_size)
-    write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
+    if len(val_images):  # fold "all" has no held-out images
+        write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
     best_row = next((r for r in rows if r["epoch"] == state.best_epoch), {})
     done = {"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
@@ -307,6 +328,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "val_iou": best_row.get("val_iou"), "epochs": m.epochs, "epochs_run": state.epoch + 1,
             "stopped_early": state.stopped_early, "n_train": int(len(f.train_rows)),
             "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
+            "n_pseudo": f.n_pseudo,
             "precision": f.precision, "device": str(f.accelerator.device),
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
@@ -318,12 +340,18 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
+def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, data, out,
                    *, rt: Resolved | None = None, precision: str = "auto",
                    splits: dict | None = None, threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
-                   threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
+                   threads_fn: Callable[[], int] | None = None, compile: bool = False,
+                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
+
+    fold: a fold number, or "all" (every training image, filters applied; nothing held
+    out, the last epoch's weights kept; nnU-Net's "fold all"). teaching: learn from a
+    teacher's stored targets too (`teaching`: the loss, the streamed targets). pseudo: add
+    the pseudo-labelled images of the run folder's targets file to the training part.
 
     data: shard folder (or a loaded train Split). rt: device and precision as the caller
     resolved them (train-folds: `RunOptions.resolve`); without it ``precision`` (auto |
@@ -334,9 +362,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     time_budget: wall seconds for this fold's epochs; replaces the member's epochs by a
     count measured once and kept in budget.json (see `budget`). threads_fn: asked at
     every epoch start for the torch thread count (e.g. more when other folds finished).
-    compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
-    Not a train-folds option (`make bench`, BENCH_TRAIN_COMPILE=1, found it no faster than
-    eager on a CPU); kept for that bench.
+    compile: torch.compile the forward (state dicts unchanged); for `make bench` only.
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -349,7 +375,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     if threads:
         torch.set_num_threads(int(threads))
     rt = rt if rt is not None else resolve(None, precision)
-    f = _set_up(recipe, m, fold, data, out, rt, splits, compile)
+    f = _set_up(recipe, m, fold, data, out, rt, splits, compile, teaching, pseudo)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -386,8 +412,11 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         state.epoch = epoch
         save_state(f.accelerator, f.fold_dir, state.to_json())
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
-               best_miou=state.best_miou, img_s=row["img_s"], seconds=row["seconds"])
+               best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
+               seconds=row["seconds"])
 
     done = _finish(f, state, best_probs, run, t_start)
+    if f.taught is not None:
+        f.taught.close()
     report("done", epoch=state.epoch, val_miou=done["val_miou"])
     return done
