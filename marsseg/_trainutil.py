@@ -49,14 +49,21 @@ def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def make_loss(cfg, train_masks: np.ndarray, device) -> torch.nn.Module:
-    """The member's CombinedLoss; class weights from the pixel counts of the training masks."""
+    """The member's CombinedLoss. Class weights: explicit, or by a method from the pixel
+    counts of the training masks; times `class_scale` when the recipe gives one."""
     from .losses import CombinedLoss, class_weights
 
-    counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
     weight = None
-    if cfg.class_weights != "none":
+    if isinstance(cfg.class_weights, tuple):  # explicit, as written in the recipe
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    elif cfg.class_weights != "none":
+        counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
         weight = class_weights(counts.tolist(), cfg.class_weights, beta=cfg.beta,
                                ignore_background=cfg.ignore_background)
+    if cfg.class_scale:
+        # weighted means (ce, focal) divide by the summed weights: no renormalising needed
+        base = torch.ones(NUM_CLASSES) if weight is None else weight
+        weight = base * torch.tensor(cfg.class_scale, dtype=torch.float32)
     return CombinedLoss(cfg.terms, weight=weight, ignore_background=cfg.ignore_background,
                         focal_gamma=cfg.focal_gamma).to(device)
 
@@ -84,11 +91,22 @@ def _whole_batch(batch):
 
 
 def make_loaders(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 batch_size: int, shuffle_gen: torch.Generator) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders over (images, masks) uint8 arrays; validation batches are 2x larger."""
+                 batch_size: int, shuffle_gen: torch.Generator,
+                 sampling=None) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders over (images, masks) uint8 arrays; validation batches are 2x larger.
+
+    The training order is a shuffle from `shuffle_gen`, or with a `SamplingConfig` whose
+    factor is not 1, a `RareClassSampler` drawing from the same generator.
+    """
+    from .sampling import RareClassSampler, holds_class
+
     drop_last = len(train[0]) > batch_size  # no 1-image BatchNorm batches, never an empty epoch
-    train_dl = DataLoader(InMemory(*train), batch_size=batch_size, shuffle=True,
-                          generator=shuffle_gen, drop_last=drop_last, collate_fn=_whole_batch)
+    order: dict = {"shuffle": True, "generator": shuffle_gen}
+    if sampling is not None and sampling.factor != 1.0:
+        rare = holds_class(train[1], sampling.rare_class, sampling.min_pixels)
+        order = {"sampler": RareClassSampler(rare, sampling.factor, shuffle_gen)}
+    train_dl = DataLoader(InMemory(*train), batch_size=batch_size, drop_last=drop_last,
+                          collate_fn=_whole_batch, **order)
     val_dl = DataLoader(InMemory(*val), batch_size=2 * batch_size, shuffle=False,
                         collate_fn=_whole_batch)
     return train_dl, val_dl

@@ -195,7 +195,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
     loaders = make_loaders((tr_images, tr_masks), (split.images[val_rows], split.masks[val_rows]),
-                           m.batch_size, shuffle_gen)
+                           m.batch_size, shuffle_gen, m.sampling)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, *loaders)
     loss_fn = make_loss(m.loss, tr_masks, device)
     a = m.augment
@@ -340,6 +340,12 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
+    if m.sampling.factor != 1.0:  # what the sampler had to draw from (absent for a shuffle)
+        from .sampling import holds_class
+
+        s = m.sampling
+        rare = holds_class(f.split.masks[f.train_rows], s.rare_class, s.min_pixels)
+        done["sampling"] = {**dataclasses.asdict(s), "n_train_rare": int(rare.sum())}
     run.write_done(m.name, f.fold, done)
     return done
 
