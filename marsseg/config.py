@@ -199,7 +199,7 @@ class SamplingConfig:
 
     factor = 1: each image once, shuffled. Otherwise images holding at least `min_pixels`
     pixels of `rare_class` are drawn `factor` times as often as the others, in an epoch
-    of as many draws as training images (`sampling.RareClassSampler`).
+    of as many draws as training images (`data.sampling.RareClassSampler`).
     """
 
     rare_class: int = 4  # Big Rock

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,3 +236,22 @@ class CombinedLoss(nn.Module):
         ws = [0.5 ** i for i in range(len(logits))]
         norm = sum(ws)
         return sum((w / norm) * self.single(lg, target) for w, lg in zip(ws, logits, strict=True))
+
+
+def make_loss(cfg, train_masks: np.ndarray, device) -> nn.Module:
+    """A member's `CombinedLoss` (its `LossConfig` ``cfg``). Class weights: explicit, or by a
+    method from the pixel counts of the fold's training masks (uint8 (n, H, W)); times
+    `class_scale` when the recipe gives one."""
+    weight = None
+    if isinstance(cfg.class_weights, tuple):  # explicit, as written in the recipe
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    elif cfg.class_weights != "none":
+        counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        weight = class_weights(counts.tolist(), cfg.class_weights, beta=cfg.beta,
+                               ignore_background=cfg.ignore_background)
+    if cfg.class_scale:
+        # weighted means (ce, focal) divide by the summed weights: no renormalising needed
+        base = torch.ones(NUM_CLASSES) if weight is None else weight
+        weight = base * torch.tensor(cfg.class_scale, dtype=torch.float32)
+    return CombinedLoss(cfg.terms, weight=weight, ignore_background=cfg.ignore_background,
+                        focal_gamma=cfg.focal_gamma).to(device)

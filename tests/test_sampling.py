@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from marsseg._trainutil import make_loaders
-from marsseg.config import SamplingConfig, parse_recipe
+from marsseg.config import parse_recipe
 from marsseg.data import load_split
-from marsseg.sampling import RareClassSampler, draw_counts, expected_draws, holds_class
+from marsseg.data.loaders import make_loaders
+from marsseg.data.sampling import RareClassSampler, draw_counts, expected_draws, holds_class
 from marsseg.train import ensure_splits, fold_rows, train_one_fold
 
 
@@ -89,7 +89,7 @@ def test_loader_samples_the_training_part_only():
     val_images = (100 + np.arange(6, dtype=np.uint8))[:, None, None].repeat(4, 1).repeat(8, 2)
     g = gen(3)
     tr, val = make_loaders((tr_images, tr_masks), (val_images, val_masks), 8, g,
-                           SamplingConfig(factor=4.0))
+                           RareClassSampler(holds_class(tr_masks, 4), 4.0, g))
     assert isinstance(tr.sampler, RareClassSampler) and len(tr) == 5
     shares = []
     for _ in range(20):
@@ -101,8 +101,8 @@ def test_loader_samples_the_training_part_only():
         shares.append(counts[:8].sum() / 40)
     assert np.mean(shares) == pytest.approx(0.5, abs=0.02)
     assert torch.cat([x[:, 0, 0] for x, _ in val]).tolist() == list(range(100, 106))
-    # factor 1 is the plain shuffle (what every recipe without sampling trains with)
-    plain, _ = make_loaders((tr_images, tr_masks), (val_images, val_masks), 8, g, SamplingConfig())
+    # no sampler: the plain shuffle (what every recipe without sampling trains with)
+    plain, _ = make_loaders((tr_images, tr_masks), (val_images, val_masks), 8, g)
     assert isinstance(plain.sampler, torch.utils.data.RandomSampler)
 
 
