@@ -150,3 +150,41 @@ def test_sampled_fold_resumes_exactly_and_records_its_sampling(shards, tmp_path)
                              precision="no") for f in (1.0, 3.0)}
     assert "sampling" not in one[1.0] and one[3.0]["sampling"]["factor"] == 3.0
     assert one[1.0]["sha256"] != one[3.0]["sha256"]
+
+
+def test_a_student_recipe_refuses_sampling(tmp_path):
+    """A taught (distill) fold streams the teacher's targets in its own shuffle: the key
+    would be silently ignored there, so the student recipe names it instead."""
+    from marsseg.config import ModelConfig
+    from marsseg.errors import InputError
+    from marsseg.student import load_student
+
+    p = tmp_path / "student.toml"
+    p.write_text('folds = 2\n[[members]]\nname = "s"\n[members.sampling]\nfactor = 2.0\n')
+    with pytest.raises(InputError, match=r"student\.toml: members\[0\]\.sampling"):
+        load_student(p, ModelConfig("unet", {"base_width": 4, "depth": 2}))
+
+
+def test_the_sampler_covers_pseudo_labelled_images_too(shards, tmp_path, monkeypatch):
+    """With --teacher the training part holds the pseudo-labelled test images as well; the
+    sampler indexes that whole part (never validation), so its mask has one entry each."""
+    import marsseg.train as train_mod
+
+    seen = {}
+    real = train_mod.RareClassSampler
+
+    def spy(rare, factor, gen):
+        seen["n"] = len(rare)
+        return real(rare, factor, gen)
+
+    monkeypatch.setattr(train_mod, "RareClassSampler", spy)
+    extra = np.zeros((5, 64, 128), np.uint8)
+    monkeypatch.setattr(train_mod, "with_pseudo_labels",
+                        lambda train, path, thr: (np.concatenate([train[0], extra]),
+                                                  np.concatenate([train[1], extra + 4])))
+    r = tiny_recipe(1, 2.0)
+    done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no")
+    split = load_split(shards, "train")
+    train, _, _ = fold_rows(split, ensure_splits(r, split, tmp_path), 0, r.members[0])
+    assert seen["n"] == len(train) + 5
+    assert done["sampling"]["n_train_rare"] == int(holds_class(split.masks[train], 4).sum()) + 5
