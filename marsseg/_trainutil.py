@@ -24,7 +24,8 @@ from .errors import InputError
 from .runfolder import STATE, read_trainer, write_trainer
 
 
-def make_accelerator(precision: str, cpu: bool):
+def make_accelerator(precision: str, cpu: bool, log_with=None, project_dir=None):
+    """The fold's Accelerator; with `log_with` (trackers) its project_dir is the run folder."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -32,7 +33,10 @@ def make_accelerator(precision: str, cpu: bool):
     # process-wide singleton that refuses a second Accelerator with other settings.
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    if not log_with:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=precision, cpu=cpu, log_with=log_with,
+                       project_dir=str(project_dir))
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

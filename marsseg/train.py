@@ -65,11 +65,13 @@ from .runfolder import (
     RunFolder,
     append_metrics,
     find_state,
+    fold_name,
     read_metrics,
     read_trainer,
     truncate_metrics,
     write_oof,
 )
+from .tracking import TrackingSpec, fold_config, fold_run
 
 Progress = Callable[[dict], None]
 
@@ -173,8 +175,10 @@ class TrainerState:
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: str,
-            compile: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
+            compile: bool, log_with=None) -> FoldSetup:
+    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold.
+
+    log_with: accelerate trackers for the accelerator (`tracking.FoldRun`), None without."""
     from .augment import RockBank, RockImages
     from .models.registry import build_model
 
@@ -184,7 +188,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     train_rows, val_rows, n_filtered = fold_rows(split, ensure_splits(recipe, split, out), fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=not use_cuda)
+    accelerator = make_accelerator(prec, cpu=not use_cuda, log_with=log_with, project_dir=out)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
@@ -350,7 +354,8 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
 def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
-                   threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
+                   threads_fn: Callable[[], int] | None = None, compile: bool = False,
+                   tracking: TrackingSpec | None = None) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
@@ -362,6 +367,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
     Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
     on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
+    tracking: log the fold to accelerate's trackers as run `member/fold_k` (`tracking`).
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -373,7 +379,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile)
+    track = fold_run(tracking, run.fold_dir(m.name, fold), fold_name(m.name, fold))
+    f = _set_up(recipe, m, fold, data, out, precision, compile, track.log_with)
     saved = _resume(f)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -382,6 +389,21 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
+    try:
+        if tracking is not None:
+            track.start(f.accelerator, fold_config(tracking, recipe, m, fold, f.precision,
+                                                   str(f.accelerator.device),
+                                                   torch.get_num_threads()),
+                        read_metrics(f.fold_dir / METRICS))
+        return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
+    finally:
+        track.close()
+
+
+def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,
+            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
+    """The epochs left to train, then `_finish`; returns the done dict."""
+    m = f.member
 
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
@@ -408,6 +430,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         append_metrics(f.fold_dir / METRICS, row)
         state.epoch = epoch
         save_state(f.accelerator, f.fold_dir, state.to_json())
+        track.epoch(row)  # after the state: a resumed fold never logs an epoch twice
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou, img_s=row["img_s"], seconds=row["seconds"])
 
