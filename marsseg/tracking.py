@@ -110,7 +110,8 @@ def open_group(run_dir: Path, trackers: tuple[str, ...], resources: dict,
     if "mlflow" in trackers:
         rec["mlflow"] = _mlflow_group(run_dir, rec.get("mlflow", {}))
         m = rec["mlflow"]
-        spec = dataclasses.replace(spec, mlflow_uri=m["uri"], mlflow_experiment=m["experiment"],
+        spec = dataclasses.replace(spec, mlflow_uri=mlflow_uri(run_dir, m),
+                                   mlflow_experiment=m["experiment"],
                                    mlflow_parent=m["parent_run_id"])
     if "wandb" in trackers:
         w = rec.setdefault("wandb", {})
@@ -126,8 +127,9 @@ def _mlflow_group(run_dir: Path, m: dict) -> dict:
     so that folds running at once never race to create them."""
     from mlflow.tracking import MlflowClient
 
-    uri = m.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") \
-        or f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
+    if "uri" not in m:  # the first time; None (the default) keeps a moved run folder's store
+        m = {**m, "uri": os.environ.get("MLFLOW_TRACKING_URI") or None}
+    uri = mlflow_uri(run_dir, m)
     name = m.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME", "marsseg")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(name)
@@ -138,7 +140,13 @@ def _mlflow_group(run_dir: Path, m: dict) -> dict:
                               tags={"marsseg.group": run_dir.name, "marsseg.run_dir": str(run_dir)})
         parent = r.info.run_id
         client.set_terminated(parent)
-    return {"uri": uri, "experiment": name, "experiment_id": exp_id, "parent_run_id": parent}
+    return {"uri": m["uri"], "experiment": name, "experiment_id": exp_id,
+            "parent_run_id": parent}
+
+
+def mlflow_uri(run_dir: Path, m: dict) -> str:
+    """The recorded MLflow store; None stands for sqlite RUN/mlflow.db of this run folder."""
+    return m.get("uri") or f"sqlite:///{(Path(run_dir) / MLFLOW_DB).resolve()}"
 
 
 # --- what is logged ------------------------------------------------------------------------------
@@ -259,11 +267,23 @@ class FoldRun:
         self.record["logged_epoch"] = int(row["epoch"])
         self._save()
 
-    def close(self) -> None:
-        """End the trackers' runs (accelerate's end_training); safe to call twice."""
-        if self.accelerator is not None:
-            self.accelerator.end_training()
-            self.accelerator = None
+    def close(self, failed: bool = False) -> None:
+        """End the trackers' runs (accelerate's end_training); an MLflow run that failed or
+        was interrupted ends KILLED (its resume sets it running again). Safe to call twice."""
+        if self.accelerator is None:
+            return
+        if failed and "mlflow" in self.spec.trackers:
+            import mlflow
+
+            mlflow.end_run(status="KILLED")
+        self.accelerator.end_training()
+        self.accelerator = None
+
+    def __enter__(self) -> FoldRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
     def _save(self) -> None:
         write_json_atomic(self.fold_dir / TRACKING, self.record)
@@ -297,7 +317,10 @@ class NoRun:
     def epoch(self, row: dict) -> None:
         pass
 
-    def close(self) -> None:
+    def __enter__(self) -> NoRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
         pass
 
 
@@ -325,10 +348,14 @@ def log_group(run_dir: Path, values: dict, step: int | None = None) -> None:
             print(f"tracking: {name} is not installed, scores not logged to it "
                   f"(pip install 'marsseg[track]')", file=sys.stderr)
             continue
-        tracker = _group_tracker(run_dir, rec, name)
-        tracker.start()
-        tracker.log(values, step=step)
-        tracker.finish()
+        try:
+            tracker = _group_tracker(run_dir, rec, name)
+            tracker.start()
+            tracker.log(values, step=step)
+            tracker.finish()
+        except Exception as e:  # noqa: BLE001 - the scores are written; tracking is extra
+            print(f"tracking: {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                  f"; scores not logged to it", file=sys.stderr)
 
 
 def _group_tracker(run_dir: Path, rec: dict, name: str):
@@ -340,7 +367,7 @@ def _group_tracker(run_dir: Path, rec: dict, name: str):
         import mlflow
 
         m = rec["mlflow"]
-        mlflow.set_tracking_uri(m["uri"])
+        mlflow.set_tracking_uri(mlflow_uri(run_dir, m))
         return at.MLflowTracker(experiment_name=m["experiment"], run_id=m["parent_run_id"])
     w = rec["wandb"]
     if "ensemble_id" not in w:

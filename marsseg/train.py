@@ -389,15 +389,13 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
-    try:
+    with track:  # ends the tracked run however the fold ends
         if tracking is not None:
             track.start(f.accelerator, fold_config(tracking, recipe, m, fold, f.precision,
                                                    str(f.accelerator.device),
                                                    torch.get_num_threads()),
                         read_metrics(f.fold_dir / METRICS))
         return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
-    finally:
-        track.close()
 
 
 def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,

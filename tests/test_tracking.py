@@ -138,6 +138,8 @@ def test_two_folds_tracked_in_tensorboard_and_mlflow_and_a_resumed_fold_continue
         train_one_fold(recipe, "a", 0, shards, out, threads=1, tracking=spec,
                        progress=_stop_after_first_epoch)
     first_id = json.loads((out / "a/fold_0" / TRACKING).read_text())["mlflow_run_id"]
+    mlflow.set_tracking_uri(spec.mlflow_uri)
+    assert MlflowClient().get_run(first_id).info.status == "KILLED"
     ens = train_folds(recipe_path, shards, out, opts)
     assert ens["trained"] == ["a/fold_0"]
 
@@ -154,8 +156,9 @@ def test_two_folds_tracked_in_tensorboard_and_mlflow_and_a_resumed_fold_continue
 
     # MLflow: two fold runs under the run folder's parent run; the resumed fold kept its id
     group = json.loads((out / TRACKING).read_text())["mlflow"]
-    assert group["uri"] == f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    mlflow.set_tracking_uri(group["uri"])
+    assert group["uri"] is None  # the default store: RUN/mlflow.db
+    assert spec.mlflow_uri == f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(spec.mlflow_uri)
     folds = mlflow.search_runs(experiment_names=["marsseg"], output_format="list",
                                filter_string=f"tags.`mlflow.parentRunId` = '{group['parent_run_id']}'")
     assert sorted(r.info.run_name for r in folds) == ["a/fold_0", "a/fold_1"]
@@ -163,7 +166,8 @@ def test_two_folds_tracked_in_tensorboard_and_mlflow_and_a_resumed_fold_continue
     assert len(mlflow.search_runs(experiment_names=["marsseg"], output_format="list")) == 3
     by_name = {r.info.run_name: r for r in folds}
     assert by_name["a/fold_0"].info.run_id == first_id
-    client = MlflowClient(group["uri"])
+    assert {r.info.status for r in folds} == {"FINISHED"}
+    client = MlflowClient(spec.mlflow_uri)
     for r in folds:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val/miou")] == [0, 1]
     member = recipe.member("a")
