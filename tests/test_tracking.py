@@ -122,7 +122,7 @@ def test_two_folds_tracked_in_tensorboard_and_mlflow_and_a_resumed_fold_continue
     from mlflow.tracking import MlflowClient
 
     from marsseg.evaluate import evaluate
-    from marsseg.predictor import PredictConfig
+    from marsseg.inference import PredictConfig
     from marsseg.select import select_run
 
     recipe_path = tmp_path / "r.toml"
