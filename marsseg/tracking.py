@@ -224,7 +224,7 @@ class FoldRun:
             return _tensorboard_tracker()(self.name, str(Path(s.run_dir) / TB))
         if name == "mlflow":
             tags = {"mlflow.parentRunId": s.mlflow_parent, "marsseg.group": group,
-                    "marsseg.fold_run": self.name}
+                    "marsseg.fold": self.name}
             return at.MLflowTracker(experiment_name=s.mlflow_experiment,
                                     run_id=self.record.get("mlflow_run_id"), tags=tags,
                                     run_name=self.name)
