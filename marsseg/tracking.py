@@ -29,6 +29,7 @@ from pathlib import Path
 from . import CLASS_NAMES
 from ._io import write_json_atomic
 from .errors import InputError
+from .runfolder import RunFolder, fold_name
 
 TRACKING = "tracking.json"  # in the run folder (the group) and in each fold folder (its runs)
 TB = "tb"  # RUN/tb/<member>/fold_<k>: one TensorBoard run per fold
@@ -324,9 +325,11 @@ class NoRun:
         pass
 
 
-def fold_run(spec: TrackingSpec | None, fold_dir: Path, name: str) -> FoldRun | NoRun:
-    """The tracked run of a fold, or a no-op one without `spec`."""
-    return NoRun() if spec is None else FoldRun(spec, fold_dir, name)
+def fold_run(spec: TrackingSpec | None, run: RunFolder, member: str, fold) -> FoldRun | NoRun:
+    """The tracked run of a fold of run folder `run`, or a no-op one without `spec`."""
+    if spec is None:
+        return NoRun()
+    return FoldRun(spec, run.fold_dir(member, fold), fold_name(member, fold))
 
 
 # --- the group: select and evaluate ------------------------------------------------------------
