@@ -29,7 +29,6 @@ from pathlib import Path
 from . import CLASS_NAMES
 from ._io import write_json_atomic
 from .errors import InputError
-from .runfolder import RunFolder, fold_name
 
 TRACKING = "tracking.json"  # in the run folder (the group) and in each fold folder (its runs)
 TB = "tb"  # RUN/tb/<member>/fold_<k>: one TensorBoard run per fold
@@ -325,11 +324,12 @@ class NoRun:
         pass
 
 
-def fold_run(spec: TrackingSpec | None, run: RunFolder, member: str, fold) -> FoldRun | NoRun:
-    """The tracked run of a fold of run folder `run`, or a no-op one without `spec`."""
+def fold_run(spec: TrackingSpec | None, fold_dir: Path, run_dir: Path) -> FoldRun | NoRun:
+    """The tracked run of a fold folder, named by its path in the run folder (`member/fold_k`),
+    or a no-op one without `spec`."""
     if spec is None:
         return NoRun()
-    return FoldRun(spec, run.fold_dir(member, fold), fold_name(member, fold))
+    return FoldRun(spec, fold_dir, Path(fold_dir).relative_to(run_dir).as_posix())
 
 
 # --- the group: select and evaluate ------------------------------------------------------------

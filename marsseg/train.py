@@ -385,7 +385,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    track = fold_run(tracking, run, m.name, fold)
+    track = fold_run(tracking, run.fold_dir(m.name, fold), run.path)
     f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo, track.log_with)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
