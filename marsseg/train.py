@@ -48,6 +48,7 @@ from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
+from .data.sampling import RareClassSampler, holds_class
 from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
@@ -170,6 +171,20 @@ class FoldSetup:
     rock_images: RockImages | None
     taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
     n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
+    sampler: RareClassSampler | None = None  # [members.sampling] with factor != 1
+
+
+def _sampler(m: MemberConfig, masks: np.ndarray, gen: torch.Generator,
+             taught: bool) -> RareClassSampler | None:
+    """The member's rare-class sampler over the training part's masks (None: a shuffle)."""
+    s = m.sampling
+    if s.factor == 1.0:
+        return None
+    if taught:
+        raise InputError(f"member {m.name!r}: [members.sampling] does not apply to a taught "
+                         "(distill) fold, whose loader streams the teacher's targets; "
+                         "remove it or set factor = 1.0")
+    return RareClassSampler(holds_class(masks, s.rare_class, s.min_pixels), s.factor, gen)
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
@@ -198,8 +213,9 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     shuffle_gen = torch.Generator()
     fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
                              else None, m.pseudo_threshold)  # never in validation
+    sampler = _sampler(m, fit[1], shuffle_gen, taught=teaching is not None)
     loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
-                           shuffle_gen)
+                           shuffle_gen, sampler)
     taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
     if taught is not None:
         loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
@@ -213,7 +229,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
                      torch.Generator(device=device), bank, rocks, taught,
-                     len(fit[0]) - len(tr_images))
+                     len(fit[0]) - len(tr_images), sampler)
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -344,6 +360,9 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
+    if f.sampler is not None:  # what the sampler drew from (absent for a shuffle)
+        done["sampling"] = {**dataclasses.asdict(m.sampling),
+                            "n_train_rare": int(f.sampler.rare.sum())}
     run.write_done(m.name, f.fold, done)
     return done
 
