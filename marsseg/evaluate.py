@@ -39,6 +39,7 @@ from .errors import InputError
 from .inference import PredictConfig, Predictor, mean_views, needs_conversion, to_labels
 from .metrics import ConfusionMeter, confusion_matrix, course_miou, round_score
 from .runfolder import RunFolder, data_fingerprint
+from .tracking import log_group, score_values
 
 
 def _row(meter: ConfusionMeter, name: str, kind: str, tta: bool) -> dict:
@@ -237,7 +238,14 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike | Source, *,
         with run.lock():
             write_json_atomic(run.scores, result)
         result["path"] = str(run.scores)
+        log_group(run.path, {k: v for r in result["rows"] if r["kind"] == "ensemble"
+                             for k, v in score_values(f"{result['mode']}/{_key(r)}", r["miou"],
+                                                      r["iou"]).items()})
     return result
+
+
+def _key(row: dict) -> str:
+    return "ensemble_tta" if row["tta"] else "ensemble"  # tracker keys: no "+"
 
 
 def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected: int,

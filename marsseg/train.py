@@ -49,7 +49,7 @@ from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
 from .data.sampling import RareClassSampler, holds_class
-from .device import Resolved, resolve
+from .device import Resolved, make_accelerator, resolve
 from .ensemble import load_ensemble
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
@@ -60,6 +60,7 @@ from .models.registry import to_model_input
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
+from .tracking import TrackingSpec, fold_run
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -70,15 +71,6 @@ Progress = Callable[[dict], None]
 # --- small pure helpers -----------------------------------------------------------------------
 
 
-def make_accelerator(precision: str, cpu: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-
-    # One process may train several folds (--sequential, tests); accelerate keeps a
-    # process-wide singleton that refuses a second Accelerator with other settings.
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def poll_threads(threads_fn: Callable[[], int] | None) -> None:
@@ -181,11 +173,11 @@ def _sampler(m: MemberConfig, masks: np.ndarray, gen: torch.Generator,
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Resolved,
-            splits: dict | None, compile: bool, teaching: Teaching | None,
-            pseudo: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
-    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
-    the training part gets the run's pseudo-labelled unlabeled images)."""
+            splits: dict | None, compile: bool, teaching: Teaching | None, pseudo: bool,
+            log_with=None) -> FoldSetup:
+    """Splits, accelerator (with `log_with`'s trackers), model (seeded), optimizer, loaders, loss
+    and rock sources of a fold (with `teaching`: the training loader streams the teacher's
+    targets too; with `pseudo` the training part gets the run's pseudo-labelled images)."""
     from .models.registry import build_model
 
     prec = rt.precision
@@ -194,7 +186,8 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
     train_rows, val_rows, n_filtered = fold_rows(split, splits, fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=rt.device.type != "cuda")
+    accelerator = make_accelerator(prec, cpu=rt.device.type != "cuda", log_with=log_with,
+                                   project_dir=out)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
@@ -364,7 +357,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
                    splits: dict | None = None, threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False,
-                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
+                   teaching: Teaching | None = None, pseudo: bool = False,
+                   tracking: TrackingSpec | None = None) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
@@ -382,7 +376,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     count measured once and kept in budget.json (see `budget`). threads_fn: asked at
     every epoch start for the torch thread count (e.g. more when other folds finished).
     compile: torch.compile the forward (state dicts unchanged); for `make bench` only.
-    Returns the done dict. A finished fold returns it at once (its weights checked);
+    tracking: log to accelerate's trackers as run `member/fold_k`. Returns the done dict. A
+    finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
     t_start = time.perf_counter()
@@ -393,8 +388,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
+    track = fold_run(tracking, run.fold_dir(m.name, fold), run.path)
     rt = rt if rt is not None else resolve(None, precision)
-    f = _set_up(recipe, m, fold, data, out, rt, splits, compile, teaching, pseudo)
+    f = _set_up(recipe, m, fold, data, out, rt, splits, compile, teaching, pseudo, track.log_with)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -404,7 +400,15 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
+    with track:  # ends the tracked run however the fold ends
+        track.start(f, lambda: read_metrics(f.fold_dir / METRICS))
+        return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
 
+
+def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,
+            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
+    """The epochs left to train, then `_finish`; returns the done dict."""
+    m = f.member
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
     best_probs = None
@@ -430,6 +434,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         append_metrics(f.fold_dir / METRICS, row)
         state.epoch = epoch
         save_state(f.accelerator, f.fold_dir, state.to_json())
+        track.epoch(row)  # after the state: a resumed fold never logs an epoch twice
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
                seconds=row["seconds"])
