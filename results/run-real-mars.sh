@@ -3,7 +3,7 @@
 #   results/run-real-mars.sh prepare            # shards from ../shared/data/real-mars/real_mars.npz
 #   results/run-real-mars.sh train RECIPE...    # 5-fold train-folds at the CPU budget, resumable
 #   FOLDS=0,1 results/run-real-mars.sh train RECIPE...   # only some folds
-#   results/run-real-mars.sh score RECIPE...    # select (multi-member), evaluate OOF and gold, with and without TTA
+#   results/run-real-mars.sh score RECIPE...    # select (multi-member) or calibrate, evaluate OOF and gold, with and without TTA
 # Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,8 @@ case "$cmd" in
   score)
     for r in "$@"; do
       n=$(python3 -c "import json,sys;print(len(json.load(open(sys.argv[1]))['members']))" "$ROOT/$r/ensemble.json")
-      [ "$n" -gt 1 ] && $CLI select --run "$ROOT/$r"
+      # select fits the temperatures for the weights it picks; a single member is calibrated alone
+      if [ "$n" -gt 1 ]; then $CLI select --run "$ROOT/$r"; else $CLI calibrate --run "$ROOT/$r"; fi
       # out-of-fold (every training crop by the fold that did not see it), kept aside,
       # then the gold crops (scores.json, what results/table.py reads)
       $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta
