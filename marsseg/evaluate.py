@@ -40,19 +40,18 @@ from .device import autocast
 from .errors import InputError
 from .loader import load_ensemble
 from .metrics import (
+    CalibrationMeter,
     class_iou,
     confusion_matrix,
     course_miou,
-    CalibrationMeter,
     full_confusion_matrix,
     pixel_accuracy,
     round_score,
 )
-from .temperature import apply_temperature
 from .predictor import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .runfolder import RunFolder
 from .stream import check_shards, prescan, stream_batches
-
+from .temperature import apply_temperature
 
 CALIBRATION_DEFINITION = (
     "labeled pixels (truth 1-4), probabilities renormalised over classes 1-4; NLL in nats; "

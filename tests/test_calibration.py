@@ -239,3 +239,101 @@ def test_calibrate_cli_bad_inputs_are_one_line_exit_2(tmp_path, shards):
     assert "fold_1/oof.h5: unreadable out-of-fold file" in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
     assert (run / "ensemble.json").read_bytes() == before
+
+
+# --------------------------------------------------------------------------- predict, evaluate, report
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from _runfolder import make_npz, make_run
+
+    d = tmp_path_factory.mktemp("calib-run")
+    npz = make_npz(d / "labeled.npz", n_train=8, n_test=6, test_masks=True)
+    run = make_run(d / "run")
+    folds = [{"fold": 0, "val_ids": [0, 1, 2, 3], "train_ids": [4, 5, 6, 7]},
+             {"fold": 1, "val_ids": [4, 5, 6, 7], "train_ids": [0, 1, 2, 3]}]
+    (run / "splits.json").write_text(json.dumps({"k": 2, "seed": 0, "folds": folds}))
+    with np.load(npz) as z:
+        images = z["test_set"]
+    return {"run": run, "npz": npz, "images": images, "spec": (run / "ensemble.json").read_text()}
+
+
+def _calibrate_by_hand(run, block):
+    spec = json.loads((run / "ensemble.json").read_text())
+    if block is None:
+        spec.pop("calibration", None)
+    else:
+        spec["calibration"] = block
+    (run / "ensemble.json").write_text(json.dumps(spec))
+
+
+def test_the_predictor_applies_member_and_ensemble_temperatures(tiny):
+    from marsseg.loader import load_ensemble
+    from marsseg.predictor import PredictConfig, Predictor, forward_tta
+
+    cfg = PredictConfig(precision="no", batch_size=8)
+    ids, x = np.arange(len(tiny["images"])), tiny["images"]
+    run = tiny["run"]
+    try:
+        _calibrate_by_hand(run, None)  # an old ensemble file: T = 1
+        raw = Predictor(load_ensemble(run), cfg)(ids, x, want_probs=True, want_disagreement=True)
+        _calibrate_by_hand(run, {"applied": "ensemble", "temperature": 2.0,
+                                 "members": {"a": 3.0}})
+        ens = load_ensemble(run)
+        assert ens.temperature == 2.0 and {m.temperature for m in ens.models} == {1.0}
+        soft = Predictor(ens, cfg)(ids, x, want_probs=True, want_disagreement=True)
+        expect = apply_temperature(torch.from_numpy(raw.probs).float(), 2.0)
+        torch.testing.assert_close(torch.from_numpy(soft.probs).float(), expect, atol=2e-3,
+                                   rtol=0)
+        assert (soft.labels == raw.labels).all()
+        assert (soft.disagreement == raw.disagreement).all()
+        # per member: each fold model's softmax gets its member's T before the average
+        _calibrate_by_hand(run, {"applied": "members", "temperature": 2.0,
+                                 "members": {"a": 2.0, "b": 0.5}})
+        ens = load_ensemble(run)
+        pred = Predictor(ens, cfg)
+        got = pred(ids, x, want_probs=True)
+        xin = pred.to_input(x)
+        with torch.inference_mode():
+            want = sum(fm.weight * forward_tta(fm.model, xin, cfg.views, {"a": 2.0, "b": 0.5}[fm.member])
+                       for fm in ens.models)
+        torch.testing.assert_close(torch.from_numpy(got.probs).float(), want, atol=2e-3, rtol=0)
+        assert not np.allclose(got.probs, raw.probs, atol=1e-2)
+        assert load_ensemble(run, calibrated=False).temperature == 1.0
+    finally:
+        (run / "ensemble.json").write_text(tiny["spec"])
+
+
+def test_evaluate_reports_nll_and_ece_before_and_after_and_report_draws_them(tiny, tmp_path):
+    from marsseg.evaluate import evaluate, format_calibration
+    from marsseg.predictor import PredictConfig
+    from marsseg.report import report
+
+    cfg = PredictConfig(precision="no", batch_size=4)
+    run = tiny["run"]
+    try:
+        plain = evaluate(run, tiny["npz"], cfg=cfg, write=False)
+        assert plain["calibration"]["applied"] == "none"
+        assert plain["calibration"]["before"]["nll"] == plain["calibration"]["after"]["nll"]
+        _calibrate_by_hand(run, {"applied": "ensemble", "temperature": 0.5, "members": {},
+                                 "oof": {"none": plain["calibration"]["before"],
+                                         "ensemble": plain["calibration"]["after"]}})
+        res = evaluate(run, tiny["npz"], cfg=cfg)
+        c = res["calibration"]
+        assert c["row"] == "ensemble+tta" and c["temperature"] == 0.5
+        assert c["before"] == {**plain["calibration"]["before"]}
+        assert c["after"]["nll"] != c["before"]["nll"]
+        assert c["after"]["pixels"] == c["before"]["pixels"] > 0
+        # an ensemble temperature never moves the argmax: same rows as uncalibrated
+        assert c["after"]["miou"] == c["before"]["miou"] == res["rows"][-1]["miou"]
+        assert [r["miou"] for r in res["rows"]] == [r["miou"] for r in plain["rows"]]
+        for key in ("nll", "ece"):
+            assert 0 <= c["after"][key] and 0 <= c["before"][key]
+        line = format_calibration(res)
+        assert "ensemble T=0.500" in line and "NLL" in line and "ECE" in line
+        out = report(run, tmp_path / "rep", cfg=cfg)
+        assert str(tmp_path / "rep" / "reliability.png") in out["files"]
+        assert (tmp_path / "rep" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        (run / "ensemble.json").write_text(tiny["spec"])
