@@ -269,8 +269,8 @@ def _calibrate_by_hand(run, block):
 
 
 def test_the_predictor_applies_member_and_ensemble_temperatures(tiny):
-    from marsseg.loader import load_ensemble
-    from marsseg.predictor import PredictConfig, Predictor, forward_tta
+    from marsseg.ensemble import load_ensemble
+    from marsseg.inference import PredictConfig, Predictor, forward_tta
 
     cfg = PredictConfig(precision="no", batch_size=8)
     ids, x = np.arange(len(tiny["images"])), tiny["images"]
@@ -307,7 +307,7 @@ def test_the_predictor_applies_member_and_ensemble_temperatures(tiny):
 
 def test_evaluate_reports_nll_and_ece_before_and_after_and_report_draws_them(tiny, tmp_path):
     from marsseg.evaluate import evaluate, format_calibration
-    from marsseg.predictor import PredictConfig
+    from marsseg.inference import PredictConfig
     from marsseg.report import report
 
     cfg = PredictConfig(precision="no", batch_size=4)

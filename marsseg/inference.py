@@ -1,11 +1,11 @@
-"""The Predictor: an ensemble on batches of uint8 images, batched flip TTA. Pure compute.
+"""Inference: the Predictor runs a loaded ensemble on batches of uint8 images, with flip TTA.
 
 Per batch, the TTA views are stacked into ONE forward pass per model:
 ``cat([x, flip(x)])`` -> logits -> softmax -> each view flipped back -> mean.
 Member softmaxes are then averaged with their weights. The ensemble file's
 calibration enters here too: a member temperature on each model's views, or the
-ensemble temperature on the weighted average (`temperature.apply_temperature`). No Ray and no files
-here: ``predict`` streams data through it, ``evaluate`` and ``report`` call it
+ensemble temperature on the weighted average (`temperature.apply_temperature`).
+No Ray and no files here: ``predict`` streams data through it, ``evaluate`` and ``report`` call it
 directly, and ``backends`` turns its fold modules into the callables it runs.
 """
 
@@ -20,8 +20,8 @@ from torch import nn
 
 from . import backends as B
 from .device import autocast, check_device, resolve_device, resolve_precision
+from .ensemble import Ensemble
 from .errors import InputError
-from .loader import Ensemble
 from .metrics import labeled_argmax
 from .temperature import apply_temperature
 
