@@ -337,3 +337,20 @@ def test_evaluate_reports_nll_and_ece_before_and_after_and_report_draws_them(tin
         assert (tmp_path / "rep" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         (run / "ensemble.json").write_text(tiny["spec"])
+
+
+def test_predict_probs_file_records_its_temperatures(tiny, tmp_path):
+    from marsseg.predict import predict
+
+    run = tiny["run"]
+    try:
+        _calibrate_by_hand(run, {"applied": "ensemble", "temperature": 1.5})
+        predict(run, tiny["npz"], tmp_path / "s.csv", probs_path=tmp_path / "p.h5",
+                precision="no", backend="eager", tta=False)
+        with h5py.File(tmp_path / "p.h5") as f:
+            cal = json.loads(f.attrs["calibration"])
+            probs = f["probs"][()]
+        assert cal["applied"] == "ensemble" and cal["temperature"] == 1.5
+        assert np.allclose(probs.astype(np.float32).sum(1), 1.0, atol=1e-2)
+    finally:
+        (run / "ensemble.json").write_text(tiny["spec"])
