@@ -52,6 +52,7 @@ from .metrics import (
 )
 from .runfolder import RunFolder
 from .temperature import apply_temperature
+from .tracking import log_group, score_values
 
 CALIBRATION_DEFINITION = (
     "labeled pixels (truth 1-4), probabilities renormalised over classes 1-4; NLL in nats; "
@@ -295,7 +296,14 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         with run.lock():
             write_json_atomic(run.scores, result)
         result["path"] = str(run.scores)
+        log_group(run.path, {k: v for r in result["rows"] if r["kind"] == "ensemble"
+                             for k, v in score_values(f"{result['mode']}/{_key(r)}", r["miou"],
+                                                      r["iou"]).items()})
     return result
+
+
+def _key(row: dict) -> str:
+    return "ensemble_tta" if row["tta"] else "ensemble"  # tracker keys: no "+"
 
 
 def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected: int,

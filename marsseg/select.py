@@ -21,6 +21,7 @@ from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, labeled_argmax
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
 from .temperature import Calibration, calibrate_into
+from .tracking import log_group
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
         cal = calibrate_into(run, ens, split)  # for these weights
         ens["calibration"] = cal.to_json()
         run.write_ensemble(ens)
+    log_group(run.path, {"select/oof_miou": sel.oof_miou,
+                         **{f"select/oof_miou/{m}": v for m, v in sel.single.items()},
+                         **{f"select/weight/{m}": w for m, w in sel.weights.items()}})
     return dataclasses.replace(sel, calibration=cal)
 
 
