@@ -22,16 +22,18 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .confine import check_apart
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .runfolder import RunFolder, data_fingerprint, fold_name
+from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class RunOptions:
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
+    log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
+    tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -73,11 +77,18 @@ class RunOptions:
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        check_trackers(self.log_with)  # a missing package fails here, before anything starts
+
+    def resources(self) -> dict:
+        """How the folds run, as tracked hyperparameters."""
+        return {"cpus_per_task": self.cpus_per_task, "gpus_per_task": self.gpus_per_task,
+                "threads": self.threads or "auto", "sequential": self.sequential,
+                "address": self.address or "local"}
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
         return {"precision": self.precision, "time_budget": self.time_budget,
-                "pseudo": self.teacher is not None}
+                "pseudo": self.teacher is not None, "tracking": self.tracking}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -331,6 +342,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     t0 = time.perf_counter()
     console = console or Console()
     recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
+    check_apart(out, "--out", data=data)
     if epochs is not None and options.time_budget is not None:
         raise InputError("--epochs and --time-budget both set the epoch count; give one of them")
     recipe = with_epochs(load_recipe(recipe_path), epochs)
@@ -346,6 +358,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
             _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
                        options.time_budget, options.teacher)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
+            if jobs and options.log_with:
+                options = replace(options, tracking=open_group(
+                    run.path, check_trackers(options.log_with), options.resources(), fp))
             held.enter_context(run.lock_folds(jobs))
         if jobs:  # not under the run's lock (minutes); written whole, then renamed
             _write_pseudo(run, teacher, data, split, options.precision)
