@@ -15,7 +15,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
-    device          the one authority on device and precision (the auto rule, autocast)
+    device          the one authority on device and precision (the auto rule, autocast, Accelerator)
     models/         networks: registry, U-Net, blocks; save_pretrained / load_pretrained
     losses metrics  losses (and a member's loss); the course metric and confusion matrices
     augment folds   training augmentation; seeded grouped k-fold splits and fold rows
