@@ -50,3 +50,20 @@ def check_ensemble(spec, path: Path) -> None:
     sel = spec.get("selected")
     if sel is not None and (not isinstance(sel, list) or not all(isinstance(s, str) for s in sel)):
         raise InputError(f"{path}: 'selected' must be a list of member names")
+
+
+def check_splits(d, path: Path) -> None:
+    """A splits record: keys, one entry per fold 0..k-1, validation sets disjoint."""
+    try:
+        k, folds = int(d["k"]), d["folds"]
+        if len(folds) != k or [f["fold"] for f in folds] != list(range(k)):
+            raise InputError(f"{path}: expected folds 0..{k - 1}")
+        seen: set[int] = set()
+        for f in folds:
+            val = set(f["val_ids"])
+            if seen & val:
+                raise InputError(f"{path}: fold {f['fold']} shares validation ids with another fold")
+            seen |= val
+            f["train_ids"]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: malformed splits file ({type(e).__name__}: {e})") from None

@@ -14,6 +14,10 @@ Two modes:
   the honest score when the test split has no masks; the data must be the data
   the run was made from.
 
+The ensemble rows use the run's calibration (`temperature`: member or ensemble
+temperatures, argmax essentially unchanged), as predict does; the scores file's
+"calibration" holds NLL, ECE and mIoU of the headline row without and with them.
+
 Results go to the run folder's scores file (atomic write, under the run's lock).
 """
 
@@ -37,9 +41,14 @@ from .device import Resolved
 from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
 from .inference import PredictConfig, Predictor, mean_views, needs_conversion, to_labels
-from .metrics import ConfusionMeter, confusion_matrix, course_miou, round_score
+from .metrics import CalibrationMeter, ConfusionMeter, confusion_matrix, course_miou, round_score
 from .runfolder import RunFolder, data_fingerprint
+from .temperature import apply_temperature
 from .tracking import log_group, score_values
+
+CALIBRATION_DEFINITION = (
+    "labeled pixels (truth 1-4), probabilities renormalised over classes 1-4; NLL in nats; "
+    "ECE over 15 equal-width bins of the top label's confidence (metrics.CalibrationMeter)")
 
 
 def _row(meter: ConfusionMeter, name: str, kind: str, tta: bool) -> dict:
@@ -96,6 +105,9 @@ class _Pass:
         self.fold_m = {m.name: ConfusionMeter(full=True) for m in ens.models}
         self.fold_t = {m.name: ConfusionMeter(full=True) for m in ens.models}
         self.ens_m, self.ens_t = ConfusionMeter(full=True), ConfusionMeter(full=True)
+        # the headline row (ensemble, +TTA when on) without and with the temperatures
+        self.raw = ConfusionMeter(full=True)
+        self.cal_before, self.cal_after = CalibrationMeter(), CalibrationMeter()
         self.img_ids: list[np.ndarray] = []
         self.img_scores: list[np.ndarray] = []
 
@@ -118,14 +130,19 @@ class _Pass:
         """Score one batch. Shape: ids (b,), images and masks uint8 (b, H, W)."""
         b = len(ids)
         rows = self._rows(ids, splits)
-        acc_m = acc_t = None
+        acc_m = acc_t = raw = None
         cover = np.zeros(b)
-        for k, ps in self.pred.member_views(images, rows):
+        for k, ps in self.pred.member_views(images, rows, calibrated=False):
             fm = self.ens.models[k]
             # OOF: one fold per member sees each image, so that fold carries the member's share
             w = fm.weight if rows is None else self.share[fm.member]
             pos = np.arange(b) if rows is None else rows[k]
             sel = torch.from_numpy(pos).to(ps[0].device)
+            if acc_m is None:
+                acc_m = torch.zeros(b, *ps[0].shape[1:], device=ps[0].device)
+                acc_t, raw = torch.zeros_like(acc_m), torch.zeros_like(acc_m)
+            raw.index_add_(0, sel, mean_views(ps) * w)  # acc_t (or acc_m) without temperature
+            ps = [apply_temperature(p, fm.temperature) for p in ps]  # argmax unchanged
             plain = ps[0]
             both = mean_views(ps) if self.tta else plain
             truth = masks[pos]
@@ -142,11 +159,16 @@ class _Pass:
         if done.any():
             truth = masks[done]
             dsel = torch.from_numpy(np.flatnonzero(done)).to(acc_m.device)
-            lab_m = self._labels(acc_m[dsel])
+            t_ens = self.ens.temperature
+            lab_m = self._labels(apply_temperature(acc_m[dsel], t_ens))
             self.ens_m.update(lab_m, truth)
-            lab_t = self._labels(acc_t[dsel]) if self.tta else lab_m
+            best = apply_temperature(acc_t[dsel], t_ens)
+            lab_t = self._labels(best) if self.tta else lab_m
             if self.tta:
                 self.ens_t.update(lab_t, truth)
+            self.raw.update(self._labels(raw[dsel]), truth)
+            self.cal_before.update(raw[dsel], truth)
+            self.cal_after.update(best, truth)
             self.img_ids.append(ids[done])
             self.img_scores.append(per_image_miou(lab_t, truth))
 
@@ -166,7 +188,17 @@ class _Pass:
         per = np.concatenate(self.img_scores) if self.img_scores else np.zeros(0)
         return {"rows": rows,
                 "confusion": best.cm.tolist(),  # truth 0 kept, rows = truth, cols = prediction
-                "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]}}
+                "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]},
+                "calibration": self._calibration(rows[-1])}
+
+    def _calibration(self, row: dict) -> dict:
+        """NLL, ECE and mIoU of the headline row without and with the run's temperatures."""
+        temps = {m.member: m.temperature for m in self.ens.models}
+        return {"applied": self.ens.calibration, "temperature": self.ens.temperature,
+                "members": temps if self.ens.calibration == "members" else {},
+                "row": row["name"], "definition": CALIBRATION_DEFINITION,
+                "before": {**self.cal_before.to_json(), "miou": round_score(self.raw.miou())},
+                "after": {**self.cal_after.to_json(), "miou": row["miou"]}}
 
 
 def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
@@ -282,3 +314,24 @@ def format_table(result: dict):
         style = "bold" if r["kind"] == "ensemble" else None
         t.add_row(*cells, style=style)
     return t
+
+
+def format_calibration(result: dict) -> str:
+    """One line: the headline row's NLL, ECE and mIoU without -> with the run's temperatures."""
+    c = result.get("calibration")
+    if not c:
+        return ""
+    b, a = c["before"], c["after"]
+
+    def num(v, scale=1.0, digits=4):
+        return "-" if v is None else f"{scale * v:.{digits}f}"
+
+    if c["applied"] == "ensemble":
+        how = f"ensemble T={c['temperature']:.3f}"
+    elif c["applied"] == "members":
+        how = "member T " + ", ".join(f"{m}={t:.3f}" for m, t in c["members"].items())
+    else:
+        how = "none: T=1 (run select or calibrate)"
+    return (f"calibration of {c['row']} ({how}), {b['pixels']} labeled pixels: "
+            f"NLL {num(b['nll'])} -> {num(a['nll'])}, ECE {num(b['ece'], 100, 2)}% -> "
+            f"{num(a['ece'], 100, 2)}%, mIoU {num(b['miou'], 100, 2)} -> {num(a['miou'], 100, 2)}")

@@ -13,6 +13,8 @@ training loop's out-of-fold pass runs one fold through it.
 No Ray here. Building a Predictor sets torch's thread count (``Resolved.threads``)
 and, for a converting backend, writes the conversion into each fold folder's
 cache (``backends.prepare``).
+The ensemble file's calibration enters here too: a member temperature on each model's
+views, and the ensemble temperature on the weighted average (`temperature.apply_temperature`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .ensemble import Ensemble
 from .errors import InputError
 from .metrics import labeled_argmax
 from .models.registry import to_model_input
+from .temperature import apply_temperature
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
 #: (the mirror group nnU-Net uses). Rover images have the sky on top, so vflip is opt-in.
@@ -80,9 +83,11 @@ class PredictConfig:
 
 
 def forward_views(model: nn.Module, x: torch.Tensor,
-                  views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> list[torch.Tensor]:
+                  views: Sequence[tuple[int, ...]] = VIEWS_HFLIP,
+                  temperature: float = 1.0) -> list[torch.Tensor]:
     """Softmax of each TTA view, flipped back, from ONE forward pass over the stacked views.
 
+    ``temperature``: the model's calibration (`temperature.apply_temperature`, logits / T).
     Shape: x float (B, 1, H, W) in 0..255 -> list of float32 (B, C, H, W), one per view.
     """
     b = x.shape[0]
@@ -90,7 +95,7 @@ def forward_views(model: nn.Module, x: torch.Tensor,
     logits = model(xx)
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
-    p = torch.softmax(logits.float(), dim=1)
+    p = apply_temperature(torch.softmax(logits.float(), dim=1), temperature)
     return [p[k * b:(k + 1) * b].flip(d) if d else p[k * b:(k + 1) * b]
             for k, d in enumerate(views)]
 
@@ -149,6 +154,8 @@ class Predictor:
             torch.set_num_threads(rt.threads)
         self.ensemble = ensemble
         self.weights = [m.weight for m in ensemble.models]
+        self.temperatures = [m.temperature for m in ensemble.models]
+        self.temperature = ensemble.temperature  # on the weighted average
         self.names = ensemble.names
         self.views = cfg.views
         self.models = B.prepare(ensemble.models, rt.backend, device=rt.device,
@@ -166,13 +173,14 @@ class Predictor:
         return to_model_input(x, self.cfg.channels_last)
 
     @torch.inference_mode()
-    def member_views(self, images: np.ndarray, rows: Sequence[np.ndarray | None] | None = None
-                     ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    def member_views(self, images: np.ndarray, rows: Sequence[np.ndarray | None] | None = None,
+                     calibrated: bool = True) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """The one forward path: (model index, softmax of each TTA view) per fold model.
 
         ``rows`` (one per model): positions into ``images`` that model sees (None: all;
-        a model with no row is skipped). Shape: images uint8 (b, H, W) -> each view float32
-        (n, C, H, W) on the device, n = that model's rows, flipped back, in view order.
+        a model with no row is skipped). ``calibrated``: each model's member temperature
+        applied (the ensemble temperature is ``__call__``'s). Shape: images uint8 (b, H, W)
+        -> each view float32 (n, C, H, W) on the device, n = that model's rows, flipped back.
         """
         x = self.to_input(images)
         for k, model in enumerate(self.models):
@@ -180,8 +188,9 @@ class Predictor:
             if r is not None and not len(r):
                 continue
             xs = x if r is None else x[torch.from_numpy(np.asarray(r)).to(x.device)]
+            t = self.temperatures[k] if calibrated else 1.0
             with self.rt.autocast():
-                ps = forward_views(model, xs, self.views)
+                ps = forward_views(model, xs, self.views, t)
             yield k, ps
 
     @torch.inference_mode()
@@ -199,6 +208,7 @@ class Predictor:
             if need_each:
                 each.append(to_labels(p, self.cfg.classes))
             probs = p * w if probs is None else probs.add_(p, alpha=w)
+        probs = apply_temperature(probs, self.temperature)
         labels = to_labels(probs, self.cfg.classes)
         out = BatchResult(np.asarray(ids, dtype=np.int64), labels.cpu().numpy())
         if want_probs:

@@ -179,6 +179,12 @@ def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
+def _calibration(ensemble: Ensemble) -> dict:
+    """Which temperatures the probabilities carry (the probs file's "calibration" attribute)."""
+    return {"applied": ensemble.calibration, "temperature": ensemble.temperature,
+            "members": {m.member: m.temperature for m in ensemble.models}}
+
+
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
             cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
@@ -225,7 +231,8 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
         if want:
             pw = _ProbsWriter(probs_path, total, {
                 "models": json.dumps(ensemble.names), "views": json.dumps(cfg.views),
-                "classes": cfg.classes, "precision": rt.precision})
+                "classes": cfg.classes, "precision": rt.precision,
+                "calibration": json.dumps(_calibration(ensemble))})
         with SubmissionWriter(out_csv, expected_rows=total, defer=True) as w, \
                 progress_bar(total, "predict", progress) as advance:
             for r in results:

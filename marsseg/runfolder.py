@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ._io import atomic_path, check_space, check_writable, inside, sha256_file, write_json_atomic
 from ._lock import file_lock
-from ._records import check_ensemble
+from ._records import check_ensemble, check_splits
 from .data import read_dataset, verify_shards
 from .data.source import ShardSource
 from .errors import InputError
@@ -371,20 +371,9 @@ def load_splits(path: Path) -> dict:
         raise InputError(f"{path}: no such file")
     try:
         d = json.loads(path.read_text())
-        k, folds = int(d["k"]), d["folds"]
-        if len(folds) != k or [f["fold"] for f in folds] != list(range(k)):
-            raise InputError(f"{path}: expected folds 0..{k - 1}")
-        seen: set[int] = set()
-        for f in folds:
-            val = set(f["val_ids"])
-            if seen & val:
-                raise InputError(f"{path}: fold {f['fold']} shares validation ids with another fold")
-            seen |= val
-            f["train_ids"]  # noqa: B018 - presence check
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed splits file ({type(e).__name__}: {e})") from None
+    check_splits(d, path)
     return d
 
 
@@ -439,12 +428,22 @@ def write_oof(path: Path, ids, probs) -> None:
             raise InputError(f"{path}: does not read back as written (a full or failing disk?)")
 
 
-def read_oof(path: Path):
-    """(ids, probs) of a fold's out-of-fold file; unreadable = InputError naming it."""
+def oof_chunks(path: Path, rows: int | None = 64):
+    """Yield (ids i64 (b,), probs f16 (b,5,H,W)) of a fold's out-of-fold file, ``rows`` images at
+    a time (None: all in one); unreadable or misshapen = InputError naming it."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return f["ids"][()], f["probs"][()]
+            ids, probs = f["ids"], f["probs"]
+            if probs.ndim != 4 or len(probs) != len(ids):
+                raise InputError(f"{path}: out-of-fold probs of shape {probs.shape} for {len(ids)} ids")
+            for s in range(0, max(len(ids), 1), rows or max(len(ids), 1)):
+                yield ids[s:s + (rows or len(ids))], probs[s:s + (rows or len(ids))]
     except (OSError, KeyError) as e:
         raise InputError(f"{path}: unreadable out-of-fold file ({e})") from None
+
+
+def read_oof(path: Path):
+    """(ids, probs) of a fold's out-of-fold file, whole (`oof_chunks` streams it)."""
+    return next(oof_chunks(path, None))
