@@ -12,8 +12,10 @@
 - ``auto``: eager on a GPU; on a CPU openvino when it is installed, else eager (see
   ``resolve``).
 
-Every converted network has ONE static input shape, (batch x views, 1, H, W): a
-shorter batch is padded with zero images and the padding rows dropped (rows never
+Every converted network has ONE static input shape, (batch x views, 1, H, W), where
+batch is ``static_batch``: the batch size, or for fewer images the next power of two
+at or above their count (a few cached sizes; 8 images never build a network for
+5,000). A shorter batch is padded with zero images and the padding rows dropped (rows never
 mix: BN runs in eval mode and the input norm is per image), a longer one is run in
 chunks, so nothing recompiles. Conversions cost seconds to minutes, so they are
 paid once per fold folder: ``<fold>/cache/<backend>-<precision>-<sha16>-b<n>.<ext>``
@@ -104,6 +106,14 @@ def resolve(name: str, device: torch.device, compile_flag: bool = False,
 
 
 # --------------------------------------------------------------------------- static shape
+
+
+def static_batch(batch_size: int, n_images: int | None = None) -> int:
+    """The one batch a converted network is built for: ``batch_size``, or, when only
+    ``n_images`` (< batch_size) will be predicted, the next power of two at or above it."""
+    if n_images is None or n_images >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(n_images - 1, 0).bit_length())
 
 
 class StaticRunner:
@@ -348,12 +358,13 @@ def _convert(backend: str, model: nn.Module, example: torch.Tensor, precision: s
 
 def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_size: int,
             views: Sequence[tuple[int, ...]], channels_last: bool = True, log: Log = None,
-            calib_data: str | os.PathLike | None = None) -> list:
+            calib_data: str | os.PathLike | None = None, n_images: int | None = None) -> list:
     """The callables the predictor runs, one per fold, in order: ``x -> logits``.
 
     ``folds``: the ensemble's ``FoldModel``s (module + folder). Eager returns the
     modules on ``device``; other backends load the fold's cached conversion or
-    convert it (``log`` gets one line per conversion, with its seconds).
+    convert it (``log`` gets one line per conversion, with its seconds); ``n_images``,
+    when known, caps the static batch (``static_batch``).
     Shape: each callable maps float (b, 1, H, W) to logits (b, C, H, W).
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -362,6 +373,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
         return modules
     from . import IMAGE_SHAPE
 
+    batch_size = static_batch(batch_size, n_images)
     n = batch_size * len(views)
     example = torch.zeros((n, 1, *IMAGE_SHAPE), device=device)
     batches: list[np.ndarray] = []

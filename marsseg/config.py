@@ -13,6 +13,7 @@ Unknown keys, wrong types and out-of-range values raise `InputError` naming
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,6 +26,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ._names import name_problem
 from .errors import InputError
 
 
@@ -59,7 +61,6 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 CUTMIX_MODES = ("sample", "batch")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,7 @@ class MemberConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self):
-        _require(bool(_NAME_RE.match(self.name)), "name",
-                 f"{self.name!r} must be letters, digits, '_', '-', '.' (it names a folder)")
+        _require(name_problem(self.name) is None, "name", name_problem(self.name))
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _nonneg(self, "patience", "grad_clip")
@@ -209,7 +209,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
-        _require(bool(_NAME_RE.match(self.name)), "name", f"{self.name!r} is not a valid name")
+        _require(name_problem(self.name) is None, "name", name_problem(self.name))
         _require(len(self.members) > 0, "members", "needs at least one [[members]] entry")
         _require(self.folds >= 2, "folds", f"must be >= 2, got {self.folds}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -258,6 +258,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Bad(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+            raise _Bad(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, bool, str):
         if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
@@ -345,7 +347,7 @@ def name_from_file(path: str | Path) -> str:
     """
     stem = Path(path).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("_.-")
-    if not _NAME_RE.match(name):
+    if name_problem(name):
         raise InputError(f"{path}: the file name gives no valid recipe name ({stem!r}); "
                          "rename the file or set name = \"...\" in it")
     return name

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
+from .cluster import check_address
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .data import reads_data
 from .ensemble import collect, same_folds, summary_table
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
@@ -141,6 +143,8 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
             if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
                 run.check_state(m.name, f)
     _check_resources(opts)
+    if not opts.sequential:
+        check_address(opts.address)  # before the run folder is written: ray.init would hang
     return split, splits, new, fp
 
 
@@ -264,6 +268,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
 # --- the one entry point -------------------------------------------------------------------------
 
 
+@reads_data
 def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                 options: RunOptions = RunOptions(), *, epochs: int | None = None,
                 console=None) -> dict:

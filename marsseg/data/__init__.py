@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from .cleaning import class_counts, duplicate_mask_groups
 from .npz import load_npz
-from .shards import Split, iter_batches, load_split, read_dataset, shard_paths
+from .shards import Split, iter_batches, load_split, pinned, read_dataset, reads_data, shard_paths
 from .source import as_batches, open_data, split_info
 from .summary import describe
 from .writer import prepare
 
 __all__ = [
     "Split", "as_batches", "class_counts", "describe", "duplicate_mask_groups", "iter_batches",
-    "load_npz", "load_split", "open_data", "prepare", "read_dataset", "shard_paths", "split_info",
+    "load_npz", "load_split", "open_data", "pinned", "prepare", "reads_data", "read_dataset", "shard_paths", "split_info",
 ]
