@@ -239,7 +239,25 @@ def _compile_fold(model: nn.Module, example: torch.Tensor, precision: str, out: 
 
 
 def _load_compiled(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch._inductor.aoti_load_package(str(path))
+    """Load an AOTInductor package. Its loader unpacks into ``$TMPDIR/aotinductor_*`` and
+    leaves that folder behind when the load fails, so it unpacks into a private folder
+    that a failure removes (and the process's scratch folder removes at exit)."""
+    import shutil
+    import tempfile
+
+    unpack = tempfile.mkdtemp(prefix="aoti-", dir=_scratch().name)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = unpack
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except BaseException:
+        shutil.rmtree(unpack, ignore_errors=True)
+        raise
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
 
 
 # --------------------------------------------------------------------------- OpenVINO
@@ -322,16 +340,27 @@ def calibration_images(data: str | os.PathLike, n: int = CALIBRATION_IMAGES) -> 
 
 def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ...]],
                    n: int) -> list[np.ndarray]:
-    """Calibration inputs in the static shape: groups of ``batch`` images, views stacked."""
+    """Calibration inputs in the static shape: groups of ``batch`` images, views stacked.
+    Fewer images than one batch are repeated to fill it (zero images would skew the
+    activation ranges int8 is calibrated on); ``calibration_note`` says so."""
+    if len(images) < batch:
+        images = images[np.resize(np.arange(len(images)), batch)]
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
     out = []
-    for s in range(0, max(len(x) - batch, 0) + 1, batch):
+    for s in range(0, len(x) - batch + 1, batch):
         c = x[s:s + batch]
         xx = torch.cat([c.flip(d) if d else c for d in views])
-        if len(xx) < n:
-            xx = torch.cat([xx, xx.new_zeros((n - len(xx), *xx.shape[1:]))])
         out.append(xx[:n].contiguous().numpy())
     return out
+
+
+def calibration_note(found: int, batch: int, wanted: int = CALIBRATION_IMAGES) -> str | None:
+    """The warning line when int8 calibrates on fewer real images than it wants."""
+    if found >= wanted:
+        return None
+    fill = f"; repeated to fill the static batch of {batch}" if found < batch else ""
+    return (f"warning: int8 calibration on {found} real image(s), {wanted} wanted{fill}: "
+            "its accuracy may suffer; calibrate on a larger train split")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -382,7 +411,11 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
         if not batches:
             if calib_data is None:
                 raise InputError(f"backend {backend} needs training images to calibrate on")
-            batches.extend(_calib_batches(calibration_images(calib_data), batch_size, views, n))
+            images = calibration_images(calib_data)
+            note = calibration_note(len(images), batch_size)
+            if note:
+                (log or stderr_line)(note)
+            batches.extend(_calib_batches(images, batch_size, views, n))
         return batches
 
     runners = []

@@ -30,7 +30,7 @@ from .cluster import check_address
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .data import reads_data
 from .ensemble import collect, same_folds, summary_table
-from .errors import InputError
+from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .runfolder import RunFolder, data_fingerprint, fold_name
 from .train import train_one_fold
@@ -219,6 +219,47 @@ def _unwrap_task_error(e: Exception) -> Exception:
     return cause if isinstance(cause, InputError) else e
 
 
+def lost_fold(e: Exception, member: str, fold: int, out) -> RunError:
+    """The one line for a fold whose worker Ray stopped for good (killed by the memory
+    monitor, crashed, its node lost) after its retries: what happened, and that a rerun
+    resumes (finished folds are kept, this one continues from its saved state)."""
+    import ray
+
+    if isinstance(e, ray.exceptions.OutOfMemoryError):
+        what = "Ray's memory monitor killed its worker (the node ran out of memory)"
+    else:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = f"its worker died ({type(e).__name__}: {first[:160]})"
+    return RunError(f"{fold_name(member, fold)}: {what}, and its retries are used up; "
+                    f"finished folds are kept in {out}: run the same command again to resume "
+                    "(with fewer parallel folds or more memory)")
+
+
+class _Board:
+    """The driver's side of the progress actor: drains its events; when Ray kills the
+    actor (e.g. for memory) and cannot restart it, training goes on without the live
+    view (one line says so) instead of ending the run."""
+
+    def __init__(self, view):
+        import ray
+
+        self.view = view
+        self.actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+            ProgressBoard).remote()
+
+    def drain(self) -> None:
+        import ray
+
+        if self.actor is None:
+            return
+        try:
+            self.view.update(ray.get(self.actor.drain.remote(), timeout=60))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            self.actor = None
+            self.view.log(f"progress view lost ({type(e).__name__}); the folds keep training, "
+                          "their progress is in each fold's metrics.jsonl")
+
+
 def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
     import ray
 
@@ -230,7 +271,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                                 ("--gpus-per-task", "GPU", opts.gpus_per_task)):
             if want > have.get(key, 0):  # Ray would wait forever for such a task
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        board = _Board(view)
         node_cpus = None
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
@@ -241,15 +282,15 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=fold_name(member, fold)).remote(
-                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
-                node_cpus)
+                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads,
+                board.actor, node_cpus)
             refs[ref] = (member, fold)
         pending = list(refs)
         results = []
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-                view.update(ray.get(board.drain.remote()))
+                board.drain()
                 for ref in ready:
                     try:
                         results.append(ray.get(ref))
@@ -257,7 +298,11 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                         err = _unwrap_task_error(e)
                         view.fail(*refs[ref], str(err).splitlines()[0])
                         raise err from None
-            view.update(ray.get(board.drain.remote()))
+                    except ray.exceptions.RayError as e:  # the worker, not the fold, failed
+                        err = lost_fold(e, *refs[ref], out)
+                        view.fail(*refs[ref], str(err))
+                        raise err from None
+            board.drain()
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
