@@ -26,6 +26,7 @@ the next run and pruned when the weights change.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -244,20 +245,15 @@ def _load_compiled(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     that a failure removes (and the process's scratch folder removes at exit)."""
     import shutil
     import tempfile
+    from unittest import mock
 
     unpack = tempfile.mkdtemp(prefix="aoti-", dir=_scratch().name)
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = unpack
     try:
-        return torch._inductor.aoti_load_package(str(path))
+        with mock.patch.dict(os.environ, {"TMPDIR": unpack}):
+            return torch._inductor.aoti_load_package(str(path))
     except BaseException:
         shutil.rmtree(unpack, ignore_errors=True)
         raise
-    finally:
-        if before is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = before
 
 
 # --------------------------------------------------------------------------- OpenVINO
@@ -356,11 +352,9 @@ def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ..
 
 def calibration_note(found: int, batch: int, wanted: int = CALIBRATION_IMAGES) -> str | None:
     """The warning line when int8 calibrates on fewer real images than it wants."""
-    if found >= wanted:
-        return None
     fill = f"; repeated to fill the static batch of {batch}" if found < batch else ""
-    return (f"warning: int8 calibration on {found} real image(s), {wanted} wanted{fill}: "
-            "its accuracy may suffer; calibrate on a larger train split")
+    return None if found >= wanted else (f"warning: int8 calibration on {found} real image(s), "
+                                         f"{wanted} wanted{fill}: its accuracy may suffer")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -383,6 +377,22 @@ def _convert(backend: str, model: nn.Module, example: torch.Tensor, precision: s
         _compile_fold(model, example, precision, path.with_suffix(".pt2"))
     else:
         _convert_ov(model, example, calib() if backend == "openvino-int8" else None, path)
+
+
+def _conversion_error(e: Exception, fm, backend: str, path: Path) -> InputError:
+    """The one line for a failed conversion. A full disk shows up from the converters'
+    C++ streams as "basic_ios::clear: iostream error": name it as what it is."""
+    import shutil
+
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # the cache folder this conversion created, if still empty
+    need = 2 * (Path(fm.path) / WEIGHTS).stat().st_size + (1 << 20)
+    free = shutil.disk_usage(fm.path).free
+    if free < need or getattr(e, "errno", None) == errno.ENOSPC:
+        return InputError(f"{path.parent}: no space left on device for the {backend} conversion "
+                          f"(about {need / 2**20:.1f} MB needed, {free / 2**20:.1f} MB free)")
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return InputError(f"{fm.path}: {backend} conversion failed ({type(e).__name__}: {msg[:200]})")
 
 
 def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_size: int,
@@ -431,9 +441,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
             except InputError:
                 raise
             except Exception as e:  # no C++ compiler, unsupported op ...: one line, not a trace
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise InputError(f"{fm.path}: {backend} conversion failed "
-                                 f"({type(e).__name__}: {msg[:200]})") from None
+                raise _conversion_error(e, fm, backend, path) from None
             _prune(path.parent, backend, sha)
             if log:
                 log(f"converting {fm.name} ({backend}) ... {time.perf_counter() - t0:.1f} s "

@@ -29,9 +29,9 @@ from ._io import atomic_path, write_json_atomic
 from .cluster import check_address
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .data import reads_data
-from .ensemble import collect, same_folds, summary_table
 from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
+from .oof import collect, same_folds, summary_table
 from .runfolder import RunFolder, data_fingerprint, fold_name
 from .train import train_one_fold
 

@@ -27,11 +27,10 @@ from . import backends as B
 from ._io import atomic_path
 from ._progress import progress_bar
 from .cluster import check_address
-from .data import reads_data
+from .data import count_images, prescan, reads_data, stream_batches
 from .device import resolve_device, resolve_precision
-from .loader import Ensemble, load_ensemble
-from .predictor import BatchResult, PredictConfig, Predictor, needs_conversion
-from .stream import count_images, prescan, stream_batches
+from .ensemble import Ensemble, load_ensemble
+from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
 
 # --------------------------------------------------------------------------- Ray at the edge
 

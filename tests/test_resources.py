@@ -166,3 +166,40 @@ def test_a_failed_compiled_load_leaves_no_temp_folder(tmp_path):
     assert os.listdir(B._scratch().name) == []
     assert "TMPDIR" not in os.environ or os.environ["TMPDIR"] != B._scratch().name
 
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB tmpfs (root only, as in CI), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_conversion_on_a_full_disk_says_so(world, small_disk, tmp_path):
+    pytest.importorskip("openvino")
+    from typer.testing import CliRunner
+
+    from marsseg.cli import app
+
+    run = make_run(small_disk / "run", members=("a",), k=1)
+    try:
+        with open(small_disk / "filler", "wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+    except OSError:
+        pass
+    r = CliRunner().invoke(app, ["predict", "--ensemble", str(run), "--data", str(world["a"]),
+                                 "--out", str(tmp_path / "s.csv"), "--backend", "openvino"])
+    assert r.exit_code == 2, r.output
+    (line,) = r.stderr.splitlines()
+    assert "no space left on device for the openvino conversion" in line, line
+    assert "basic_ios" not in line and not (run / "a" / "fold_0" / "cache").exists()
+    assert not (tmp_path / "s.csv").exists()

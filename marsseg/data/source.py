@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..stream import rebatch
 from . import shards
 from .cleaning import DEFAULT_OUTLIER_MIN_COUNT, FlagBuilder, Flags, class_counts
 from .npz import NpzReader
+from .shards import rebatch
 
 
 class _Source:

@@ -16,7 +16,6 @@ import numpy as np
 from .. import CLASS_NAMES, IMAGE_SHAPE
 from .._io import atomic_path, sha256_file
 from ..errors import InputError
-from ..stream import rebatch
 from . import shards
 from .cleaning import (
     DEFAULT_MAX_BACKGROUND,
@@ -31,6 +30,7 @@ from .cleaning import (
     clean_keep,
 )
 from .npz import NpzReader
+from .shards import rebatch
 
 
 def prepare(
