@@ -257,7 +257,7 @@ class _Board:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             self.actor = None
             self.view.log(f"progress view lost ({type(e).__name__}); the folds keep training, "
-                          "their progress is in each fold's metrics.jsonl")
+                          "each fold's folder keeps its epochs")
 
 
 def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
