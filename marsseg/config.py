@@ -190,12 +190,16 @@ class MemberConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    # train-folds --teacher: a test pixel whose pseudo-label the teacher gives with a lower
+    # probability is ignored (marked 0, which needs loss.ignore_background)
+    pseudo_threshold: float = 0.9
 
     def __post_init__(self):
         _require(name_problem(self.name) is None, "name", name_problem(self.name))
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _nonneg(self, "patience", "grad_clip")
+        _prob(self, "pseudo_threshold")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ dies is retried by Ray (`max_retries`) and resumes the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -53,6 +54,7 @@ class RunOptions:
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
+    teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -76,7 +78,8 @@ class RunOptions:
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
-        return {"precision": self.precision, "time_budget": self.time_budget}
+        return {"precision": self.precision, "time_budget": self.time_budget,
+                "pseudo": self.teacher is not None}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -93,9 +96,10 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None) -> None:
-    """Refuse a run folder made with another recipe, --epochs or --time-budget. (Each fold
-    keeps the epochs a time budget gave it in its own budget file.)"""
+def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None,
+                  teacher: str | None = None) -> None:
+    """Refuse a run folder made with another recipe, --epochs, --time-budget or --teacher.
+    (Each fold keeps the epochs a time budget gave it in its own budget file.)"""
     if not run.recipe.exists():
         return
     import tomllib
@@ -106,13 +110,14 @@ def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None) -> 
         pinned = run.read_overrides()
         if old is not None:
             old = with_epochs(old, pinned.get("epochs"))
-        if pinned.get("time_budget_s") != time_budget:
+        if pinned.get("time_budget_s") != time_budget or pinned.get("teacher") != teacher:
             old = None
     except (InputError, tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         old = None
     if old != recipe:
         raise InputError(f"{run.recipe}: this run folder was made with a different recipe, "
-                         f"--epochs or --time-budget; use a new --out (or the ones it was made with)")
+                         f"--epochs, --time-budget or --teacher; use a new --out (or the ones "
+                         f"it was made with)")
 
 
 def _check_resources(opts: RunOptions) -> None:
@@ -134,7 +139,8 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     split = load_train(data)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(data)  # verifies the train shards against dataset.json
     run.check_data(fp)
-    _check_recipe(run, recipe, opts.time_budget)
+    _check_recipe(run, recipe, opts.time_budget, opts.teacher)
+    teacher = _check_teacher(recipe, data, run, opts, fp)
     splits, new = plan_splits(recipe, split, run)
     for m, f in selected:  # filters that leave no training image
         fold_rows(split, splits, f, recipe.member(m))
@@ -145,19 +151,63 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     _check_resources(opts)
     if not opts.sequential:
         check_address(opts.address)  # before the run folder is written: ray.init would hang
-    return split, splits, new, fp
+    return split, splits, new, fp, teacher
+
+
+def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions, fp: dict):
+    """--teacher: the teacher (trained on this data), a test split to pseudo-label, members
+    that ignore the pixels it leaves unlabeled, stored pseudo-labels of this very teacher."""
+    if opts.teacher is None:
+        return None
+    from ._io import sha256_file
+    from .data import count_images
+    from .teacher import open_teacher
+    from .teaching import TARGETS, check_record
+
+    teacher = open_teacher(opts.teacher, fp, need_oof=False)
+    for i, m in enumerate(recipe.members):
+        if not m.loss.ignore_background:
+            raise InputError(f"--teacher: member {m.name!r} (members[{i}]) has loss."
+                             "ignore_background = false; pseudo-label pixels below "
+                             "pseudo_threshold are marked 0, which only that ignores")
+    if count_images(data, "test") == 0:
+        raise InputError(f"{data}: the test split holds no images; nothing for --teacher to "
+                         "pseudo-label")
+    if (run.path / TARGETS).exists():
+        check_record(run.path / TARGETS, teacher.sha256, sha256_file(data / "dataset.json"),
+                     "test")
+    return teacher
+
+
+def _write_pseudo(run: RunFolder, teacher, data: Path, split, precision: str) -> None:
+    """The teacher's TTA probabilities of the test images, once, in the run's targets file."""
+    from ._io import sha256_file
+    from .teacher import write_targets
+    from .teaching import TARGETS
+
+    if teacher is None or (run.path / TARGETS).exists():
+        return
+    import torch
+
+    from .device import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    write_targets(teacher, data, split, run.path / TARGETS, unlabeled="test", labeled=False,
+                  precision=resolve_precision(precision, device),
+                  dataset_sha256=sha256_file(data / "dataset.json"))
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
-               fp: dict, epochs: int | None, time_budget: float | None) -> None:
+               fp: dict, epochs: int | None, time_budget: float | None,
+               teacher: str | None = None) -> None:
     """Write the shared files a new run folder needs (under the run folder's lock; another
     process may have written them since `_validate`, so they are checked again)."""
     run.check_writable()
-    _check_recipe(run, recipe, time_budget)
+    _check_recipe(run, recipe, time_budget, teacher)
     run.check_data(fp)
     if not run.recipe.exists():
-        pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget))
-                  if v is not None}
+        pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget),
+                                    ("teacher", teacher)) if v is not None}
         if pinned:
             write_json_atomic(run.overrides, pinned)
         with atomic_path(run.recipe) as tmp:
@@ -337,14 +387,18 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     options.check()
     selected = _select(recipe, options)
     run = RunFolder(out)
-    split, splits, new_splits, fp = _validate(recipe, selected, data, run, options)
+    if options.teacher is not None:
+        options = dataclasses.replace(options, teacher=str(Path(options.teacher).resolve()))
+    split, splits, new_splits, fp, teacher = _validate(recipe, selected, data, run, options)
 
     with contextlib.ExitStack() as held:
         with run.lock():
             _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
-                       options.time_budget)
+                       options.time_budget, options.teacher)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
             held.enter_context(run.lock_folds(jobs))
+        if jobs:  # not under the run's lock (minutes); written whole, then renamed
+            _write_pseudo(run, teacher, data, split, options.precision)
         _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
                console)
         with run.lock():
