@@ -26,7 +26,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from ._names import name_problem
+from ._io import name_problem
 from .errors import InputError
 
 

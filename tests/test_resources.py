@@ -18,6 +18,7 @@ import pytest
 from _runfolder import make_npz, make_run
 
 from marsseg import backends as B
+from marsseg import quantize as Q
 from marsseg.cluster import check_address
 from marsseg.data import as_batches, prepare
 from marsseg.errors import InputError
@@ -144,28 +145,26 @@ def test_cluster_addresses_are_checked_before_anything_starts():
 
 
 def test_int8_calibration_on_few_images_says_so_and_repeats_them():
-    assert B.calibration_note(256, 64) is None
-    note = B.calibration_note(1, 64)
+    assert Q.calibration_note(256, 64) is None
+    note = Q.calibration_note(1, 64)
     assert "1 real image(s), 256 wanted" in note and "repeated" in note
     images = np.arange(3, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8)
-    (batch,) = B._calib_batches(images, 8, ((), (-1,)), 16)
+    (batch,) = Q.calib_batches(images, 8, ((), (-1,)), 16)
     assert batch.shape == (16, 1, 4, 4)
     assert sorted({int(v) for v in batch[:, 0, 0, 0]}) == [0, 1, 2]  # no zero pads beyond
 
 
 def test_a_failed_compiled_load_leaves_no_temp_folder(tmp_path):
-    before = set(glob.glob("/tmp/aotinductor_*"))
+    before = set(glob.glob("/tmp/aotinductor_*")) | set(glob.glob("/tmp/marsseg-pt2-*"))
     bad = tmp_path / "x.pt2"
     with zipfile.ZipFile(bad, "w") as z:
         z.writestr("x/archive_format", "pt2")
         z.writestr("x/data/aotinductor/model/model.so", b"not a library")
         z.writestr("x/data/aotinductor/model/model_metadata.json", b"{}")
     with pytest.raises(Exception):  # noqa: B017 - torch's own error; prepare() words it
-        B._load_compiled(bad)
-    assert set(glob.glob("/tmp/aotinductor_*")) <= before
-    assert os.listdir(B._scratch().name) == []
-    assert "TMPDIR" not in os.environ or os.environ["TMPDIR"] != B._scratch().name
-
+        B._load_compiled(bad.read_bytes())
+    after = set(glob.glob("/tmp/aotinductor_*")) | set(glob.glob("/tmp/marsseg-pt2-*"))
+    assert after <= before
 
 
 @pytest.fixture
@@ -200,6 +199,6 @@ def test_a_conversion_on_a_full_disk_says_so(world, small_disk, tmp_path):
                                  "--out", str(tmp_path / "s.csv"), "--backend", "openvino"])
     assert r.exit_code == 2, r.output
     (line,) = r.stderr.splitlines()
-    assert "no space left on device for the openvino conversion" in line, line
+    assert "no space left on device" in line and "openvino" in line, line
     assert "basic_ios" not in line and not (run / "a" / "fold_0" / "cache").exists()
     assert not (tmp_path / "s.csv").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE
-from .._io import atomic_path, sha256_file
+from .._io import atomic_path, check_space, sha256_file
 from ..errors import InputError
 from . import shards
 from .cleaning import (
@@ -64,6 +64,7 @@ def prepare(
         # nothing, and only one shard's rows are in memory at a time.
         flags = _train_flags(data, outlier_min_count)
         test_counts = _test_counts(data)
+        check_space(out_dir, _shard_bytes(data))
         with _new_folder(out_dir) as tmp:
             written = {"train": _write_split(tmp, "train", _train_shards(data, flags, shard_size)),
                        "test": _write_split(tmp, "test",
@@ -96,6 +97,13 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             raise InputError(
                 f"{out_dir}: exists, is not empty and has no dataset.json; not replacing it"
             )
+
+
+def _shard_bytes(data: NpzReader) -> int:
+    """About the bytes the shard folder takes: images and masks, plus the per-image flags."""
+    pixels = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+    return sum(data.count(split) * ((2 if data.labeled(split) else 1) * pixels + 64)
+               for split in ("train", "test"))
 
 
 def _train_flags(data: NpzReader, outlier_min_count: int) -> Flags:
@@ -206,7 +214,7 @@ def _new_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary folder that replaces `out_dir` only once it is whole (`atomic_path`)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, hidden=True) as tmp:
             tmp.mkdir()
             yield tmp
     except OSError as e:  # disk full, permissions, a file where a folder should be
