@@ -333,6 +333,17 @@ def _load_verified(backend: str, path: Path, precision: str, n: int, sha: str):
         return None, f"cannot load it ({type(e).__name__})"
 
 
+def _disk_full(folder: Path, fold_dir: Path) -> bool:
+    """The converters' C++ streams report a full disk as "basic_ios::clear": ask the disk."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else fold_dir).free
+        return free < 2 * (Path(fold_dir) / WEIGHTS).stat().st_size + (1 << 20)
+    except OSError:
+        return False
+
+
 def _convert_cached(backend, module, example, precision, path: Path, n: int, sha: str,
                     calib, fold_dir: Path) -> float:
     """Convert into `path`, record the manifest, prune older conversions; seconds spent.
@@ -348,7 +359,7 @@ def _convert_cached(backend, module, example, precision, path: Path, n: int, sha
         raise
     except Exception as e:  # no C++ compiler, unsupported op, a full disk ...: one line
         C.remove(path)
-        if no_space(e):
+        if no_space(e) or _disk_full(path.parent, fold_dir):  # C++: "basic_ios::clear"
             raise InputError(f"{path.parent}: cannot write the {backend} conversion (no space "
                              "left on device)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
