@@ -9,12 +9,13 @@ Module map, lowest layer first; each module imports only from the ones above it
     _progress       the terminal: training board, progress bar, a fold's progress events
     _cores          idle-core sharing between the folds of one node
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
-                    batch streams with their checks, in-memory training loaders
+                    batch streams with their checks, in-memory training loaders and the
+                    rare-class sampler (which training images an epoch draws)
     _records        checks of ensemble.json's keys (names, fold paths, weights' sha256)
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
-    device          the one authority on device and precision (the auto rule, autocast)
+    device          the one authority on device and precision (the auto rule, autocast, Accelerator)
     models/         networks: registry, U-Net, blocks; save_pretrained / load_pretrained
     losses metrics  losses (and a member's loss); the course metric and confusion matrices
     augment folds   training augmentation; seeded grouped k-fold splits and fold rows
@@ -23,6 +24,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     budget          --time-budget: a fold's epochs from a timing probe
     student         student recipes (distill): one member plus the [distill] table
     teaching        a fold taught by a teacher: the targets file, its streaming loaders, the loss
+    tracking        --log-with: accelerate's trackers, one tracked run per fold, grouped per run
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._cores import CoreShare, share_folder
@@ -35,6 +35,7 @@ from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .runfolder import RunFolder, data_fingerprint, fold_name
+from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class RunOptions:
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
+    log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
+    tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -76,11 +79,18 @@ class RunOptions:
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        check_trackers(self.log_with)  # a missing package fails here, before anything starts
+
+    def resources(self) -> dict:
+        """How the folds run, as tracked hyperparameters."""
+        return {"cpus_per_task": self.cpus_per_task, "gpus_per_task": self.gpus_per_task,
+                "threads": self.threads or "auto", "sequential": self.sequential,
+                "address": self.address or "local"}
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
         return {"precision": self.precision, "time_budget": self.time_budget,
-                "pseudo": self.teacher is not None}
+                "pseudo": self.teacher is not None, "tracking": self.tracking}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -271,25 +281,22 @@ def _unwrap_task_error(e: Exception) -> Exception:
 
 
 def lost_fold(e: Exception, member: str, fold: int, out) -> RunError:
-    """The one line for a fold whose worker Ray stopped for good (killed by the memory
-    monitor, crashed, its node lost) after its retries: what happened, and that a rerun
-    resumes (finished folds are kept, this one continues from its saved state)."""
+    """The one line for a fold whose worker Ray stopped for good (memory monitor, crash,
+    lost node) after its retries: what happened, and that a rerun resumes it."""
     import ray
 
-    if isinstance(e, ray.exceptions.OutOfMemoryError):
-        what = "Ray's memory monitor killed its worker (the node ran out of memory)"
-    else:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        what = f"its worker died ({type(e).__name__}: {first[:160]})"
+    first = (str(e).strip().splitlines() or [""])[0]
+    what = ("Ray's memory monitor killed its worker (the node ran out of memory)"
+            if isinstance(e, ray.exceptions.OutOfMemoryError)
+            else f"its worker died ({type(e).__name__}: {first[:160]})")
     return RunError(f"{fold_name(member, fold)}: {what}, and its retries are used up; "
                     f"finished folds are kept in {out}: run the same command again to resume "
                     "(with fewer parallel folds or more memory)")
 
 
 class _Board:
-    """The driver's side of the progress actor: drains its events; when Ray kills the
-    actor (e.g. for memory) and cannot restart it, training goes on without the live
-    view (one line says so) instead of ending the run."""
+    """The driver's side of the progress actor (restarted when Ray kills it); if it is
+    lost for good, training goes on without the live view (one line says so)."""
 
     def __init__(self, view):
         import ray
@@ -301,10 +308,9 @@ class _Board:
     def drain(self) -> None:
         import ray
 
-        if self.actor is None:
-            return
         try:
-            self.view.update(ray.get(self.actor.drain.remote(), timeout=60))
+            if self.actor is not None:
+                self.view.update(ray.get(self.actor.drain.remote(), timeout=60))
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             self.actor = None
             self.view.log(f"progress view lost ({type(e).__name__}); the folds keep training, "
@@ -398,6 +404,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
             _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
                        options.time_budget, options.teacher)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
+            if jobs and options.log_with:
+                options = replace(options, tracking=open_group(
+                    run.path, check_trackers(options.log_with), options.resources(), fp))
             held.enter_context(run.lock_folds(jobs))
         if jobs:  # not under the run's lock (minutes); written whole, then renamed
             _write_pseudo(run, teacher, data, split, options.precision)

@@ -48,7 +48,8 @@ from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
-from .device import resolve_precision
+from .data.sampling import RareClassSampler, holds_class
+from .device import make_accelerator, resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
 from .losses import make_loss
@@ -56,6 +57,7 @@ from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
+from .tracking import TrackingSpec, fold_run
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,17 +66,6 @@ Progress = Callable[[dict], None]
 
 
 # --- small pure helpers -----------------------------------------------------------------------
-
-
-def make_accelerator(precision: str, cpu: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-
-    # One process may train several folds (--sequential, tests); accelerate keeps a
-    # process-wide singleton that refuses a second Accelerator with other settings.
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -167,13 +158,27 @@ class FoldSetup:
     rock_images: RockImages | None
     taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
     n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
+    sampler: RareClassSampler | None = None  # [members.sampling] with factor != 1
+
+
+def _sampler(m: MemberConfig, masks: np.ndarray, gen: torch.Generator,
+             taught: bool) -> RareClassSampler | None:
+    """The member's rare-class sampler over the training part's masks (None: a shuffle)."""
+    s = m.sampling
+    if s.factor == 1.0:
+        return None
+    if taught:
+        raise InputError(f"member {m.name!r}: [members.sampling] does not apply to a taught "
+                         "(distill) fold, whose loader streams the teacher's targets; "
+                         "remove it or set factor = 1.0")
+    return RareClassSampler(holds_class(masks, s.rare_class, s.min_pixels), s.factor, gen)
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
-            compile: bool, teaching: Teaching | None, pseudo: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
-    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
-    the training part gets the run's pseudo-labelled unlabeled images)."""
+            compile: bool, teaching: Teaching | None, pseudo: bool, log_with=None) -> FoldSetup:
+    """Splits, accelerator (with `log_with`'s trackers), model (seeded), optimizer, loaders, loss
+    and rock sources of a fold (with `teaching`: the training loader streams the teacher's
+    targets too; with `pseudo` the training part gets the run's pseudo-labelled images)."""
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -182,7 +187,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     train_rows, val_rows, n_filtered = fold_rows(split, ensure_splits(recipe, split, out), fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=not use_cuda)
+    accelerator = make_accelerator(prec, cpu=not use_cuda, log_with=log_with, project_dir=out)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
@@ -194,8 +199,9 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     shuffle_gen = torch.Generator()
     fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
                              else None, m.pseudo_threshold)  # never in validation
+    sampler = _sampler(m, fit[1], shuffle_gen, taught=teaching is not None)
     loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
-                           shuffle_gen)
+                           shuffle_gen, sampler)
     taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
     if taught is not None:
         loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
@@ -209,7 +215,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
                      torch.Generator(device=device), bank, rocks, taught,
-                     len(fit[0]) - len(tr_images))
+                     len(fit[0]) - len(tr_images), sampler)
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -340,6 +346,9 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
+    if f.sampler is not None:  # what the sampler drew from (absent for a shuffle)
+        done["sampling"] = {**dataclasses.asdict(m.sampling),
+                            "n_train_rare": int(f.sampler.rare.sum())}
     run.write_done(m.name, f.fold, done)
     return done
 
@@ -351,7 +360,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False,
-                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
+                   teaching: Teaching | None = None, pseudo: bool = False,
+                   tracking: TrackingSpec | None = None) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
@@ -368,7 +378,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
     Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
     on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
-    Returns the done dict. A finished fold returns it at once (its weights checked);
+    tracking: log to accelerate's trackers as run `member/fold_k`. Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
     t_start = time.perf_counter()
@@ -379,7 +389,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo)
+    track = fold_run(tracking, run.fold_dir(m.name, fold), run.path)
+    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo, track.log_with)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -388,7 +399,15 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
+    with track:  # ends the tracked run however the fold ends
+        track.start(f, lambda: read_metrics(f.fold_dir / METRICS))
+        return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
 
+
+def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,
+            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
+    """The epochs left to train, then `_finish`; returns the done dict."""
+    m = f.member
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
     best_probs = None
@@ -414,6 +433,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         append_metrics(f.fold_dir / METRICS, row)
         state.epoch = epoch
         save_state(f.accelerator, f.fold_dir, state.to_json())
+        track.epoch(row)  # after the state: a resumed fold never logs an epoch twice
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
                seconds=row["seconds"])
