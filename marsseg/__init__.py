@@ -28,7 +28,9 @@ Module map, lowest layer first; each module imports only from the ones above it
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
-    ensemble        the loaded ensemble: fold networks and their weights
+    temperature     calibration: temperatures fitted on the out-of-fold files (calibrate),
+                    the ensemble file's calibration block, softmax(ln p / T)
+    ensemble        the loaded ensemble: fold networks and their weights and temperatures
     cache           a fold's conversion cache: manifest, verification before a load, prune
     quantize        int8 calibration images in the static shape
     backends        eager / compiled / OpenVINO networks, converted once per fold folder
@@ -37,8 +39,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     submission      the submission CSV: writer, validator, reader
     predict         the predict command's driver: stream -> Predictor -> CSV (+ probs.h5)
     evaluate        scores of folds, ensemble and ensemble+TTA on labeled data
-    report          plots: confusion, per-class IoU, training curves, overlays
-    select          member weights by out-of-fold score (greedy forward selection)
+    report          plots: confusion, per-class IoU, training curves, overlays, reliability
+    select          member weights by out-of-fold score (greedy forward selection), then calibrate
     distill         one student network taught by a k-fold teacher ensemble
     synth           synthetic course-layout data for demos and tests
     cli/            the typer app, one file per command (installed as marsseg.cli)
