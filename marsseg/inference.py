@@ -39,6 +39,8 @@ from .temperature import apply_temperature
 VIEWS_NONE: tuple[tuple[int, ...], ...] = ((),)
 VIEWS_HFLIP: tuple[tuple[int, ...], ...] = ((), (-1,))
 VIEWS_HVFLIP: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+#: largest --batch-size: beyond it one forward pass (x 4 views) asks for tens of GB
+MAX_BATCH_SIZE = 1024
 
 
 def tta_views(tta: bool = True, vflip: bool = False) -> tuple[tuple[int, ...], ...]:
@@ -68,8 +70,9 @@ class PredictConfig:
         check_precision_name(self.precision)
         if self.classes not in ("foreground", "all"):
             raise InputError(f"classes must be foreground or all, got {self.classes!r}")
-        if self.batch_size < 1:
-            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise InputError(f"--batch-size {self.batch_size}: must be 1..{MAX_BATCH_SIZE} "
+                             "(each forward pass holds batch x views images' activations)")
 
     @property
     def views(self) -> tuple[tuple[int, ...], ...]:
@@ -131,11 +134,13 @@ class BatchResult:
     #                                        label differs from the ensemble's
 
 
-def needs_conversion(ensemble: Ensemble, cfg: PredictConfig, rt: Resolved) -> bool:
-    """True when building a Predictor for ``cfg`` would convert a fold (and cache it in
-    the run folder, with a progress line): the callers check their data before that."""
-    return not B.converted(ensemble.models, rt.backend, precision=rt.precision,
-                           n=cfg.batch_size * len(cfg.views))
+def needs_conversion(ensemble: Ensemble, cfg: PredictConfig, rt: Resolved,
+                     n_images: int | None = None) -> bool:
+    """True when building a Predictor for ``cfg`` (and ``n_images``) would convert a fold
+    (and cache it in the run folder, with a progress line): the callers check their data
+    before that."""
+    n = B.static_batch(cfg.batch_size, n_images) * len(cfg.views)
+    return not B.converted(ensemble.models, rt.backend, precision=rt.precision, n=n)
 
 
 class Predictor:
@@ -143,11 +148,12 @@ class Predictor:
 
     def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig(),
                  rt: Resolved | None = None, *, log: Callable[[str], None] | None = None,
-                 calib_data=None):
+                 calib_data=None, n_images: int | None = None):
         """``rt``: the command's resolution (default: ``cfg.resolve()``, for a caller that
         is itself the entry point). ``log`` gets one line per backend conversion;
         ``calib_data`` (shards, npz or an opened source) gives the int8 backend its
-        calibration images."""
+        calibration images; ``n_images``, the number of images to be predicted when known,
+        caps a converted network's static batch."""
         self.cfg = cfg
         self.rt = rt = rt if rt is not None else cfg.resolve()
         if rt.threads:
@@ -161,7 +167,7 @@ class Predictor:
         self.models = B.prepare(ensemble.models, rt.backend, device=rt.device,
                                 precision=rt.precision, batch_size=cfg.batch_size,
                                 views=self.views, channels_last=cfg.channels_last, log=log,
-                                calib_data=calib_data)
+                                calib_data=calib_data, n_images=n_images)
 
     device = property(lambda self: self.rt.device)
     precision = property(lambda self: self.rt.precision)

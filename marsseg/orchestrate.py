@@ -27,11 +27,12 @@ from pathlib import Path
 
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
+from .cluster import check_address
 from .config import Recipe, load_recipe, parse_recipe, with_epochs
 from .confine import check_apart
-from .data import open_data
+from .data import open_data, reads_data
 from .device import Resolved, resolve_training
-from .errors import InputError
+from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .runfolder import RunFolder, data_fingerprint, fold_name
@@ -158,6 +159,8 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
             if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
                 run.check_state(m.name, f)
     _check_resources(opts)
+    if not opts.sequential:
+        check_address(opts.address)  # before the run folder is written: ray.init would hang
     return split, splits, new, fp, teacher
 
 
@@ -229,10 +232,8 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 
 
 def _fold_task(recipe, member, fold, split, out, kwargs, threads, board, node_cpus):
-    """Body of one Ray task: train one fold, sending progress events to the board actor.
-
-    ``split``: the driver's train split (from Ray's object store); ``kwargs``: the
-    driver's resolved device and precision (``rt``), the run's splits and time budget.
+    """Body of one Ray task: train one fold (``split``, from Ray's object store; ``kwargs``:
+    the driver's ``rt``, splits, ...), sending progress events to the board actor.
 
     With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
     running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
@@ -275,6 +276,43 @@ def _unwrap_task_error(e: Exception) -> Exception:
     return cause if isinstance(cause, InputError) else e
 
 
+def lost_fold(e: Exception, member: str, fold: int, out) -> RunError:
+    """The one line for a fold whose worker Ray stopped for good (memory monitor, crash,
+    lost node) after its retries: what happened, and that a rerun resumes it."""
+    import ray
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    what = ("Ray's memory monitor killed its worker (the node ran out of memory)"
+            if isinstance(e, ray.exceptions.OutOfMemoryError)
+            else f"its worker died ({type(e).__name__}: {first[:160]})")
+    return RunError(f"{fold_name(member, fold)}: {what}, and its retries are used up; "
+                    f"finished folds are kept in {out}: run the same command again to resume "
+                    "(with fewer parallel folds or more memory)")
+
+
+class _Board:
+    """The driver's side of the progress actor (restarted when Ray kills it); if it is
+    lost for good, training goes on without the live view (one line says so)."""
+
+    def __init__(self, view):
+        import ray
+
+        self.view = view
+        self.actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+            ProgressBoard).remote()
+
+    def drain(self) -> None:
+        import ray
+
+        try:
+            if self.actor is not None:
+                self.view.update(ray.get(self.actor.drain.remote(), timeout=60))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            self.actor = None
+            self.view.log(f"progress view lost ({type(e).__name__}); the folds keep training, "
+                          "each fold's folder keeps its epochs")
+
+
 def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view) -> list[dict]:
     import ray
 
@@ -286,7 +324,7 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
                                 ("--gpus-per-task", "GPU", opts.gpus_per_task)):
             if want > have.get(key, 0):  # Ray would wait forever for such a task
                 raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        board = _Board(view)
         node_cpus = None
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
@@ -298,15 +336,15 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
             ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                max_retries=opts.max_retries, retry_exceptions=False,
                                name=fold_name(member, fold)).remote(
-                recipe, member, fold, split_ref, str(out), fold_kwargs, threads, board,
-                node_cpus)
+                recipe, member, fold, split_ref, str(out), fold_kwargs, threads,
+                board.actor, node_cpus)
             refs[ref] = (member, fold)
         pending = list(refs)
         results = []
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-                view.update(ray.get(board.drain.remote()))
+                board.drain()
                 for ref in ready:
                     try:
                         results.append(ray.get(ref))
@@ -314,7 +352,11 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
                         err = _unwrap_task_error(e)
                         view.fail(*refs[ref], str(err).splitlines()[0])
                         raise err from None
-            view.update(ray.get(board.drain.remote()))
+                    except ray.exceptions.RayError as e:  # the worker, not the fold, failed
+                        err = lost_fold(e, *refs[ref], out)
+                        view.fail(*refs[ref], str(err))
+                        raise err from None
+            board.drain()
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -325,6 +367,7 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
 # --- the one entry point -------------------------------------------------------------------------
 
 
+@reads_data
 def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                 options: RunOptions = RunOptions(), *, epochs: int | None = None,
                 console=None) -> dict:

@@ -27,8 +27,9 @@ from . import IMAGE_SHAPE, NUM_CLASSES
 from . import backends as B
 from ._io import atomic_path, check_space, no_space
 from ._progress import progress_bar
+from .cluster import check_address
 from .confine import check_apart
-from .data import count_images, open_checked, prescan, stream_batches
+from .data import count_images, open_checked, prescan, reads_data, stream_batches
 from .data.source import Source
 from .device import Resolved
 from .ensemble import Ensemble, load_ensemble
@@ -40,8 +41,8 @@ from .submission import SubmissionWriter, check_out_path
 
 
 def _ray_results(run_dir, members, folds, cfg: PredictConfig, rt: Resolved, batches: Iterable,
-                 workers: int, address: str | None, want_probs: bool,
-                 want_dis: bool) -> Iterator[BatchResult]:
+                 workers: int, address: str | None, want_probs: bool, want_dis: bool,
+                 n_images: int | None) -> Iterator[BatchResult]:
     """Spread batches over ``workers`` Ray actors; yield results in input order. Each actor
     loads the ensemble (weights checked by the driver) and runs at the driver's ``rt``."""
     import ray
@@ -55,7 +56,8 @@ def _ray_results(run_dir, members, folds, cfg: PredictConfig, rt: Resolved, batc
         @ray.remote(num_cpus=1, num_gpus=(1.0 / workers) if gpu else 0)
         class _Worker:
             def __init__(self):
-                self.p = Predictor(load_ensemble(run_dir, members, folds, verify=False), cfg, rt)
+                self.p = Predictor(load_ensemble(run_dir, members, folds, verify=False), cfg, rt,
+                                   n_images=n_images)
 
             def run(self, ids, images):
                 return self.p(ids, images, want_probs=want_probs, want_disagreement=want_dis)
@@ -155,18 +157,20 @@ class _ProbsWriter:
 
 def ready_predictor(ensemble: Ensemble, data: Source, split: str, cfg: PredictConfig,
                     rt: Resolved, *, workers: int = 0,
-                    log: Callable[[str], None] | None = None) -> Predictor | None:
+                    log: Callable[[str], None] | None = None,
+                    n_images: int | None = None) -> Predictor | None:
     """The in-process Predictor, its backend converted or loaded from the cache; with
     ``workers`` > 1 only the conversion (the workers load it) and None. Before a
     conversion, the data is read once through every check: bad data must fail before
-    a conversion is shown or cached."""
-    convert = needs_conversion(ensemble, cfg, rt)
+    a conversion is shown or cached. ``n_images`` (the split's count) caps the static
+    batch of a converted network."""
+    convert = needs_conversion(ensemble, cfg, rt, n_images)
     if convert:
         prescan(data, split, cfg.batch_size)
     if workers <= 1:
-        return Predictor(ensemble, cfg, rt, log=log, calib_data=data)
-    if convert:
-        Predictor(ensemble, cfg, rt, log=log, calib_data=data)  # the workers load its cache
+        return Predictor(ensemble, cfg, rt, log=log, calib_data=data, n_images=n_images)
+    if convert:  # the workers load its cache
+        Predictor(ensemble, cfg, rt, log=log, calib_data=data, n_images=n_images)
     return None
 
 
@@ -185,6 +189,7 @@ def _calibration(ensemble: Ensemble) -> dict:
             "members": {m.member: m.temperature for m in ensemble.models}}
 
 
+@reads_data
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
             cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
@@ -211,18 +216,20 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
         check_apart(probs_path, "--probs", run=run_dir, data=data)
     src = open_checked(data)
     total = count_images(src, split)
+    if (workers or 0) > 1:
+        check_address(address)
     ensemble = load_ensemble(run_dir, members, folds)  # fail fast, before any work
     rt = cfg.resolve()  # a missing backend package fails here
     workers = workers or 0
     want = probs_path is not None
     t0 = time.perf_counter()
     pred = ready_predictor(ensemble, src, split, cfg, rt, workers=workers,
-                           log=B.stderr_line if progress else None)
+                           log=B.stderr_line if progress else None, n_images=total)
     t_setup = time.perf_counter()
     batches = stream_batches(src, split, cfg.batch_size)
     if workers > 1:
         results = _ray_results(run_dir, members, folds, cfg, rt, batches, workers, address,
-                               want, want)
+                               want, want, total)
     else:
         results = (pred(ids, images, want_probs=want, want_disagreement=want)
                    for ids, images in batches)

@@ -26,7 +26,9 @@ from .shards import (
     check_shards,
     iter_batches,
     load_split,
+    pinned,
     read_dataset,
+    reads_data,
     shard_paths,
     verify_shards,
 )
@@ -36,7 +38,8 @@ from .summary import describe
 from .writer import prepare
 
 __all__ = [
-    "Split", "as_batches", "check_shards", "class_counts", "count_images", "describe", "open_checked",
-    "duplicate_mask_groups", "iter_batches", "load_npz", "load_split", "open_data", "prepare",
-    "prescan", "read_dataset", "shard_paths", "split_info", "stream_batches", "verify_shards",
+    "Split", "as_batches", "check_shards", "class_counts", "count_images", "describe",
+    "duplicate_mask_groups", "iter_batches", "load_npz", "load_split", "open_checked", "open_data",
+    "pinned", "prepare", "prescan", "reads_data", "read_dataset", "shard_paths", "split_info",
+    "stream_batches", "verify_shards",
 ]
