@@ -24,15 +24,20 @@ from .errors import InputError
 from .runfolder import STATE, read_trainer, write_trainer
 
 
-def make_accelerator(precision: str, cpu: bool):
-    from accelerate import Accelerator
+def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
+    """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
+    global batch, and every process takes its 1/N slice of it (`dataparallel`)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
     # One process may train several folds (--sequential, tests); accelerate keeps a
     # process-wide singleton that refuses a second Accelerator with other settings.
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    if not split_batches:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=precision, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -27,10 +27,11 @@ from pathlib import Path
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .dataparallel import check_batch
 from .ensemble import collect, same_folds, summary_table
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
-from .runfolder import RunFolder, data_fingerprint, fold_name
+from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RunOptions:
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
+    workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -63,6 +65,7 @@ class RunOptions:
             raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
             raise InputError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        self._check_workers()
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.max_retries < 0:
@@ -71,6 +74,23 @@ class RunOptions:
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+
+    def _check_workers(self) -> None:
+        n, g = self.workers_per_fold, self.gpus_per_task
+        if n < 1:
+            raise InputError(f"--workers-per-fold must be >= 1, got {n}")
+        if g > 1:  # a worker trains on one device: more would be reserved and left idle
+            raise InputError(f"--gpus-per-task {g:g}: a fold's worker trains on one GPU; to "
+                             f"spread a fold over {g:g} GPUs use --workers-per-fold {g:g} "
+                             f"--gpus-per-task 1")
+        if n > 1 and g not in (0, 1):
+            raise InputError(f"--workers-per-fold {n}: give --gpus-per-task 1 (a GPU per worker) "
+                             f"or 0 (CPU workers), not {g:g}")
+        if n > 1 and self.sequential:
+            raise InputError(f"--workers-per-fold {n}: not with --sequential (workers run on Ray)")
+        if n > 1 and self.time_budget is not None:
+            raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
+                             "time its own steps); give --epochs instead")
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
@@ -119,11 +139,27 @@ def _check_resources(opts: RunOptions) -> None:
         return  # a cluster's resources are checked once joined (_run_ray)
     import torch
 
-    have = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    _check_fits(opts, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()},
+                "this machine")
+
+
+def _check_fits(opts: RunOptions, have: dict, where: str) -> None:
+    """One fold (all its workers) must fit in `have`: Ray would wait forever for it."""
+    n = opts.workers_per_fold
+    each = f" x --workers-per-fold {n}" if n > 1 else ""
     for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
                             ("--gpus-per-task", "GPU", opts.gpus_per_task)):
-        if want > have[key]:
-            raise InputError(f"{flag} {want:g}: this machine has {have[key]:g} {key}s")
+        if want * n > have.get(key, 0):
+            raise InputError(f"{flag} {want:g}{each}: {where} has {have.get(key, 0):g} {key}s")
+
+
+def _slots(opts: RunOptions, have: dict) -> int:
+    """Multi-worker folds the cluster runs at once (the rest wait in the driver)."""
+    n = opts.workers_per_fold
+    fits = [have.get("CPU", 0) // (opts.cpus_per_task * n)]
+    if opts.gpus_per_task:
+        fits.append(have.get("GPU", 0) // (opts.gpus_per_task * n))
+    return max(1, int(min(fits)))
 
 
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
@@ -134,14 +170,27 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     run.check_data(fp)
     _check_recipe(run, recipe, opts.time_budget)
     splits, new = plan_splits(recipe, split, run)
-    for m, f in selected:  # filters that leave no training image
+    for m, f in selected:  # filters that leave no training image; the global batch's split
         fold_rows(split, splits, f, recipe.member(m))
+        check_batch(recipe.member(m).batch_size, opts.workers_per_fold, m)
     for m in recipe.members:  # collect reads every finished fold, selected or not
         for f in range(recipe.folds):
             if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
                 run.check_state(m.name, f)
+                _check_state_workers(run, m.name, f, opts.workers_per_fold)
     _check_resources(opts)
     return split, splits, new, fp
+
+
+def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -> None:
+    """A saved state resumes only with the worker count that saved it (train._resume)."""
+    state = run.fold_dir(member, fold) / STATE
+    if (state / TRAINER_STATE).is_file():
+        was = read_trainer(state).get("workers", 1)
+        if was != workers:
+            raise InputError(f"{state}: saved by {was} worker(s) per fold; resume it with "
+                             f"--workers-per-fold {was} (now {workers}) or delete it to "
+                             f"restart the fold")
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
@@ -222,43 +271,67 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
 
     with ray_session(opts.address):
         have = ray.cluster_resources()
-        for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
-                                ("--gpus-per-task", "GPU", opts.gpus_per_task)):
-            if want > have.get(key, 0):  # Ray would wait forever for such a task
-                raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
+        _check_fits(opts, have, "the Ray cluster")
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         node_cpus = None
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-        task = ray.remote(_fold_task)
         threads = opts.threads or max(1, int(opts.cpus_per_task))
-        refs = {}
-        for member, fold in jobs:
-            ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
-                               max_retries=opts.max_retries, retry_exceptions=False,
-                               name=fold_name(member, fold)).remote(
-                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
-                node_cpus)
-            refs[ref] = (member, fold)
-        pending = list(refs)
+        submit = _submitter(recipe, data, out, opts, board, node_cpus, threads)
+        # Plain tasks queue in Ray; multi-worker folds queue here (raytrain's docstring).
+        slots = len(jobs) if opts.workers_per_fold == 1 else _slots(opts, have)
+        queue, refs = list(jobs), {}
         results = []
         try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            while queue or refs:
+                while queue and len(refs) < slots:
+                    job = queue.pop(0)
+                    refs[submit(*job)] = job
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
                 view.update(ray.get(board.drain.remote()))
                 for ref in ready:
+                    job = refs.pop(ref)
                     try:
                         results.append(ray.get(ref))
                     except ray.exceptions.RayTaskError as e:
                         err = _unwrap_task_error(e)
-                        view.fail(*refs[ref], str(err).splitlines()[0])
+                        view.fail(*job, str(err).splitlines()[0])
                         raise err from None
             view.update(ray.get(board.drain.remote()))
         except BaseException:
-            for ref in pending:
+            for ref in refs:
                 ray.cancel(ref, force=True)
             raise
         return results
+
+
+def _submitter(recipe, data, out, opts: RunOptions, board, node_cpus, threads):
+    """submit(member, fold) -> ObjectRef: a plain fold task, or a Ray Train launcher (N > 1)."""
+    import ray
+
+    if opts.workers_per_fold == 1:
+        task = ray.remote(_fold_task)
+
+        def submit(member, fold):
+            return task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
+                                max_retries=opts.max_retries, retry_exceptions=False,
+                                name=fold_name(member, fold)).remote(
+                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
+                node_cpus)
+        return submit
+
+    from .raytrain import fit_fold
+
+    # The launcher holds no resources: its trainer's workers reserve theirs.
+    launcher = ray.remote(fit_fold).options(num_cpus=0, max_retries=0)
+
+    def submit(member, fold):
+        return launcher.options(name=fold_name(member, fold)).remote(
+            recipe, member, fold, str(data), str(out), workers=opts.workers_per_fold,
+            cpus_per_worker=opts.cpus_per_task, gpu=opts.gpus_per_task >= 1, threads=threads,
+            kwargs=opts.fold_kwargs(), board=board, node_cpus=node_cpus,
+            max_retries=opts.max_retries)
+    return submit
 
 
 # --- the one entry point -------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from ._trainutil import (
     to_model_input,
 )
 from .config import MemberConfig, Recipe, ScheduleConfig
+from .dataparallel import check_batch, rank_seed, sync_batchnorm, world
 from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
@@ -184,11 +185,16 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     train_rows, val_rows, n_filtered = fold_rows(split, ensure_splits(recipe, split, out), fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=not use_cuda)
+    workers = world()[1]  # > 1: one of the data-parallel processes of this fold
+    check_batch(m.batch_size, workers, m.name)
+    accelerator = make_accelerator(prec, cpu=not use_cuda, split_batches=workers > 1)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
-    model = build_model(m.model.name, **m.model.args).to(memory_format=torch.channels_last)
+    model = build_model(m.model.name, **m.model.args)
+    if workers > 1:  # BatchNorm statistics of the global batch, not of each worker's slice
+        model = sync_batchnorm(model, cuda=use_cuda)
+    model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: parameter names, state dicts and saved weights stay the same
     optimizer = make_optimizer(m.optimizer, model)
@@ -209,17 +215,25 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
 def _resume(f: FoldSetup) -> TrainerState | None:
     """The saved state (accelerate's restored too, metrics cut back to it), or None: a new fold."""
     metrics = f.fold_dir / METRICS
+    main = f.accelerator.is_main_process  # every rank loads the state; rank 0 alone writes
     state_dir = find_state(f.fold_dir)
     if state_dir is None:
-        metrics.unlink(missing_ok=True)  # metrics from a run that never saved a state
+        if main:
+            metrics.unlink(missing_ok=True)  # metrics from a run that never saved a state
         return None
     try:
-        state = TrainerState.from_json(read_trainer(state_dir))
+        saved = read_trainer(state_dir)
+        state = TrainerState.from_json(saved)
     except ValueError as e:
         raise InputError(f"{state_dir / TRAINER_STATE}: unreadable saved training state ({e}); "
                          f"delete {state_dir} to train the fold from epoch 0") from None
+    was, now = saved.get("workers", 1), f.accelerator.num_processes
+    if was != now:  # a data-parallel state holds the wrapped model's parameter names
+        raise InputError(f"{state_dir}: saved by {was} worker(s) per fold; resume it with "
+                         f"--workers-per-fold {was} (now {now}) or delete it to restart the fold")
     load_state(f.accelerator, state_dir)
-    truncate_metrics(metrics, state.epoch)
+    if main:
+        truncate_metrics(metrics, state.epoch)
     return state
 
 
@@ -242,9 +256,10 @@ def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -
 def _seed_epoch(f: FoldSetup, epoch: int) -> None:
     """Every draw of epoch `epoch` (shuffle, augmentation, dropout) from its own seed."""
     seed = fold_seed(f.recipe.seed, f.member.name, f.fold, epoch)
-    f.shuffle_gen.manual_seed(seed)
-    f.aug_gen.manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+    f.shuffle_gen.manual_seed(seed)  # the same on every rank: one shuffle of the global batches
+    own = rank_seed(seed, f.accelerator.process_index)  # each rank augments its own slice
+    f.aug_gen.manual_seed(own)
+    torch.manual_seed(own)  # dropout and anything else drawing from the global RNG
 
 
 def _train_step(f: FoldSetup, images, masks, lr: float) -> tuple[torch.Tensor, int]:
@@ -307,10 +322,11 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     score = miou if math.isfinite(miou) else -1.0
     if state.best_miou is None or score > state.best_miou:
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
-        save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
-                        extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
-                               "epoch": epoch, "val_miou": round_score(miou),
-                               "val_iou": [round_score(v) for v in iou]})
+        if f.accelerator.is_main_process:
+            save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
+                            extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
+                                   "epoch": epoch, "val_miou": round_score(miou),
+                                   "val_iou": [round_score(v) for v in iou]})
         return miou, iou, True
     state.bad_epochs += 1
     state.plateau_bad += 1
@@ -320,6 +336,12 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     if m.patience and state.bad_epochs >= m.patience:
         state.stopped_early = True
     return miou, iou, False
+
+
+def _trainer_record(f: FoldSetup, state: TrainerState) -> dict:
+    """trainer.json: the state, and with N > 1 workers the N (its weights' names depend on it)."""
+    n = f.accelerator.num_processes
+    return state.to_json() if n == 1 else {**state.to_json(), "workers": n}
 
 
 def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, run: RunFolder,
@@ -337,6 +359,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "stopped_early": state.stopped_early, "n_train": int(len(f.train_rows)),
             "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
             "precision": f.precision, "device": str(f.accelerator.device),
+            **({"workers": f.accelerator.num_processes} if f.accelerator.num_processes > 1 else {}),
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
@@ -373,6 +396,9 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
+    if time_budget is not None and world()[1] > 1:
+        raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
+                         "time its own steps); give --epochs instead")
     f = _set_up(recipe, m, fold, data, out, precision, compile)
     saved = _resume(f)
     resumed_from = None if saved is None else saved.epoch
@@ -405,12 +431,18 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True
-        append_metrics(f.fold_dir / METRICS, row)
         state.epoch = epoch
-        save_state(f.accelerator, f.fold_dir, state.to_json())
+        if f.accelerator.num_processes > 1:
+            row["workers"] = f.accelerator.num_processes
+        if f.accelerator.is_main_process:
+            append_metrics(f.fold_dir / METRICS, row)
+            save_state(f.accelerator, f.fold_dir, _trainer_record(f, state))
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou, img_s=row["img_s"], seconds=row["seconds"])
 
-    done = _finish(f, state, best_probs, run, t_start)
+    if f.accelerator.is_main_process:
+        done = _finish(f, state, best_probs, run, t_start)
+    f.accelerator.wait_for_everyone()  # the other ranks return the done file rank 0 wrote
+    done = done if f.accelerator.is_main_process else run.read_done(m.name, fold)
     report("done", epoch=state.epoch, val_miou=done["val_miou"])
     return done
