@@ -68,8 +68,8 @@ def run(quick: bool = False) -> dict:
     from marsseg import backends as B
     from marsseg.data import load_split
     from marsseg.device import cpu_bf16_fast
-    from marsseg.loader import load_ensemble
-    from marsseg.predictor import PredictConfig, Predictor
+    from marsseg.ensemble import load_ensemble
+    from marsseg.inference import PredictConfig, Predictor
 
     members = 2 if quick else 5
     width = 8 if quick else 32
@@ -137,9 +137,9 @@ def _trained_drift(batch: int) -> dict | None:
     test data (BENCH_TRAINED_RUN, BENCH_TRAINED_DATA, BENCH_TRAINED_FOLDS); None if unset."""
     from marsseg import backends as B
     from marsseg.data import load_split
-    from marsseg.loader import load_ensemble
+    from marsseg.ensemble import load_ensemble
+    from marsseg.inference import PredictConfig, Predictor
     from marsseg.metrics import confusion_matrix, course_miou
-    from marsseg.predictor import PredictConfig, Predictor
 
     run, data = os.environ.get("BENCH_TRAINED_RUN"), os.environ.get("BENCH_TRAINED_DATA")
     if not run or not data:

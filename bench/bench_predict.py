@@ -100,8 +100,8 @@ def _timed(pred, images: np.ndarray, batch: int, warm: bool = True) -> tuple[flo
 
 def _compile_probe(run_dir: Path, images: np.ndarray, batch: int) -> dict:
     """torch.compile on ONE member (compiling all five costs five compiles): does it pay?"""
-    from marsseg.loader import load_ensemble
-    from marsseg.predictor import PredictConfig, Predictor
+    from marsseg.ensemble import load_ensemble
+    from marsseg.inference import PredictConfig, Predictor
 
     one = ["m0"]
     res = {"members": 1}
@@ -128,7 +128,7 @@ def _compile_probe(run_dir: Path, images: np.ndarray, batch: int) -> dict:
 _RSS_CHILD = r"""
 import json, resource, sys
 from marsseg.predict import predict
-from marsseg.predictor import PredictConfig
+from marsseg.inference import PredictConfig
 run, data, out, probs = sys.argv[1:5]
 r = predict(run, data, out, cfg=PredictConfig(batch_size=64), probs_path=probs)
 print(json.dumps({"rows": r["rows"], "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -144,9 +144,9 @@ def _peak_rss(run: Path, shards: Path, d: Path) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from marsseg.loader import load_ensemble
+    from marsseg.ensemble import load_ensemble
+    from marsseg.inference import PredictConfig, Predictor
     from marsseg.predict import predict
-    from marsseg.predictor import PredictConfig, Predictor
 
     members = 5
     n_naive = 1 if quick else 3

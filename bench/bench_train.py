@@ -66,7 +66,7 @@ def bare_loop(member, images: np.ndarray, masks: np.ndarray, val_images: np.ndar
     from marsseg.augment import RockBank, RockImages, augment_batch
     from marsseg.losses import CombinedLoss, class_weights
     from marsseg.models.registry import build_model
-    from marsseg.train import lr_at
+    from marsseg.optim import lr_at
 
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,9 +128,10 @@ def bookkeeping_costs(member, tmp: Path, n_val: int, repeats: int) -> dict:
     """Seconds of what train_one_fold does besides training and validating, each timed alone
     (best of `repeats`) on the member's model after one optimizer step (AdamW moments exist)."""
     from marsseg import IMAGE_SHAPE, NUM_CLASSES
-    from marsseg._trainutil import make_accelerator, save_state
+    from marsseg.checkpoint import save_state
     from marsseg.models.registry import build_model, save_pretrained
     from marsseg.runfolder import write_oof
+    from marsseg.train import make_accelerator
 
     acc = make_accelerator(PRECISION, cpu=not torch.cuda.is_available())
     model = build_model(member.model.name, **member.model.args).to(memory_format=torch.channels_last)
@@ -179,7 +180,8 @@ def _plain_train_s(result: dict) -> float:
 
 def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -> dict:
     from bench import plain_loop
-    from marsseg.train import ensure_splits, fold_rows, train_one_fold
+    from marsseg.folds import ensure_splits, fold_rows
+    from marsseg.train import train_one_fold
 
     splits = ensure_splits(recipe, split, tmp / "warm")
     tr, va, _ = fold_rows(split, splits, 0, member)

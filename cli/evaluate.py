@@ -35,7 +35,7 @@ def evaluate(
 
         from marsseg.evaluate import evaluate as run_evaluate
         from marsseg.evaluate import format_table
-        from marsseg.predictor import PredictConfig
+        from marsseg.inference import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
                             precision=precision, classes=classes, device=device,

@@ -37,8 +37,8 @@ def predict(
 ) -> None:
     """Predict masks with the run's ensemble and write the submission CSV."""
     with user_errors():
+        from marsseg.inference import PredictConfig
         from marsseg.predict import predict as run_predict
-        from marsseg.predictor import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
                             precision=precision, classes=classes, channels_last=channels_last,

@@ -30,7 +30,7 @@ def report(
 ) -> None:
     """Write the report PNGs of a run (and refresh scores.json when --data is given)."""
     with user_errors():
-        from marsseg.predictor import PredictConfig
+        from marsseg.inference import PredictConfig
         from marsseg.report import report as run_report
 
         cfg = PredictConfig(tta=tta, batch_size=batch_size, precision=precision, backend=backend)

@@ -1,4 +1,39 @@
-"""marsseg: Mars terrain segmentation with k-fold U-Net ensembles."""
+"""marsseg: Mars terrain segmentation with k-fold U-Net ensembles.
+
+Module map, lowest layer first; each module imports only from the ones above it
+(`tests/test_layering.py` fails on an import cycle, function-local imports included)::
+
+    errors          InputError: bad input, one line, exit code 2
+    _io _lock       atomic writes and sha256; file locks
+    _progress       the terminal: training board, progress bar, a fold's progress events
+    _cores          idle-core sharing between the folds of one node
+    data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
+                    batch streams with their checks, in-memory training loaders
+    runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
+    config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
+    device          the one authority on device and precision (the auto rule, autocast)
+    models/         networks: registry, U-Net, blocks; save_pretrained / load_pretrained
+    losses metrics  losses (and a member's loss); the course metric and confusion matrices
+    augment folds   training augmentation; seeded grouped k-fold splits and fold rows
+    optim           a fold's optimizer and learning-rate schedule
+    checkpoint      TrainerState: what a fold saves after every epoch and resumes from
+    dataparallel    a fold as N torch.distributed processes: global-batch BatchNorm, rank seeds
+    budget          --time-budget: a fold's epochs from a timing probe
+    train           train_one_fold: the accelerate loop, written out in phases
+    oof             out-of-fold scores of finished folds: the run's ensemble file
+    raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
+    orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
+    ensemble        the loaded ensemble: fold networks and their weights
+    backends        eager / compiled / OpenVINO networks, converted once per fold folder
+    inference       the Predictor: an ensemble with flip TTA on batches of images
+    submission      the submission CSV: writer, validator, reader
+    predict         the predict command's driver: stream -> Predictor -> CSV (+ probs.h5)
+    evaluate        scores of folds, ensemble and ensemble+TTA on labeled data
+    report          plots: confusion, per-class IoU, training curves, overlays
+    select          member weights by out-of-fold score (greedy forward selection)
+    synth           synthetic course-layout data for demos and tests
+    cli/            the typer app, one file per command (installed as marsseg.cli)
+"""
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,9 @@ Tables of scores: `pct`, a fraction shown x100 with two decimals.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -202,3 +204,23 @@ def progress_bar(total: int, description: str, enabled: bool = True):
             bar.live.stop()
             bar.disable = True
             raise
+
+
+class Report:
+    """Progress events of one fold: "start", "epoch", "done" as they come, "batch" every 2 s."""
+
+    def __init__(self, progress: Callable[[dict], None] | None, member, fold: int):
+        self.progress, self.member, self.fold = progress, member, fold
+        self.last_batch = time.perf_counter()
+
+    def __call__(self, event: str, **kw) -> None:
+        if self.progress is not None:
+            self.progress({"event": event, "member": self.member.name, "fold": self.fold,
+                           "epochs": self.member.epochs, "pid": os.getpid(), "time": time.time(),
+                           **kw})
+
+    def batch(self, epoch: int, batch: int, batches: int, n_img: int, t_epoch: float) -> None:
+        if self.progress is not None and time.perf_counter() - self.last_batch > 2.0:
+            self.last_batch = time.perf_counter()
+            self("batch", epoch=epoch, batch=batch, batches=batches,
+                 img_s=n_img / (self.last_batch - t_epoch))

@@ -1,123 +1,132 @@
-"""The ensemble file of a run: out-of-fold scores of the finished folds, collected once.
+"""The loaded ensemble: the fold networks a run folder's ensemble file selects, with weights.
 
-`collect` reads every finished fold of a recipe (weights checked against their
-done sha256), scores each member and the members' average on the out-of-fold
-predictions, and returns the dict `RunFolder.write_ensemble` stores; train-folds
-calls it under the run folder's lock.
+An ensemble is every fold model of the selected members of a run folder (its
+ensemble file, read by `runfolder.RunFolder`); each fold is rebuilt from its own
+folder alone (config + weights via ``load_pretrained``). A member's
+weight is shared equally by its folds, so a 5-fold member and a 3-fold member
+with the same weight count the same.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from torch import nn
 
-from . import NUM_CLASSES
-from ._progress import pct
-from .config import Recipe
+from ._io import sha256_file
 from .errors import InputError
-from .metrics import labeled_argmax, round_score
-from .runfolder import OOF, RunFolder, fold_name, read_oof
+from .runfolder import CONFIG, WEIGHTS, RunFolder, fold_name
 
 
-def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
-    """Course mIoU over all out-of-fold pixels, per member and for their average (ensemble).
+@dataclass
+class FoldModel:
+    """One fold network of one member and its share of the ensemble (shares sum to 1)."""
 
-    One confusion matrix per member over every validation image of every fold
-    (each training image is out-of-fold exactly once); the ensemble averages the
-    members' softmax with weight 1. Predictions are the argmax over classes 1..4,
-    as submissions are (`metrics.labeled_argmax`).
-    """
-    from .metrics import class_iou, confusion_matrix, course_miou
+    member: str
+    fold: int
+    weight: float
+    model: nn.Module
+    path: Path
+    sha256: str | None = None  # of the weights, as recorded in the ensemble file (if any)
 
-    pos = {int(i): p for p, i in enumerate(split.ids)}
-    cms = {m: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for m in members}
-    ens = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for fold in range(splits["k"]):
-        total = None
-        truth = None
-        for m in members:
-            path = run.fold_dir(m, fold) / OOF
-            ids, probs = read_oof(path)
-            if truth is None:
-                rows = np.array([pos[int(i)] for i in ids])
-                truth = split.masks[rows]
-                first_ids = ids
-            elif not np.array_equal(ids, first_ids):
-                raise InputError(f"{path}: its ids differ from the other members' fold {fold}")
-            cms[m] += confusion_matrix(labeled_argmax(probs), truth)
-            p32 = probs.astype(np.float32)
-            total = p32 if total is None else total + p32
-        if total is not None:
-            ens += confusion_matrix(labeled_argmax(total), truth)
-
-    def score(cm):
-        return round_score(course_miou(cm))
-
-    def ious(cm):
-        return [round_score(v) for v in class_iou(cm)]
-
-    return {"members": {m: {"oof_miou": score(cm), "oof_iou": ious(cm)} for m, cm in cms.items()},
-            "ensemble": {"oof_miou": score(ens) if members else None,
-                         "oof_iou": ious(ens) if members else None}}
+    @property
+    def name(self) -> str:
+        return fold_name(self.member, self.fold)
 
 
-def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
-    """Build the ensemble file's dict from the finished folds (weights checked) of `run`."""
-    members = []
-    complete = []
-    for m in recipe.members:
-        folds = []
-        for k in range(recipe.folds):
-            done = run.verify_fold(m.name, k)
-            if done is not None:
-                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done["sha256"],
-                              "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
-                              "epochs": done.get("epochs"), "epochs_run": done.get("epochs_run")})
-        if folds:
-            members.append({"name": m.name, "weight": 1.0, "folds": folds,
-                            "oof_miou": None, "oof_iou": None})
-            if len(folds) == recipe.folds:
-                complete.append(m.name)
-    scores = oof_scores(run, split, splits, complete)
-    for entry in members:
-        s = scores["members"].get(entry["name"])
-        if s:
-            entry.update(s)
-    return {"format_version": 1, "name": run.path.name, "recipe": recipe.name, "k": recipe.folds,
-            "seed": recipe.seed, "data": str(data) if data is not None else None,
-            "members": members,
-            "oof_miou_ensemble": scores["ensemble"]["oof_miou"],
-            "oof_iou_ensemble": scores["ensemble"]["oof_iou"],
-            "selected": complete or [e["name"] for e in members]}
+@dataclass
+class Ensemble:
+    """The fold models of a run folder, each with its normalised weight."""
+
+    run_dir: Path
+    models: list[FoldModel] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[nn.Module, float]]:
+        return ((m.model, m.weight) for m in self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
 
 
-def same_folds(run: RunFolder, ens: dict) -> bool:
-    """True if the run's ensemble file already lists exactly these members, folds and weights."""
-    def key(e):
-        return sorted((m["name"], f["fold"], f.get("sha256")) for m in e.get("members", [])
-                      for f in m.get("folds", []))
+def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
+    from .models.registry import load_pretrained
+
+    weights = folder / WEIGHTS
+    if not folder.is_dir():
+        raise InputError(f"{folder}: fold folder is missing")
+    if not weights.is_file():
+        raise InputError(f"{weights}: weight file is missing")
+    if sha256 and sha256_file(weights) != sha256:
+        raise InputError(f"{weights}: sha256 differs from the run's ensemble file "
+                         "(corrupted or replaced)")
     try:
-        old = run.read_ensemble()
+        model = load_pretrained(folder, map_location=map_location)
     except InputError:
-        return False
-    return old.get("recipe") == ens["recipe"] and key(old) == key(ens)
+        raise
+    except Exception as e:  # a corrupt file must never surface as a traceback
+        raise InputError(f"{weights}: cannot load weights ({type(e).__name__}: {e})") from None
+    return model.eval()
 
 
-def summary_table(ens: dict):
-    """A rich table: val mIoU per member and fold, OOF mIoU per member and of the ensemble (x100)."""
-    from rich.table import Table
+def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = None,
+                  folds: Sequence[int] | None = None, map_location="cpu",
+                  verify: bool = True) -> Ensemble:
+    """Load the fold models of a run folder.
 
-    k = ens["k"]
-    t = Table(title=f"{ens['name']}: course mIoU x100 (recipe {ens['recipe']})", header_style="bold")
-    t.add_column("member")
-    for f in range(k):
-        t.add_column(f"fold {f}", justify="right")
-    t.add_column("OOF", justify="right")
-
-    for m in ens["members"]:
-        by = {f["fold"]: f["val_miou"] for f in m["folds"]}
-        t.add_row(m["name"], *[pct(by.get(f)) if f in by else "." for f in range(k)],
-                  pct(m["oof_miou"]))
-    t.add_row("ensemble", *[""] * k, pct(ens["oof_miou_ensemble"]), style="bold")
-    return t
+    ``members`` defaults to the ensemble file's "selected" (else all members);
+    ``folds`` filters fold numbers. A single fold folder (config + weights, no
+    ensemble file) loads as a one-model ensemble.
+    ``verify`` checks each weight file against the sha256 in the ensemble file.
+    """
+    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
+    if run.is_fold_folder():
+        model = _load_fold(run_dir, None, map_location)
+        cfg = json.loads((run_dir / CONFIG).read_text())
+        return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
+                                            int(cfg.get("fold", 0)), 1.0, model, run_dir)])
+    spec = run.read_ensemble()
+    by_name = {m.get("name"): m for m in spec["members"]}
+    if members:
+        unknown = [m for m in members if m not in by_name]
+        if unknown:
+            raise InputError(f"unknown member(s) {', '.join(unknown)}; "
+                             f"{run_dir} has {', '.join(map(str, by_name))}")
+        chosen = list(members)
+    else:
+        chosen = spec.get("selected") or list(by_name)
+        missing = [m for m in chosen if m not in by_name]
+        if missing:
+            raise InputError(f"{run.ensemble}: selected member(s) "
+                             f"{', '.join(missing)} not in members")
+    plan: list[tuple[str, float, dict]] = []
+    for name in chosen:
+        m = by_name[name]
+        fl = [f for f in m.get("folds", []) if folds is None or int(f["fold"]) in set(folds)]
+        w = float(m.get("weight", 1.0))  # finite and >= 0: checked by read_ensemble
+        if w == 0:  # deselected by `select`: no point running it
+            continue
+        plan += [(name, w / len(fl), f) for f in fl]
+    if folds is not None:
+        have = {int(f["fold"]) for _, _, f in plan}
+        absent = sorted(set(folds) - have)
+        if absent:
+            raise InputError(f"fold(s) {absent} not found for member(s) {', '.join(chosen)}")
+    total = sum(w for _, w, _ in plan)
+    if not plan or total <= 0:
+        raise InputError(f"{run_dir}: no fold models selected")
+    out = Ensemble(run_dir)
+    for name, w, f in plan:
+        folder = run.fold_path(name, f)
+        model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
+        out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
+                                    f.get("sha256")))
+    return out

@@ -32,9 +32,11 @@ from . import CLASS_NAMES, NUM_CLASSES
 from ._io import write_json_atomic
 from ._progress import pct, progress_bar
 from .backends import stderr_line
+from .data import check_shards, prescan, stream_batches
 from .device import autocast
+from .ensemble import load_ensemble
 from .errors import InputError
-from .loader import load_ensemble
+from .inference import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .metrics import (
     class_iou,
     confusion_matrix,
@@ -43,9 +45,7 @@ from .metrics import (
     pixel_accuracy,
     round_score,
 )
-from .predictor import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .runfolder import RunFolder
-from .stream import check_shards, prescan, stream_batches
 
 
 @dataclass

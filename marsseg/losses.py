@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,3 +181,15 @@ class CombinedLoss(nn.Module):
         ws = [0.5 ** i for i in range(len(logits))]
         norm = sum(ws)
         return sum((w / norm) * self.single(lg, target) for w, lg in zip(ws, logits, strict=True))
+
+
+def make_loss(cfg, train_masks: np.ndarray, device) -> nn.Module:
+    """A member's `CombinedLoss` (its `LossConfig` ``cfg``); class weights from the pixel
+    counts of the fold's training masks (uint8 (n, H, W))."""
+    counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    weight = None
+    if cfg.class_weights != "none":
+        weight = class_weights(counts.tolist(), cfg.class_weights, beta=cfg.beta,
+                               ignore_background=cfg.ignore_background)
+    return CombinedLoss(cfg.terms, weight=weight, ignore_background=cfg.ignore_background,
+                        focal_gamma=cfg.focal_gamma).to(device)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
+from .checkpoint import check_workers
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .dataparallel import check_batch
-from .ensemble import collect, same_folds, summary_table
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
+from .oof import collect, same_folds, summary_table
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
 from .train import train_one_fold
 
@@ -183,14 +184,10 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
 
 
 def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -> None:
-    """A saved state resumes only with the worker count that saved it (train._resume)."""
+    """A saved state resumes only with the worker count that saved it (before Ray starts)."""
     state = run.fold_dir(member, fold) / STATE
     if (state / TRAINER_STATE).is_file():
-        was = read_trainer(state).get("workers", 1)
-        if was != workers:
-            raise InputError(f"{state}: saved by {was} worker(s) per fold; resume it with "
-                             f"--workers-per-fold {was} (now {workers}) or delete it to "
-                             f"restart the fold")
+        check_workers(state, read_trainer(state), workers)
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,

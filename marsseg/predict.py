@@ -26,10 +26,10 @@ from . import IMAGE_SHAPE, NUM_CLASSES
 from . import backends as B
 from ._io import atomic_path
 from ._progress import progress_bar
+from .data import count_images, prescan, stream_batches
 from .device import resolve_device, resolve_precision
-from .loader import Ensemble, load_ensemble
-from .predictor import BatchResult, PredictConfig, Predictor, needs_conversion
-from .stream import count_images, prescan, stream_batches
+from .ensemble import Ensemble, load_ensemble
+from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
 
 # --------------------------------------------------------------------------- Ray at the edge
 

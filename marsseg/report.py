@@ -17,9 +17,9 @@ import numpy as np
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import atomic_path, check_writable
+from .ensemble import load_ensemble
 from .errors import InputError
-from .loader import load_ensemble
-from .predictor import PredictConfig, Predictor
+from .inference import PredictConfig, Predictor
 from .runfolder import METRICS, RunFolder, fold_name
 from .runfolder import read_metrics as read_metrics_file
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ._io import atomic_path, check_writable, sha256_file, write_json_atomic
 from ._lock import file_lock
+from .data import read_dataset, verify_shards
 from .errors import InputError
 
 RECIPE = "recipe.toml"
@@ -57,28 +58,9 @@ def fold_name(member: str, fold: int) -> str:
 # --- data fingerprint -------------------------------------------------------------------------
 
 
-def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[dict]:
-    """Check every shard of `split` against the sha256 in dataset.json; returns its entries.
-
-    Run once per command: a shard edited after `prepare` is an InputError naming it.
-    """
-    from .data import read_dataset
-
-    shard_dir = Path(shard_dir)
-    entries = read_dataset(shard_dir)["splits"][split]["shards"]
-    for s in entries:
-        path = shard_dir / s["file"]
-        if sha256_file(path) != s.get("sha256"):
-            raise InputError(f"{path}: sha256 differs from {shard_dir / 'dataset.json'} (edited or "
-                             "corrupted after prepare); prepare the data again")
-    return entries
-
-
 def data_fingerprint(shard_dir: str | os.PathLike) -> dict:
     """What a run records about its data: path, dataset.json sha256, source and train shard
     sha256s (the train shards are verified on the way)."""
-    from .data import read_dataset
-
     shard_dir = Path(shard_dir).resolve()
     shards = verify_shards(shard_dir, "train")
     return {"path": str(shard_dir), "dataset_sha256": sha256_file(shard_dir / "dataset.json"),

@@ -9,7 +9,7 @@ Writes a fold folder of the run folder (names and readers: `runfolder`):
   budget.json                      with a time budget: the epoch count decided before epoch 0
   done                             written last (with the weights' sha256): the fold is finished
 
-The loop reads as its phases: `_set_up` (splits, accelerator, model, loaders), `_resume`
+The loop reads as its phases: `_set_up` (splits, accelerator, model, loaders), `checkpoint.resume`
 (saved `TrainerState`), `_fit_time_budget`, then per epoch `_seed_epoch`, `_train_epoch`,
 `_validate_epoch`, the metrics row and the saved state, and `_finish` (out-of-fold file, done).
 
@@ -33,44 +33,32 @@ import socket
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from . import IMAGE_SHAPE, NUM_CLASSES
 from ._io import sha256_file
-from ._trainutil import (
-    FoldSetup,
-    Report,
-    load_state,
-    make_accelerator,
-    make_loaders,
-    make_loss,
-    make_optimizer,
-    poll_threads,
-    predict_oof,
-    save_state,
-    to_model_input,
-)
-from .config import MemberConfig, Recipe, ScheduleConfig
+from ._progress import Report
+from .augment import RockBank, RockImages
+from .checkpoint import TrainerState, resume, save_state
+from .config import MemberConfig, Recipe
+from .data import Split
+from .data.loaders import make_loaders
 from .dataparallel import check_batch, rank_seed, sync_batchnorm, world
 from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
+from .losses import make_loss
 from .metrics import labeled_argmax, round_score
-from .runfolder import (
-    METRICS,
-    OOF,
-    TRAINER_STATE,
-    WEIGHTS,
-    RunFolder,
-    append_metrics,
-    find_state,
-    read_metrics,
-    read_trainer,
-    truncate_metrics,
-    write_oof,
-)
+from .optim import lr_at, make_optimizer
+from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 Progress = Callable[[dict], None]
 
@@ -78,27 +66,47 @@ Progress = Callable[[dict], None]
 # --- small pure helpers -----------------------------------------------------------------------
 
 
-def lr_at(schedule: ScheduleConfig, base_lr: float, step: int, steps_per_epoch: int,
-          epochs: int, plateau_scale: float = 1.0) -> float:
-    """Learning rate for optimizer step `step` (0-based) under `schedule`.
+def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
+    """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
+    global batch, and every process takes its 1/N slice of it (`dataparallel`)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, PartialState
 
-    Linear warmup over `warmup_epochs`, then constant / cosine to
-    `min_lr_ratio * base_lr` at the last step / x`gamma` every `step_epochs` /
-    `plateau_scale` (decayed by the loop when validation stalls).
-    """
-    warm = schedule.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return base_lr * (step + 1) / warm
-    if schedule.name == "cosine":
-        total = max(1, epochs * steps_per_epoch - warm)
-        t = min(1.0, (step - warm) / total)
-        lo = schedule.min_lr_ratio * base_lr
-        return lo + (base_lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
-    if schedule.name == "step":
-        return base_lr * schedule.gamma ** ((step // steps_per_epoch) // schedule.step_epochs)
-    if schedule.name == "plateau":
-        return base_lr * plateau_scale
-    return base_lr
+    # One process may train several folds (--sequential, tests); accelerate keeps a
+    # process-wide singleton that refuses a second Accelerator with other settings.
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    if not split_batches:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=precision, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,H,W) on device -> float (B,1,H,W) 0..255, channels_last (the model normalises)."""
+    return images.unsqueeze(1).float().contiguous(memory_format=torch.channels_last)
+
+
+def poll_threads(threads_fn: Callable[[], int] | None) -> None:
+    """Apply the thread count `threads_fn` asks for now (e.g. a share of idle cores)."""
+    n = threads_fn() if threads_fn is not None else None
+    if n and n != torch.get_num_threads():
+        torch.set_num_threads(int(n))
+
+
+def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int) -> np.ndarray:
+    """Softmax (n,5,H,W) f16 of the saved best weights, reloaded with load_pretrained."""
+    from .models.registry import load_pretrained
+
+    model = load_pretrained(fold_dir, map_location=accelerator.device)
+    model = model.to(memory_format=torch.channels_last)
+    out = np.empty((len(images), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
+    with torch.no_grad(), accelerator.autocast():
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[s:s + batch_size]).to(accelerator.device)
+            p = torch.softmax(model(to_model_input(x)).float(), dim=1)
+            out[s:s + len(x)] = p.half().cpu().numpy()
+    return out
 
 
 def fold_seed(seed: int, member: str, fold: int, epoch: int = -1) -> int:
@@ -140,43 +148,35 @@ def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) ->
 
 
 @dataclasses.dataclass
-class TrainerState:
-    """What the loop carries from epoch to epoch; saved as state/trainer.json after each epoch."""
+class FoldSetup:
+    """What `train_one_fold` builds before epoch 0 (plain data, no behaviour)."""
 
-    epoch: int = -1  # last finished epoch
-    best_miou: float | None = None  # best validation course mIoU so far (-1.0 stands for NaN)
-    best_epoch: int = -1
-    bad_epochs: int = 0  # epochs since the best one (early stopping: member.patience)
-    plateau_bad: int = 0  # the same, restarted when the plateau schedule decays
-    plateau_scale: float = 1.0  # the plateau schedule's learning-rate factor
-    step: int = 0  # optimizer steps so far: the schedule's clock
-    train_seconds: float = 0.0  # training-phase seconds over every attempt
-    stopped_early: bool = False
+    recipe: Recipe
+    member: MemberConfig  # its epochs replaced once by --time-budget, before epoch 0
+    fold: int
+    fold_dir: Path
+    split: Split  # the train split
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    n_filtered: int  # training rows the member's filters dropped
+    precision: str
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_dl: DataLoader
+    val_dl: DataLoader
+    loss_fn: torch.nn.Module
+    shuffle_gen: torch.Generator
+    aug_gen: torch.Generator
+    rock_bank: RockBank | None
+    rock_images: RockImages | None
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, d: dict) -> TrainerState:
-        """From a trainer.json dict. Keys it lacks keep their defaults and unknown keys are
-        ignored, so older files still resume; a value of the wrong type is a ValueError."""
-        kinds = {int: (int,), float: (int, float), bool: (bool,)}
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            v, kind = d[f.name], type(f.default) if f.default is not None else float
-            ok = isinstance(v, kinds[kind]) and (kind is bool or not isinstance(v, bool))
-            if not (ok or (f.default is None and v is None)):
-                raise ValueError(f"{f.name!r} is {v!r}, expected {kind.__name__}")
-            values[f.name] = kind(v) if v is not None else None
-        return cls(**values)
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: str,
             compile: bool) -> FoldSetup:
     """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
-    from .augment import RockBank, RockImages
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -210,31 +210,6 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
                      torch.Generator(device=device), bank, rocks)
-
-
-def _resume(f: FoldSetup) -> TrainerState | None:
-    """The saved state (accelerate's restored too, metrics cut back to it), or None: a new fold."""
-    metrics = f.fold_dir / METRICS
-    main = f.accelerator.is_main_process  # every rank loads the state; rank 0 alone writes
-    state_dir = find_state(f.fold_dir)
-    if state_dir is None:
-        if main:
-            metrics.unlink(missing_ok=True)  # metrics from a run that never saved a state
-        return None
-    try:
-        saved = read_trainer(state_dir)
-        state = TrainerState.from_json(saved)
-    except ValueError as e:
-        raise InputError(f"{state_dir / TRAINER_STATE}: unreadable saved training state ({e}); "
-                         f"delete {state_dir} to train the fold from epoch 0") from None
-    was, now = saved.get("workers", 1), f.accelerator.num_processes
-    if was != now:  # a data-parallel state holds the wrapped model's parameter names
-        raise InputError(f"{state_dir}: saved by {was} worker(s) per fold; resume it with "
-                         f"--workers-per-fold {was} (now {now}) or delete it to restart the fold")
-    load_state(f.accelerator, state_dir)
-    if main:
-        truncate_metrics(metrics, state.epoch)
-    return state
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -400,7 +375,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
                          "time its own steps); give --epochs instead")
     f = _set_up(recipe, m, fold, data, out, precision, compile)
-    saved = _resume(f)
+    saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
     f.member = m = _fit_time_budget(f, time_budget, has_state=saved is not None)

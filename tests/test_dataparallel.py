@@ -24,14 +24,14 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from marsseg import train as train_mod
-from marsseg._trainutil import make_accelerator, make_loaders
 from marsseg.cli import app
 from marsseg.config import load_recipe
+from marsseg.data.loaders import make_loaders
 from marsseg.dataparallel import GlobalBatchNorm2d, check_batch, rank_seed, sync_batchnorm
 from marsseg.errors import InputError
 from marsseg.models.registry import build_model
 from marsseg.orchestrate import RunOptions
-from marsseg.train import train_one_fold, validate
+from marsseg.train import make_accelerator, train_one_fold, validate
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
@@ -133,7 +133,7 @@ def two_worker_fold(shards, tmp_path_factory):
 
 def exact_first_step_grads(log: dict) -> dict:
     """float64 gradients of the logged first step (weights, batch, loss of the 1-worker fold)."""
-    from marsseg._trainutil import to_model_input
+    from marsseg.train import to_model_input
 
     model = build_model("unet", base_width=4, depth=2)
     model.load_state_dict(log["init"])

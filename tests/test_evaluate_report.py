@@ -9,8 +9,8 @@ import pytest
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
-from marsseg import loader as L
-from marsseg import predictor as PR
+from marsseg import ensemble as L
+from marsseg import inference as PR
 from marsseg.cli import app
 from marsseg.evaluate import evaluate
 from marsseg.metrics import confusion_matrix, course_miou

@@ -11,9 +11,9 @@ import torch
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
-from marsseg import loader as L
+from marsseg import ensemble as L
+from marsseg import inference as PR
 from marsseg import predict as P
-from marsseg import predictor as PR
 from marsseg.cli import app
 from marsseg.data import prepare
 from marsseg.errors import InputError

@@ -16,7 +16,8 @@ from marsseg import budget
 from marsseg.budget import epochs_for_budget, parse_duration
 from marsseg.cli import app
 from marsseg.errors import InputError
-from marsseg.train import lr_at, train_one_fold
+from marsseg.optim import lr_at
+from marsseg.train import train_one_fold
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("12m", 720), ("1.5h", 5400), (" 2 m ", 120),

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from marsseg.config import ScheduleConfig, parse_recipe
 from marsseg.data import load_split
 from marsseg.errors import InputError
+from marsseg.folds import ensure_splits, fold_rows
 from marsseg.models.registry import load_pretrained
-from marsseg.train import ensure_splits, fold_rows, lr_at, train_one_fold
+from marsseg.optim import lr_at
+from marsseg.train import train_one_fold
 
 ARTIFACTS = ("model.safetensors", "config.json", "metrics.jsonl", "oof.h5", "done.json",
              "state/trainer.json", "state/model.safetensors", "state/optimizer.bin")
@@ -181,9 +183,9 @@ def test_compile_trains_and_saves_plain_weights(shards, tmp_path):
 
 
 def test_decay_norms_puts_every_parameter_in_the_decayed_group():
-    from marsseg._trainutil import make_optimizer
     from marsseg.config import OptimizerConfig
     from marsseg.models.registry import build_model
+    from marsseg.optim import make_optimizer
 
     model = build_model("unet-se", base_width=4, depth=2)
     n = sum(1 for _ in model.parameters())

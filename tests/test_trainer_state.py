@@ -8,8 +8,9 @@ import shutil
 import pytest
 from test_train import Interrupt, metrics, stop_after, tiny_recipe
 
+from marsseg.checkpoint import TrainerState
 from marsseg.errors import InputError
-from marsseg.train import TrainerState, train_one_fold
+from marsseg.train import train_one_fold
 
 # state/trainer.json exactly as train_one_fold wrote it before TrainerState existed
 OLD = """{

@@ -9,15 +9,16 @@ labeled, `masks`, `class_counts`, `bg_fraction` (and `outlier` for train). `prep
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
+from .._io import sha256_file
 from ..errors import InputError
-from ..stream import rebatch
 from .cleaning import bg_fraction, class_counts
 
 FORMAT_VERSION = 1
@@ -178,6 +179,23 @@ def load_split(shard_dir: Path, split: str) -> Split:
     )
 
 
+def rebatch(chunks: Iterable[tuple], batch_size: int) -> Iterator[tuple]:
+    """Regroup a stream of (ids, images[, masks]) chunks into batches of exactly
+    ``batch_size`` (the last may be smaller)."""
+    buf: list[tuple] = []
+    have = 0
+    for chunk in chunks:
+        buf.append(chunk)
+        have += len(chunk[0])
+        while have >= batch_size:
+            cat = tuple(np.concatenate([c[j] for c in buf]) for j in range(len(chunk)))
+            yield tuple(a[:batch_size] for a in cat)
+            rest = tuple(a[batch_size:] for a in cat)
+            buf, have = ([rest] if len(rest[0]) else []), len(rest[0])
+    if have:
+        yield tuple(np.concatenate([c[j] for c in buf]) for j in range(len(buf[0])))
+
+
 def iter_batches(
     shard_dir: Path, split: str, batch_size: int, with_masks: bool = False
 ) -> Iterator[tuple[np.ndarray, ...]]:
@@ -214,3 +232,41 @@ def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:
                 if k in f:
                     parts.setdefault(k, []).append(f[k][()])
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[dict]:
+    """Check every shard of `split` against the sha256 in dataset.json; returns its entries.
+
+    Run once per command: a shard edited after `prepare` is an InputError naming it.
+    """
+    shard_dir = Path(shard_dir)
+    entries = read_dataset(shard_dir)["splits"][split]["shards"]
+    for s in entries:
+        path = shard_dir / s["file"]
+        if sha256_file(path) != s.get("sha256"):
+            raise InputError(f"{path}: sha256 differs from {shard_dir / 'dataset.json'} (edited or "
+                             "corrupted after prepare); prepare the data again")
+    return entries
+
+
+def check_shards(shard_dir: Path, split: str) -> None:
+    """Check every shard of ``split`` against its sha256 in dataset.json and its image shape
+    (HDF5 metadata), so an edited, truncated or foreign shard fails before any prediction work."""
+    import h5py
+
+    for path in shard_paths(shard_dir, split):
+        try:
+            with h5py.File(path, "r") as f:
+                shape = f["images"].shape
+                n_ids = f["ids"].shape[0]
+        except KeyError as e:
+            raise InputError(f"{path}: missing dataset {e}") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read HDF5 shard (truncated or corrupt: "
+                             f"{str(e).splitlines()[0]})") from None
+        if len(shape) != 3 or tuple(shape[1:]) != tuple(IMAGE_SHAPE):
+            raise InputError(f"{path}: images have shape {tuple(shape[1:])}, "
+                             f"expected {tuple(IMAGE_SHAPE)}")
+        if n_ids != shape[0]:
+            raise InputError(f"{path}: {n_ids} ids for {shape[0]} images")
+    verify_shards(shard_dir, split)

@@ -1,10 +1,10 @@
-"""Streaming images off a shard folder or an npz for prediction and scoring, with its checks.
+"""Checked batch streams off a shard folder or an npz, for prediction and scoring.
 
-The predict path reads ``data.as_batches`` (fixed-size batches, independent of
+``stream_batches`` reads ``source.as_batches`` (fixed-size batches, independent of
 shard sizes, so results do not depend on the shard layout), passes it through
 ``guard_reads`` (a read error of a shard becomes one InputError line) and
 ``checked_batches`` (image shape and dtype, mask shape, increasing ids).
-``check_shards`` and ``count_images`` run before any prediction work starts.
+``count_images`` (with ``shards.check_shards``) runs before any prediction work starts.
 """
 
 from __future__ import annotations
@@ -15,25 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import IMAGE_SHAPE
-from .errors import InputError
-
-
-def rebatch(chunks: Iterable[tuple], batch_size: int) -> Iterator[tuple]:
-    """Regroup a stream of (ids, images[, masks]) chunks into batches of exactly
-    ``batch_size`` (the last may be smaller)."""
-    buf: list[tuple] = []
-    have = 0
-    for chunk in chunks:
-        buf.append(chunk)
-        have += len(chunk[0])
-        while have >= batch_size:
-            cat = tuple(np.concatenate([c[j] for c in buf]) for j in range(len(chunk)))
-            yield tuple(a[:batch_size] for a in cat)
-            rest = tuple(a[batch_size:] for a in cat)
-            buf, have = ([rest] if len(rest[0]) else []), len(rest[0])
-    if have:
-        yield tuple(np.concatenate([c[j] for c in buf]) for j in range(len(buf[0])))
+from .. import IMAGE_SHAPE
+from ..errors import InputError
+from .shards import check_shards, read_dataset
+from .source import as_batches, split_info
 
 
 def check_images(images: np.ndarray, where: str) -> np.ndarray:
@@ -85,10 +70,8 @@ def stream_batches(data: str | os.PathLike, split: str, batch_size: int,
                    with_masks: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
     """Checked (ids, images[, masks]) batches of ``batch_size`` from a shard folder or npz
     (masks also label-checked); read errors of a shard (truncated HDF5 ...) become InputError."""
-    from . import data as D
-
     what = "labeled images" if with_masks else f"{split} images"
-    batches = guard_reads(D.as_batches(Path(data), split, batch_size, with_masks=with_masks),
+    batches = guard_reads(as_batches(Path(data), split, batch_size, with_masks=with_masks),
                           data, what)
     return checked_batches(batches, str(data))
 
@@ -105,41 +88,13 @@ def prescan(data: str | os.PathLike, split: str, batch_size: int, with_masks: bo
 
 def count_images(data: str | os.PathLike, split: str = "test") -> int:
     """Number of images of ``split`` in a shard folder or an npz (checks the image shape)."""
-    from . import data as D
-
     data = Path(data)
     if not data.exists():
         raise InputError(f"{data}: data path does not exist")
     if data.is_dir():
-        shape = D.read_dataset(data).get("image_shape")
+        shape = read_dataset(data).get("image_shape")
         if shape is not None and tuple(shape) != tuple(IMAGE_SHAPE):
             raise InputError(f"{data / 'dataset.json'}: image_shape {tuple(shape)}, "
                              f"expected {tuple(IMAGE_SHAPE)}")
         check_shards(data, split)
-    return int(D.split_info(data, split)["count"])
-
-
-def check_shards(shard_dir: Path, split: str) -> None:
-    """Check every shard of ``split`` against its sha256 in dataset.json and its image shape
-    (HDF5 metadata), so an edited, truncated or foreign shard fails before any prediction work."""
-    import h5py
-
-    from . import data as D
-    from .runfolder import verify_shards
-
-    for path in D.shard_paths(shard_dir, split):
-        try:
-            with h5py.File(path, "r") as f:
-                shape = f["images"].shape
-                n_ids = f["ids"].shape[0]
-        except KeyError as e:
-            raise InputError(f"{path}: missing dataset {e}") from None
-        except OSError as e:
-            raise InputError(f"{path}: cannot read HDF5 shard (truncated or corrupt: "
-                             f"{str(e).splitlines()[0]})") from None
-        if len(shape) != 3 or tuple(shape[1:]) != tuple(IMAGE_SHAPE):
-            raise InputError(f"{path}: images have shape {tuple(shape[1:])}, "
-                             f"expected {tuple(IMAGE_SHAPE)}")
-        if n_ids != shape[0]:
-            raise InputError(f"{path}: {n_ids} ids for {shape[0]} images")
-    verify_shards(shard_dir, split)
+    return int(split_info(data, split)["count"])

@@ -1,4 +1,4 @@
-"""The Predictor: an ensemble on batches of uint8 images, batched flip TTA. Pure compute.
+"""Inference: the Predictor runs a loaded ensemble on batches of uint8 images, with flip TTA.
 
 Per batch, the TTA views are stacked into ONE forward pass per model:
 ``cat([x, flip(x)])`` -> logits -> softmax -> each view flipped back -> mean.
@@ -18,8 +18,8 @@ from torch import nn
 
 from . import backends as B
 from .device import autocast, check_device, resolve_device, resolve_precision
+from .ensemble import Ensemble
 from .errors import InputError
-from .loader import Ensemble
 from .metrics import labeled_argmax
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
