@@ -320,7 +320,7 @@ def _submitter(recipe, data, out, opts: RunOptions, board, node_cpus, threads):
     from .raytrain import fit_fold
 
     # The launcher holds no resources: its trainer's workers reserve theirs.
-    launcher = ray.remote(fit_fold).options(num_cpus=0, max_retries=0)
+    launcher = ray.remote(num_cpus=0, max_retries=0)(fit_fold)
 
     def submit(member, fold):
         return launcher.options(name=fold_name(member, fold)).remote(
