@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     run_cli("evaluate", "--ensemble", str(first), "--data", str(shards), "--tta",
             "--backend", "eager", "--device", "cuda")
     scores = json.loads((first / "scores.json").read_text())
-    result["evaluate"] = {k: v for k, v in scores.items() if "miou" in k}
+    result["evaluate"] = {r["name"]: {k: v for k, v in r.items() if k.startswith("miou")}
+                          for r in scores.get("rows", [])}
     result["ok"] = all(p["ok"] for p in result["predict"].values())
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
