@@ -129,9 +129,9 @@ def bookkeeping_costs(member, tmp: Path, n_val: int, repeats: int) -> dict:
     (best of `repeats`) on the member's model after one optimizer step (AdamW moments exist)."""
     from marsseg import IMAGE_SHAPE, NUM_CLASSES
     from marsseg.checkpoint import save_state
+    from marsseg.dataparallel import make_accelerator
     from marsseg.models.registry import build_model, save_pretrained
     from marsseg.runfolder import write_oof
-    from marsseg.train import make_accelerator
 
     acc = make_accelerator(PRECISION, cpu=not torch.cuda.is_available())
     model = build_model(member.model.name, **member.model.args).to(memory_format=torch.channels_last)

@@ -31,6 +31,7 @@ def train_folds(
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget per fold, e.g. 90s, 12m, 1.5h: each fold's epochs come from a timing probe before epoch 0 and are kept in its budget.json (not with --epochs)")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="a finished run folder on the same data: its ensemble's flip-TTA pseudo-labels of the test images join every fold's training part (never validation); pixels below the members' pseudo_threshold are ignored")] = None,
 ) -> None:
     with user_errors():
         from marsseg.budget import parse_duration
@@ -42,5 +43,6 @@ def train_folds(
                           sequential=sequential, members=parse_list(members, "--members"),
                           folds=parse_list(folds, "--folds", int), max_retries=max_retries,
                           progress=progress, workers_per_fold=workers_per_fold,
-                          time_budget=parse_duration(time_budget) if time_budget is not None else None)
+                          time_budget=parse_duration(time_budget) if time_budget is not None else None,
+                          teacher=str(teacher) if teacher is not None else None)
         run(recipe, data, out, opts, epochs=epochs)

@@ -19,6 +19,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     checkpoint      TrainerState: what a fold saves after every epoch and resumes from
     dataparallel    a fold as N torch.distributed processes: global-batch BatchNorm, rank seeds
     budget          --time-budget: a fold's epochs from a timing probe
+    student         student recipes (distill): one member plus the [distill] table
+    teaching        a fold taught by a teacher: the targets file, its streaming loaders, the loss
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
@@ -26,11 +28,13 @@ Module map, lowest layer first; each module imports only from the ones above it
     ensemble        the loaded ensemble: fold networks and their weights
     backends        eager / compiled / OpenVINO networks, converted once per fold folder
     inference       the Predictor: an ensemble with flip TTA on batches of images
+    teacher         a teacher run's targets, made once: out-of-fold and TTA probabilities
     submission      the submission CSV: writer, validator, reader
     predict         the predict command's driver: stream -> Predictor -> CSV (+ probs.h5)
     evaluate        scores of folds, ensemble and ensemble+TTA on labeled data
     report          plots: confusion, per-class IoU, training curves, overlays
     select          member weights by out-of-fold score (greedy forward selection)
+    distill         one student network taught by a k-fold teacher ensemble
     synth           synthetic course-layout data for demos and tests
     cli/            the typer app, one file per command (installed as marsseg.cli)
 """

@@ -34,27 +34,29 @@ def _check(images: torch.Tensor, masks: torch.Tensor) -> None:
                          f"{tuple(images.shape)} and {tuple(masks.shape)}")
 
 
-def _flip(images, masks, p: float, generator, dim: int):
+def _flip(images, masks, p: float, generator, dim: int, soft=None):
     _check(images, masks)
     if p <= 0:
-        return images, masks
+        return images, masks, soft
     sel = torch.from_numpy(_rng(generator).random(images.shape[0]) < p).to(images.device)
     images = torch.where(sel[:, None, None, None], images.flip(dim), images)
     masks = torch.where(sel[:, None, None], masks.flip(dim - 1), masks)
-    return images, masks
+    if soft is not None:
+        soft = torch.where(sel[:, None, None, None], soft.flip(dim), soft)
+    return images, masks, soft
 
 
 def hflip(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror each sample left-right with probability p."""
-    return _flip(images, masks, p, generator, dim=3)
+    return _flip(images, masks, p, generator, dim=3)[:2]
 
 
 def vflip(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mirror each sample top-bottom with probability p (off in recipes by default:
     terrain images have a horizon)."""
-    return _flip(images, masks, p, generator, dim=2)
+    return _flip(images, masks, p, generator, dim=2)[:2]
 
 
 def cutmix(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
@@ -68,10 +70,14 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
     Box area fraction is 1 - lam with lam ~ Beta(alpha, alpha), centre uniform,
     clipped at the border (so the area may shrink), as in the paper's code.
     """
+    return _cutmix(images, masks, p, generator, alpha, mode)[:2]
+
+
+def _cutmix(images, masks, p, generator, alpha, mode, soft=None):
     _check(images, masks)
     b, _, h, w = images.shape
     if p <= 0 or b < 2:
-        return images, masks
+        return images, masks, soft
     rng = _rng(generator)
     if mode == "batch":
         sel = np.full(b, rng.random() < p)
@@ -101,7 +107,9 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, p: float = 0.5,
     idx = t(partner)
     images = torch.where(box[:, None], images[idx], images)
     masks = torch.where(box, masks[idx], masks)
-    return images, masks
+    if soft is not None:
+        soft = torch.where(box[:, None], soft[idx], soft)
+    return images, masks, soft
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
@@ -316,3 +324,38 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, *,
         images, masks = rock_paste(images, masks, rock_bank, rock_target, generator, rock_tolerance)
     images = jitter(images, brightness, contrast, generator)
     return images, masks
+
+
+def _rock_soft(images, masks, soft, op):
+    """Run a rock paste `op(images, masks)`; pixels it changed get a one-hot Big Rock target
+    (weight 1: their label is known)."""
+    new_i, new_m = op(images, masks)
+    if soft is not None and (new_m is not masks or new_i is not images):
+        changed = (new_m != masks) | (new_i != images).any(1)
+        rock = torch.zeros_like(soft)
+        rock[:, ROCK] = 1.0
+        soft = torch.where(changed[:, None], rock, soft)
+    return new_i, new_m, soft
+
+
+def augment_soft(images: torch.Tensor, masks: torch.Tensor, soft: torch.Tensor, cfg, *,
+                 generator: torch.Generator | None, rock_images: RockImages | None = None,
+                 rock_bank: RockBank | None = None) -> tuple[torch.Tensor, ...]:
+    """`augment_batch` with a per-pixel soft target carried along (distillation).
+
+    soft float (B, C, H, W): the teacher's probabilities times a per-pixel weight (all
+    zeros: no target). Flips and CutMix move it with the pixels; pixels a rock paste
+    changes get a one-hot Big Rock target of weight 1. cfg: the member's AugmentConfig.
+    Same ops, order and random draws as `augment_batch`, so images and masks are the
+    ones it would give. Returns (images, masks, soft).
+    """
+    images, masks, soft = _flip(images, masks, cfg.hflip, generator, 3, soft)
+    images, masks, soft = _flip(images, masks, cfg.vflip, generator, 2, soft)
+    images, masks, soft = _cutmix(images, masks, cfg.cutmix, generator, 1.0, cfg.cutmix_mode, soft)
+    images, masks, soft = _rock_soft(images, masks, soft, lambda i, m: rock_paste_images(
+        i, m, rock_images, cfg.rock_paste, generator))
+    if rock_bank is not None and cfg.rock_target > 0:
+        images, masks, soft = _rock_soft(images, masks, soft, lambda i, m: rock_paste(
+            i, m, rock_bank, cfg.rock_target, generator))
+    images = jitter(images, cfg.brightness, cfg.contrast, generator)
+    return images, masks, soft

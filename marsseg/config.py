@@ -189,6 +189,9 @@ class MemberConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    # train-folds --teacher: a test pixel whose pseudo-label the teacher gives with a lower
+    # probability is ignored (marked 0, which needs loss.ignore_background)
+    pseudo_threshold: float = 0.9
 
     def __post_init__(self):
         _require(bool(_NAME_RE.match(self.name)), "name",
@@ -196,6 +199,7 @@ class MemberConfig:
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _nonneg(self, "patience", "grad_clip")
+        _prob(self, "pseudo_threshold")
 
 
 @dataclass(frozen=True)

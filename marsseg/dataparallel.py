@@ -1,4 +1,5 @@
-"""Data-parallel folds without Ray: what a fold's loop needs when N processes train it.
+"""Data-parallel folds without Ray: what a fold's loop needs when N processes train it
+(its Accelerator, the world it is in, global-batch BatchNorm, per-rank seeds).
 
 `train.train_one_fold` runs the same in one process or in each of N processes of a
 torch.distributed group (Ray Train's TorchTrainer in `raytrain`, or `torchrun`):
@@ -21,6 +22,22 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import InputError
+
+
+def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
+    """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
+    global batch, and every process takes its 1/N slice of it (module docstring)."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, PartialState
+
+    # One process may train several folds (--sequential, tests); accelerate keeps a
+    # process-wide singleton that refuses a second Accelerator with other settings.
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    if not split_batches:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=precision, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def world() -> tuple[int, int]:

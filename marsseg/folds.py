@@ -21,6 +21,8 @@ from .config import MemberConfig, Recipe
 from .errors import InputError
 from .runfolder import RunFolder
 
+ALL = "all"  # the fold that trains on every image (nnU-Net's "fold all")
+
 
 def make_splits(
     groups: Sequence[str], big_rock: Sequence[bool], k: int, seed: int
@@ -123,15 +125,19 @@ def ensure_splits(recipe: Recipe, split, out: Path) -> dict:
     return splits
 
 
-def fold_rows(split, splits: dict, fold: int, member: MemberConfig) -> tuple[np.ndarray, np.ndarray, int]:
+def fold_rows(split, splits: dict, fold: int | str, member: MemberConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """Positions (train, val) into `split` for `fold`; the member's filters drop training rows only.
 
+    fold "all": every row trains (filters applied), none validates.
     Returns (train_rows, val_rows sorted by id, number of training rows filtered out).
     """
-    if not 0 <= fold < splits["k"]:
-        raise InputError(f"fold {fold} is out of range for k={splits['k']}")
     pos = {int(i): p for p, i in enumerate(split.ids)}
-    val = np.array(sorted(pos[int(i)] for i in splits["folds"][fold]["val_ids"]), dtype=np.int64)
+    if fold == ALL:
+        val = np.zeros(0, np.int64)
+    elif not isinstance(fold, int) or not 0 <= fold < splits["k"]:
+        raise InputError(f"fold {fold} is out of range for k={splits['k']}")
+    else:
+        val = np.array(sorted(pos[int(i)] for i in splits["folds"][fold]["val_ids"]), np.int64)
     is_val = np.zeros(len(split.ids), bool)
     is_val[val] = True
     keep = ~is_val

@@ -193,3 +193,29 @@ def make_loss(cfg, train_masks: np.ndarray, device) -> nn.Module:
                                ignore_background=cfg.ignore_background)
     return CombinedLoss(cfg.terms, weight=weight, ignore_background=cfg.ignore_background,
                         focal_gamma=cfg.focal_gamma).to(device)
+
+
+def soft_kl(logits: torch.Tensor, soft: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Temperature-scaled KL(teacher || student) per pixel, weighted by the target's own mass.
+
+    soft float (B, C, H, W): the teacher's probabilities times a per-pixel weight w in [0, 1]
+    (so w = soft.sum(1); w = 0: no target there). With q_T ∝ (soft / w)^(1/T) and
+    p_T = softmax(logits / T), returns T² Σ w·KL(q_T || p_T) / (pixels with w > 0), and 0
+    when no pixel has a target. T² keeps the gradient scale of T = 1 (Hinton et al. 2015).
+    """
+    if logits.shape != soft.shape:
+        raise InputError(f"soft_kl expects logits and soft targets of one shape (B,C,H,W), got "
+                         f"{tuple(logits.shape)} and {tuple(soft.shape)}")
+    logits, soft = logits.float(), soft.float()
+    w = soft.sum(1)
+    has = w > 0
+    n = has.sum()
+    if not bool(n):
+        return logits.sum() * 0.0
+    q = soft / w.clamp_min(1e-12)[:, None]
+    if temperature != 1.0:
+        q = q.clamp_min(0.0).pow(1.0 / temperature)
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-12)
+    logp = F.log_softmax(logits / temperature, dim=1)
+    kl = (torch.xlogy(q, q) - q * logp).sum(1)
+    return (w * kl).sum() / n * temperature ** 2

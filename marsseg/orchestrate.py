@@ -17,6 +17,7 @@ dies is retried by Ray (`max_retries`) and resumes the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from .dataparallel import check_batch
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
+from .raytrain import check_options, fold_slots
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
 from .train import train_one_fold
 
@@ -54,6 +56,7 @@ class RunOptions:
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
+    teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -66,7 +69,7 @@ class RunOptions:
             raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
             raise InputError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
-        self._check_workers()
+        check_options(self)
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.max_retries < 0:
@@ -76,26 +79,10 @@ class RunOptions:
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
 
-    def _check_workers(self) -> None:
-        n, g = self.workers_per_fold, self.gpus_per_task
-        if n < 1:
-            raise InputError(f"--workers-per-fold must be >= 1, got {n}")
-        if g > 1:  # a worker trains on one device: more would be reserved and left idle
-            raise InputError(f"--gpus-per-task {g:g}: a fold's worker trains on one GPU; to "
-                             f"spread a fold over {g:g} GPUs use --workers-per-fold {g:g} "
-                             f"--gpus-per-task 1")
-        if n > 1 and g not in (0, 1):
-            raise InputError(f"--workers-per-fold {n}: give --gpus-per-task 1 (a GPU per worker) "
-                             f"or 0 (CPU workers), not {g:g}")
-        if n > 1 and self.sequential:
-            raise InputError(f"--workers-per-fold {n}: not with --sequential (workers run on Ray)")
-        if n > 1 and self.time_budget is not None:
-            raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
-                             "time its own steps); give --epochs instead")
-
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
-        return {"precision": self.precision, "time_budget": self.time_budget}
+        return {"precision": self.precision, "time_budget": self.time_budget,
+                "pseudo": self.teacher is not None}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -112,9 +99,10 @@ def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
     return [(m, f) for m in members for f in sorted(set(folds))]
 
 
-def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None) -> None:
-    """Refuse a run folder made with another recipe, --epochs or --time-budget. (Each fold
-    keeps the epochs a time budget gave it in its own budget file.)"""
+def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None,
+                  teacher: str | None = None) -> None:
+    """Refuse a run folder made with another recipe, --epochs, --time-budget or --teacher.
+    (Each fold keeps the epochs a time budget gave it in its own budget file.)"""
     if not run.recipe.exists():
         return
     import tomllib
@@ -125,13 +113,14 @@ def _check_recipe(run: RunFolder, recipe: Recipe, time_budget: float | None) -> 
         pinned = run.read_overrides()
         if old is not None:
             old = with_epochs(old, pinned.get("epochs"))
-        if pinned.get("time_budget_s") != time_budget:
+        if pinned.get("time_budget_s") != time_budget or pinned.get("teacher") != teacher:
             old = None
     except (InputError, tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
         old = None
     if old != recipe:
         raise InputError(f"{run.recipe}: this run folder was made with a different recipe, "
-                         f"--epochs or --time-budget; use a new --out (or the ones it was made with)")
+                         f"--epochs, --time-budget or --teacher; use a new --out (or the ones "
+                         f"it was made with)")
 
 
 def _check_resources(opts: RunOptions) -> None:
@@ -154,22 +143,14 @@ def _check_fits(opts: RunOptions, have: dict, where: str) -> None:
             raise InputError(f"{flag} {want:g}{each}: {where} has {have.get(key, 0):g} {key}s")
 
 
-def _slots(opts: RunOptions, have: dict) -> int:
-    """Multi-worker folds the cluster runs at once (the rest wait in the driver)."""
-    n = opts.workers_per_fold
-    fits = [have.get("CPU", 0) // (opts.cpus_per_task * n)]
-    if opts.gpus_per_task:
-        fits.append(have.get("GPU", 0) // (opts.gpus_per_task * n))
-    return max(1, int(min(fits)))
-
-
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
     """Every check that needs no writing, in one place: (train split, splits, new?, data record)."""
     run.check_target()
     split = load_train(data)  # first: what is wrong inside a shard is the clearer message
     fp = data_fingerprint(data)  # verifies the train shards against dataset.json
     run.check_data(fp)
-    _check_recipe(run, recipe, opts.time_budget)
+    _check_recipe(run, recipe, opts.time_budget, opts.teacher)
+    teacher = _check_teacher(recipe, data, run, opts, fp)
     splits, new = plan_splits(recipe, split, run)
     for m, f in selected:  # filters that leave no training image; the global batch's split
         fold_rows(split, splits, f, recipe.member(m))
@@ -180,7 +161,50 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
                 run.check_state(m.name, f)
                 _check_state_workers(run, m.name, f, opts.workers_per_fold)
     _check_resources(opts)
-    return split, splits, new, fp
+    return split, splits, new, fp, teacher
+
+
+def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions, fp: dict):
+    """--teacher: the teacher (trained on this data), a test split to pseudo-label, members
+    that ignore the pixels it leaves unlabeled, stored pseudo-labels of this very teacher."""
+    if opts.teacher is None:
+        return None
+    from ._io import sha256_file
+    from .data import count_images
+    from .teacher import open_teacher
+    from .teaching import TARGETS, check_record
+
+    teacher = open_teacher(opts.teacher, fp, need_oof=False)
+    for i, m in enumerate(recipe.members):
+        if not m.loss.ignore_background:
+            raise InputError(f"--teacher: member {m.name!r} (members[{i}]) has loss."
+                             "ignore_background = false; pseudo-label pixels below "
+                             "pseudo_threshold are marked 0, which only that ignores")
+    if count_images(data, "test") == 0:
+        raise InputError(f"{data}: the test split holds no images; nothing for --teacher to "
+                         "pseudo-label")
+    if (run.path / TARGETS).exists():
+        check_record(run.path / TARGETS, teacher.sha256, sha256_file(data / "dataset.json"),
+                     "test")
+    return teacher
+
+
+def _write_pseudo(run: RunFolder, teacher, data: Path, split, precision: str) -> None:
+    """The teacher's TTA probabilities of the test images, once, in the run's targets file."""
+    from ._io import sha256_file
+    from .teacher import write_targets
+    from .teaching import TARGETS
+
+    if teacher is None or (run.path / TARGETS).exists():
+        return
+    import torch
+
+    from .device import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    write_targets(teacher, data, split, run.path / TARGETS, unlabeled="test", labeled=False,
+                  precision=resolve_precision(precision, device),
+                  dataset_sha256=sha256_file(data / "dataset.json"))
 
 
 def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -> None:
@@ -191,15 +215,16 @@ def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
-               fp: dict, epochs: int | None, time_budget: float | None) -> None:
+               fp: dict, epochs: int | None, time_budget: float | None,
+               teacher: str | None = None) -> None:
     """Write the shared files a new run folder needs (under the run folder's lock; another
     process may have written them since `_validate`, so they are checked again)."""
     run.check_writable()
-    _check_recipe(run, recipe, time_budget)
+    _check_recipe(run, recipe, time_budget, teacher)
     run.check_data(fp)
     if not run.recipe.exists():
-        pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget))
-                  if v is not None}
+        pinned = {k: v for k, v in (("epochs", epochs), ("time_budget_s", time_budget),
+                                    ("teacher", teacher)) if v is not None}
         if pinned:
             write_json_atomic(run.overrides, pinned)
         with atomic_path(run.recipe) as tmp:
@@ -276,7 +301,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
         threads = opts.threads or max(1, int(opts.cpus_per_task))
         submit = _submitter(recipe, data, out, opts, board, node_cpus, threads)
         # Plain tasks queue in Ray; multi-worker folds queue here (raytrain's docstring).
-        slots = len(jobs) if opts.workers_per_fold == 1 else _slots(opts, have)
+        slots = len(jobs) if opts.workers_per_fold == 1 else fold_slots(opts, have)
         queue, refs = list(jobs), {}
         results = []
         try:
@@ -357,14 +382,18 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     options.check()
     selected = _select(recipe, options)
     run = RunFolder(out)
-    split, splits, new_splits, fp = _validate(recipe, selected, data, run, options)
+    if options.teacher is not None:
+        options = dataclasses.replace(options, teacher=str(Path(options.teacher).resolve()))
+    split, splits, new_splits, fp, teacher = _validate(recipe, selected, data, run, options)
 
     with contextlib.ExitStack() as held:
         with run.lock():
             _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
-                       options.time_budget)
+                       options.time_budget, options.teacher)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
             held.enter_context(run.lock_folds(jobs))
+        if jobs:  # not under the run's lock (minutes); written whole, then renamed
+            _write_pseudo(run, teacher, data, split, options.precision)
         _train(recipe, jobs, [j for j in selected if j not in jobs], split, data, run, options,
                console)
         with run.lock():

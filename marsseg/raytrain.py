@@ -34,6 +34,37 @@ from .runfolder import RunFolder, fold_name
 from .train import train_one_fold
 
 
+def check_options(opts) -> None:
+    """train-folds options that --workers-per-fold rules out (InputError, before Ray starts)."""
+    n, g = opts.workers_per_fold, opts.gpus_per_task
+    if n < 1:
+        raise InputError(f"--workers-per-fold must be >= 1, got {n}")
+    if g > 1:  # a worker trains on one device: more would be reserved and left idle
+        raise InputError(f"--gpus-per-task {g:g}: a fold's worker trains on one GPU; to "
+                         f"spread a fold over {g:g} GPUs use --workers-per-fold {g:g} "
+                         f"--gpus-per-task 1")
+    if n > 1 and g not in (0, 1):
+        raise InputError(f"--workers-per-fold {n}: give --gpus-per-task 1 (a GPU per worker) "
+                         f"or 0 (CPU workers), not {g:g}")
+    if n > 1 and opts.sequential:
+        raise InputError(f"--workers-per-fold {n}: not with --sequential (workers run on Ray)")
+    if n > 1 and opts.time_budget is not None:
+        raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
+                         "time its own steps); give --epochs instead")
+    if n > 1 and opts.teacher is not None:
+        raise InputError("--teacher: not with --workers-per-fold > 1 yet (the pseudo-labelled "
+                         "batches are not split across workers)")
+
+
+def fold_slots(opts, have: dict) -> int:
+    """Multi-worker folds the cluster runs at once (the rest wait in the driver)."""
+    n = opts.workers_per_fold
+    fits = [have.get("CPU", 0) // (opts.cpus_per_task * n)]
+    if opts.gpus_per_task:
+        fits.append(have.get("GPU", 0) // (opts.gpus_per_task * n))
+    return max(1, int(min(fits)))
+
+
 def _worker(config: dict) -> None:
     """One Ray Train worker: train_one_fold inside the trainer's process group."""
     import ray

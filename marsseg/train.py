@@ -48,7 +48,7 @@ from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
-from .dataparallel import check_batch, rank_seed, sync_batchnorm, world
+from .dataparallel import check_batch, make_accelerator, rank_seed, sync_batchnorm, world
 from .device import resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
@@ -56,6 +56,7 @@ from .losses import make_loss
 from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
+from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -64,22 +65,6 @@ Progress = Callable[[dict], None]
 
 
 # --- small pure helpers -----------------------------------------------------------------------
-
-
-def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
-    """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
-    global batch, and every process takes its 1/N slice of it (`dataparallel`)."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState, PartialState
-
-    # One process may train several folds (--sequential, tests); accelerate keeps a
-    # process-wide singleton that refuses a second Accelerator with other settings.
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    if not split_batches:
-        return Accelerator(mixed_precision=precision, cpu=cpu)
-    return Accelerator(mixed_precision=precision, cpu=cpu,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -153,7 +138,7 @@ class FoldSetup:
 
     recipe: Recipe
     member: MemberConfig  # its epochs replaced once by --time-budget, before epoch 0
-    fold: int
+    fold: int | str  # a fold number or "all"
     fold_dir: Path
     split: Split  # the train split
     train_rows: np.ndarray
@@ -170,13 +155,15 @@ class FoldSetup:
     aug_gen: torch.Generator
     rock_bank: RockBank | None
     rock_images: RockImages | None
+    taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
+    n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
 
 
-
-
-def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: str,
-            compile: bool) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold."""
+def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
+            compile: bool, teaching: Teaching | None, pseudo: bool) -> FoldSetup:
+    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
+    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
+    the training part gets the run's pseudo-labelled unlabeled images)."""
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -200,8 +187,15 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     optimizer = make_optimizer(m.optimizer, model)
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
-    loaders = make_loaders((tr_images, tr_masks), (split.images[val_rows], split.masks[val_rows]),
-                           m.batch_size, shuffle_gen)
+    fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
+                             else None, m.pseudo_threshold)  # never in validation
+    loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
+                           shuffle_gen)
+    taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
+    if taught is not None:
+        loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
+                                       shuffle_gen), loaders[1])
+        taught.open_unlabeled(len(train_rows), m.batch_size, device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, *loaders)
     loss_fn = make_loss(m.loss, tr_masks, device)
     a = m.augment
@@ -209,13 +203,17 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int, data, out, precision: st
     rocks = RockImages.from_arrays(tr_images, tr_masks, device) if a.rock_paste > 0 else None
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
-                     torch.Generator(device=device), bank, rocks)
+                     torch.Generator(device=device), bank, rocks, taught,
+                     len(fit[0]) - len(tr_images))
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
     """The member with the epochs --time-budget decided for this fold (`budget`), else as is."""
     from . import budget
 
+    if time_budget is not None and f.accelerator.num_processes > 1:
+        raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
+                         "time its own steps); give --epochs instead")
     bs = f.member.batch_size
     images, masks = f.split.images, f.split.masks
     epochs = budget.fold_epochs(
@@ -235,28 +233,37 @@ def _seed_epoch(f: FoldSetup, epoch: int) -> None:
     own = rank_seed(seed, f.accelerator.process_index)  # each rank augments its own slice
     f.aug_gen.manual_seed(own)
     torch.manual_seed(own)  # dropout and anything else drawing from the global RNG
+    if f.taught is not None:
+        f.taught.start_epoch(seed)
 
 
-def _train_step(f: FoldSetup, images, masks, lr: float) -> tuple[torch.Tensor, int]:
-    """One optimizer step on a uint8 batch at `lr`; returns (detached loss, batch size)."""
+def _train_step(f: FoldSetup, images, masks, lr: float, soft=None) -> tuple[torch.Tensor, int]:
+    """One optimizer step on a uint8 batch at `lr` (a taught fold: with the teacher's weighted
+    targets `soft`, all zero when not given); returns (detached loss, batch size)."""
     from .augment import augment_batch
 
     for g in f.optimizer.param_groups:
         g["lr"] = lr
     a = f.member.augment
-    x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=f.aug_gen,
-                         hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
-                         cutmix_mode=a.cutmix_mode, rock_images=f.rock_images,
-                         rock_paste_p=a.rock_paste, rock_bank=f.rock_bank,
-                         rock_target=a.rock_target, brightness=a.brightness, contrast=a.contrast)
-    logits = f.model(x.contiguous(memory_format=torch.channels_last))
-    loss = f.loss_fn(logits, y)
+    if f.taught is not None:
+        if soft is None:  # the --time-budget probe's batch: the same work, no target
+            soft = torch.zeros((len(images), NUM_CLASSES, *images.shape[1:]), device=images.device)
+        loss = f.taught.loss(f.model, f.loss_fn, a, f.aug_gen, images, masks, soft,
+                             rock_images=f.rock_images, rock_bank=f.rock_bank)
+    else:
+        x, y = augment_batch(images.unsqueeze(1).float(), masks.long(), generator=f.aug_gen,
+                             hflip_p=a.hflip, vflip_p=a.vflip, cutmix_p=a.cutmix,
+                             cutmix_mode=a.cutmix_mode, rock_images=f.rock_images,
+                             rock_paste_p=a.rock_paste, rock_bank=f.rock_bank,
+                             rock_target=a.rock_target, brightness=a.brightness,
+                             contrast=a.contrast)
+        loss = f.loss_fn(f.model(x.contiguous(memory_format=torch.channels_last)), y)
     f.accelerator.backward(loss)
     if f.member.grad_clip > 0:
         f.accelerator.clip_grad_norm_(f.model.parameters(), f.member.grad_clip)
     f.optimizer.step()
     f.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), len(y)
+    return loss.detach(), len(images)
 
 
 def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
@@ -266,9 +273,9 @@ def _train_epoch(f: FoldSetup, state: TrainerState, epoch: int, report: Report,
     f.model.train()
     loss_sum = torch.zeros((), device=f.accelerator.device)
     n_img, lr = 0, base_lr
-    for i, (images, masks) in enumerate(f.train_dl):
+    for i, batch in enumerate(f.train_dl):  # (images, masks[, weighted targets])
         lr = lr_at(m.schedule, base_lr, state.step, steps, m.epochs, state.plateau_scale)
-        loss, n = _train_step(f, images, masks, lr)
+        loss, n = _train_step(f, *batch[:2], lr, *batch[2:])
         loss_sum += loss * n
         n_img += n
         state.step += 1
@@ -295,7 +302,7 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     cm = validate(f.model, f.val_dl, f.accelerator, probs_out=probs_out)
     miou, iou = course_miou(cm), class_iou(cm)
     score = miou if math.isfinite(miou) else -1.0
-    if state.best_miou is None or score > state.best_miou:
+    if state.best_miou is None or score > state.best_miou or not len(f.val_rows):  # all: last
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
         if f.accelerator.is_main_process:
             save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
@@ -321,11 +328,16 @@ def _trainer_record(f: FoldSetup, state: TrainerState) -> dict:
 
 def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, run: RunFolder,
             t_start: float) -> dict:
-    """Write the out-of-fold file, then done.json (last: the fold is finished); returns done."""
+    """Write the out-of-fold file, then done.json (last: the fold is finished); returns done.
+    Rank 0 writes; the other ranks of a data-parallel fold wait and return what it wrote."""
     m, val_images = f.member, f.split.images[f.val_rows]
-    if best_probs is None:  # the best epoch was trained by an earlier attempt: recompute
+    if not f.accelerator.is_main_process:
+        f.accelerator.wait_for_everyone()
+        return run.read_done(m.name, f.fold)
+    if best_probs is None and len(val_images):  # best epoch trained by an earlier attempt
         best_probs = predict_oof(f.fold_dir, val_images, f.accelerator, 2 * m.batch_size)
-    write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
+    if len(val_images):  # fold "all" has no held-out images
+        write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
     best_row = next((r for r in rows if r["epoch"] == state.best_epoch), {})
     done = {"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
@@ -333,23 +345,31 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "val_iou": best_row.get("val_iou"), "epochs": m.epochs, "epochs_run": state.epoch + 1,
             "stopped_early": state.stopped_early, "n_train": int(len(f.train_rows)),
             "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
+            "n_pseudo": f.n_pseudo,
             "precision": f.precision, "device": str(f.accelerator.device),
             **({"workers": f.accelerator.num_processes} if f.accelerator.num_processes > 1 else {}),
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
     run.write_done(m.name, f.fold, done)
+    f.accelerator.wait_for_everyone()
     return done
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, out,
+def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, data, out,
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
-                   threads_fn: Callable[[], int] | None = None, compile: bool = False) -> dict:
+                   threads_fn: Callable[[], int] | None = None, compile: bool = False,
+                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
+
+    fold: a fold number, or "all" (every training image, filters applied; nothing held
+    out, the last epoch's weights kept; nnU-Net's "fold all"). teaching: learn from a
+    teacher's stored targets too (`teaching`: the loss, the streamed targets). pseudo: add
+    the pseudo-labelled images of the run folder's targets file to the training part.
 
     data: shard folder (or a loaded train Split). precision: auto | bf16 | fp16 | no
     (fp16 is GPU-only). threads: torch CPU threads for this fold. progress: called
@@ -371,10 +391,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    if time_budget is not None and world()[1] > 1:
-        raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
-                         "time its own steps); give --epochs instead")
-    f = _set_up(recipe, m, fold, data, out, precision, compile)
+    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -413,11 +430,11 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int, data, 
             append_metrics(f.fold_dir / METRICS, row)
             save_state(f.accelerator, f.fold_dir, _trainer_record(f, state))
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
-               best_miou=state.best_miou, img_s=row["img_s"], seconds=row["seconds"])
+               best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
+               seconds=row["seconds"])
 
-    if f.accelerator.is_main_process:
-        done = _finish(f, state, best_probs, run, t_start)
-    f.accelerator.wait_for_everyone()  # the other ranks return the done file rank 0 wrote
-    done = done if f.accelerator.is_main_process else run.read_done(m.name, fold)
+    done = _finish(f, state, best_probs, run, t_start)
+    if f.taught is not None:
+        f.taught.close()
     report("done", epoch=state.epoch, val_miou=done["val_miou"])
     return done

@@ -83,3 +83,52 @@ def make_npz(path: Path, n_train: int = 8, n_test: int = 11, seed: int = 0,
         arrays["test_masks"] = masks(n_test)
     np.savez(path, **arrays)
     return path
+
+
+def head_bias(cls: int, value: float = 30.0):
+    """A make_run transform: the network predicts class `cls` everywhere."""
+    def transform(m):
+        with torch.no_grad():
+            m.head.bias.zero_()
+            m.head.bias[cls] = value
+    return transform
+
+
+def make_teacher(run: Path, shards: Path, k: int = 2, members=("a", "b"), weights=None,
+                 in_fold: int = 3) -> Path:
+    """A finished teacher run folder on `shards`, built by hand (no training).
+
+    Its fold models predict class `in_fold` everywhere (what they say on any image, the
+    ones they trained on included), while the planted out-of-fold files say something
+    else: member 0's fold f held out its images as one-hot class 1 + f, member 1's as the
+    uniform distribution. So a target tells where it came from.
+    """
+    from marsseg.data import load_split
+    from marsseg.folds import make_splits, splits_dict
+    from marsseg.runfolder import RunFolder, data_fingerprint, write_oof
+
+    split = load_split(shards, "train")
+    splits = splits_dict(make_splits(split.groups, split.big_rock, k, 0), split.ids, k, 0)
+    make_run(run, members=members, k=k, weights=weights, transform=head_bias(in_fold))
+    rf = RunFolder(run)
+    rf.write_splits(splits)
+    rf.write_data(data_fingerprint(shards))
+    for j, name in enumerate(members):
+        for f in range(k):
+            ids = np.array(sorted(splits["folds"][f]["val_ids"]), np.int64)
+            probs = np.full((len(ids), 5, 64, 128), 0.2, np.float16)
+            if j == 0:
+                probs[:] = 0
+                probs[:, 1 + f % 4] = 1
+            write_oof(run / name / f"fold_{f}" / "oof.h5", ids, probs)
+    return run
+
+
+STUDENT = """seed = 1
+[[members]]
+name = "student"
+epochs = 2
+batch_size = 4
+[distill]
+temperature = 2.0
+"""

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _runfolder import make_npz, make_run
+from _runfolder import STUDENT, make_npz, make_run, make_teacher
 from typer.testing import CliRunner
 
 from marsseg.cli import app
@@ -168,6 +168,28 @@ def existing_folder(w, tmp):
     (tmp / "out" / "keep.txt").write_text("mine")
     return {"bad": tmp / "out"}
 
+
+def teacher(edit=None, shards_edit=None):
+    """A planted teacher run folder on the world's shards (`edit(teacher)` applied), a student
+    recipe, and with `shards_edit` a copy of the shards edited so."""
+    def setup(w, tmp):
+        (tmp / "student.toml").write_text(STUDENT)
+        t = make_teacher(tmp / "teacher", w.shards)
+        if edit:
+            edit(t)
+        (tmp / "ib.toml").write_text(RECIPE + "[members.loss]\nignore_background = true\n")
+        out = {"teacher": t, "student": tmp / "student.toml", "bad": w.shards,
+               "ib": tmp / "ib.toml"}
+        if shards_edit:
+            out["bad"] = _copy_with("shards", shards_edit)(w, tmp)["bad"]
+        return out
+    return setup
+
+
+TEACHER = ["train-folds", "--data", "{bad}", "--recipe", "{ib}", "--out", "{tmp}/run",
+           "--sequential", "--teacher", "{teacher}"]
+DISTILL = ["distill", "--ensemble", "{teacher}", "--data", "{bad}", "--out", "{tmp}/s",
+           "--recipe", "{student}"]
 
 ZEROS = np.zeros((3, 64, 128), np.uint8)
 
@@ -370,6 +392,31 @@ ROWS = [
         run_with(_weight("Infinity")), "members[0].weight"),
     row("evaluate-test-shard-edited", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
         shards_with_label("test", None, rehash=False), "{shard}: sha256 differs"),
+    # distill (all stop before the student's run folder is created)
+    row("distill-teacher-without-oof", DISTILL,
+        teacher(lambda t: (t / "a/fold_1/oof.h5").unlink()), "a/fold_1/oof.h5: missing"),
+    row("distill-teacher-on-other-data", DISTILL[:4] + ["{other}"] + DISTILL[5:], teacher(),
+        "{other}: not the data"),
+    row("distill-empty-unlabeled-split", DISTILL + ["--unlabeled", "test"],
+        teacher(shards_edit=_empty_test_split), "holds no images"),
+    row("distill-unknown-unlabeled", DISTILL + ["--unlabeled", "gold"], teacher(), "'gold'"),
+    row("distill-teacher-not-a-run", DISTILL,
+        teacher(lambda t: (t / "ensemble.json").unlink()), "ensemble.json"),
+    row("distill-teacher-without-data-record", DISTILL,
+        teacher(lambda t: (t / "data.json").unlink()), "data.json"),
+    row("distill-two-member-student", DISTILL, teacher(lambda t: (t.parent / "student.toml")
+                                                       .write_text(STUDENT + RECIPE.split("\n", 2)[2])),
+        "exactly one"),
+    row("distill-epochs-and-budget", DISTILL + ["--epochs", "2", "--time-budget", "1m"],
+        teacher(), "--time-budget"),
+    # train-folds --teacher
+    row("train-teacher-on-other-data", TEACHER[:2] + ["{other}"] + TEACHER[3:], teacher(),
+        "{other}: not the data"),
+    row("train-teacher-background-not-ignored", TEACHER[:4] + ["{recipe}"] + TEACHER[5:],
+        teacher(), "ignore_background"),
+    row("train-teacher-empty-test-split", TEACHER, teacher(shards_edit=_empty_test_split),
+        "holds no images"),
+    row("train-teacher-missing", TEACHER[:-1] + ["{tmp}/nope"], teacher(), "{tmp}/nope"),
 ]
 
 
@@ -407,7 +454,7 @@ def test_bad_input_is_one_line_and_exit_2(world, tmp_path, argv, setup, names):
 def test_the_table_covers_every_command():
     commands = {p.values[0][0] for p in ROWS}
     assert {"synth", "prepare", "inspect", "train-folds", "predict", "evaluate", "report",
-            "select"} <= commands
+            "select", "distill"} <= commands
     assert len(ROWS) >= 40
 
 

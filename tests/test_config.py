@@ -33,7 +33,13 @@ def error_of(d: dict, **kw) -> str:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ensembles").glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_recipes_load(path):
-    r = load_recipe(path)
+    if path.stem == "student":  # a student recipe (marsseg-cli distill): its model may be absent
+        from marsseg.config import ModelConfig
+        from marsseg.student import load_student
+
+        r, _ = load_student(path, ModelConfig("unet-res", {"base_width": 4, "depth": 2}))
+    else:
+        r = load_recipe(path)
     assert r.name == path.stem and r.members and r.folds >= 2
 
 

@@ -27,11 +27,17 @@ from marsseg import train as train_mod
 from marsseg.cli import app
 from marsseg.config import load_recipe
 from marsseg.data.loaders import make_loaders
-from marsseg.dataparallel import GlobalBatchNorm2d, check_batch, rank_seed, sync_batchnorm
+from marsseg.dataparallel import (
+    GlobalBatchNorm2d,
+    check_batch,
+    make_accelerator,
+    rank_seed,
+    sync_batchnorm,
+)
 from marsseg.errors import InputError
 from marsseg.models.registry import build_model
 from marsseg.orchestrate import RunOptions
-from marsseg.train import make_accelerator, train_one_fold, validate
+from marsseg.train import train_one_fold, validate
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()

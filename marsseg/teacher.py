@@ -1,0 +1,173 @@
+"""A teacher ensemble's targets, made once: out-of-fold probabilities for the labeled images,
+TTA-averaged probabilities for the unlabeled ones (the file format: `teaching`).
+
+The teacher is a finished train-folds run folder. Its members and weights are the ones
+its ensemble file selects (as `predict` uses them). A labeled image's target is the
+weighted average of the out-of-fold predictions (``oof.h5``) of the members whose fold
+held that image out, so no image is taught by a model that saw it; an image of a fold the
+teacher did not train has no target. The unlabeled images (the test split: its images
+only, never its masks) get the ensemble's prediction with flip TTA on the eager backend,
+which writes nothing into the teacher's run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_path
+from .config import ModelConfig
+from .errors import InputError
+from .runfolder import OOF, RunFolder, read_oof
+from .teaching import TargetsRecord, write_targets_file
+
+
+def teacher_sha256(spec: dict) -> str:
+    """sha256 of what an ensemble file predicts with: the selected members of weight > 0,
+    their weights and the sha256 of every fold's weights."""
+    selected = set(spec.get("selected") or [m["name"] for m in spec["members"]])
+    key = [{"name": m["name"], "weight": float(m.get("weight", 1.0)),
+            "folds": sorted([int(f["fold"]), f.get("sha256")] for f in m.get("folds", []))}
+           for m in spec["members"] if m["name"] in selected and float(m.get("weight", 1.0)) > 0]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A checked teacher run folder: the members it predicts with and its splits."""
+
+    run: RunFolder
+    spec: dict  # its ensemble file
+    members: tuple[tuple[str, float, tuple[int, ...]], ...]  # (name, weight, folds) in use
+    splits: dict
+    sha256: str
+
+    @property
+    def oof_miou(self) -> float | None:
+        """The teacher ensemble's OOF mIoU (the selection's when `select` weighted it)."""
+        return (self.spec.get("selection") or {}).get("oof_miou", self.spec.get("oof_miou_ensemble"))
+
+    def strongest_model(self) -> ModelConfig:
+        """Architecture and arguments of the member with the best OOF mIoU."""
+        from .models.registry import load_config
+
+        by = {m["name"]: m for m in self.spec["members"]}
+        name = max((m for m, _, _ in self.members),
+                   key=lambda n: (by[n].get("oof_miou") is not None, by[n].get("oof_miou") or 0))
+        fold = by[name]["folds"][0]
+        cfg = load_config(self.run.fold_path(name, fold))["model"]
+        return ModelConfig(name=cfg["name"], args=dict(cfg.get("args", {})))
+
+
+def open_teacher(path: str | Path, fp: dict, need_oof: bool = True) -> Teacher:
+    """Check a teacher run folder against data fingerprint `fp` (`runfolder.data_fingerprint`):
+    its ensemble file, data record (the same train shards), splits and (`need_oof`) every
+    out-of-fold file of the members in use. InputError naming the first problem."""
+    run = RunFolder(Path(path).resolve())
+    spec = run.read_ensemble()
+    if run.read_data() is None:
+        raise InputError(f"{run.data}: missing; the teacher must be a train-folds run folder "
+                         "(its data record proves what it was trained on)")
+    run.check_data(fp)
+    splits = run.read_splits()
+    if splits is None:
+        raise InputError(f"{run.splits}: missing; the teacher's folds decide which model may "
+                         "teach which image")
+    selected = spec.get("selected") or [m["name"] for m in spec["members"]]
+    members = []
+    for m in spec["members"]:
+        if m["name"] not in selected or float(m.get("weight", 1.0)) <= 0 or not m.get("folds"):
+            continue
+        for f in m["folds"]:
+            oof = run.fold_path(m["name"], f) / OOF
+            if need_oof and not oof.is_file():
+                raise InputError(f"{oof}: missing; a teacher needs the out-of-fold predictions "
+                                 "that train-folds writes for every fold")
+        members.append((m["name"], float(m.get("weight", 1.0)),
+                        tuple(int(f["fold"]) for f in m["folds"])))
+    if not members:
+        raise InputError(f"{run.ensemble}: no selected member with a weight > 0 and folds")
+    return Teacher(run, spec, tuple(members), splits, teacher_sha256(spec))
+
+
+def _fill_labeled(teacher: Teacher, f, ids: np.ndarray) -> int:
+    """Write each train image's out-of-fold target; returns how many have none."""
+    row = {int(i): r for r, i in enumerate(ids)}
+    has = np.zeros(len(ids), bool)
+    by_fold = {}
+    for name, w, folds in teacher.members:
+        for k in folds:
+            by_fold.setdefault(k, []).append((name, w))
+    for k, members in sorted(by_fold.items()):
+        acc, first, wsum = None, None, 0.0
+        for name, w in members:
+            path = teacher.run.fold_dir(name, k) / OOF
+            oof_ids, probs = read_oof(path)
+            if first is None:
+                first, acc = oof_ids, probs.astype(np.float32) * w
+            elif not np.array_equal(oof_ids, first):
+                raise InputError(f"{path}: its ids differ from the other members' fold {k}")
+            else:
+                acc += probs.astype(np.float32) * w
+            wsum += w
+        try:
+            rows = np.array([row[int(i)] for i in first], np.int64)
+        except KeyError as e:
+            raise InputError(f"{teacher.run.fold_dir(members[0][0], k) / OOF}: id {e} is not in "
+                             "the train split of this data") from None
+        order = np.argsort(rows, kind="stable")
+        f["labeled/probs"][rows[order]] = (acc[order] / wsum).astype(np.float16)
+        has[rows] = True
+    f["labeled/has"][...] = has
+    return int((~has).sum())
+
+
+def _unlabeled_images(data: Path, split: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, images) of `split`: the images only, never its masks."""
+    from .data import stream_batches
+
+    got = list(stream_batches(data, split, batch_size))
+    if not got:
+        return np.zeros(0, np.int64), np.zeros((0, 64, 128), np.uint8)
+    return np.concatenate([b[0] for b in got]), np.concatenate([b[1] for b in got])
+
+
+def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled: str,
+                  precision: str, dataset_sha256: str, batch_size: int = 32, labeled: bool = True,
+                  log: Callable[[str], None] | None = None) -> TargetsRecord:
+    """Compute the teacher's targets for the train `split` of `data` (not with `labeled`
+    False: pseudo-labels need the unlabeled ones only) and its `unlabeled` split ("test" |
+    "none"), and store them at `path` (written whole, then renamed)."""
+    from .ensemble import load_ensemble
+    from .inference import PredictConfig, Predictor
+
+    ids_u, images_u = (_unlabeled_images(data, unlabeled, batch_size) if unlabeled != "none"
+                       else (np.zeros(0, np.int64), np.zeros((0, 64, 128), np.uint8)))
+    cfg = PredictConfig(tta=True, precision=precision, backend="eager", batch_size=batch_size)
+    with atomic_path(path) as tmp:
+        rec = TargetsRecord(str(teacher.run.path), teacher.sha256, dataset_sha256, unlabeled,
+                            len(cfg.views), precision, len(split.ids), 0, len(ids_u),
+                            teacher.oof_miou)
+        f = write_targets_file(tmp, rec, split.ids, ids_u, images_u)
+        try:
+            missing = _fill_labeled(teacher, f, split.ids) if labeled else len(split.ids)
+            if len(ids_u):
+                pred = Predictor(load_ensemble(teacher.run.path), cfg)
+                if log:
+                    log(f"teacher: {len(pred.models)} models x {len(cfg.views)} views on "
+                        f"{len(ids_u)} {unlabeled} images")
+                for s in range(0, len(ids_u), batch_size):
+                    r = pred(ids_u[s:s + batch_size], images_u[s:s + batch_size],
+                             want_probs=True, want_disagreement=True)
+                    f["unlabeled/probs"][s:s + len(r.ids)] = r.probs
+                    f["unlabeled/disagreement"][s:s + len(r.ids)] = r.disagreement
+            rec = TargetsRecord(**{**rec.to_json(), "n_without_target": missing})
+            f.attrs["record"] = json.dumps(rec.to_json())
+        finally:
+            f.close()
+    return rec

@@ -1,0 +1,325 @@
+"""distill: out-of-fold targets, stored once and refused after the teacher changes, a resumable
+student whose run folder predict and evaluate use unchanged; the loss and augmentation parts."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from _runfolder import STUDENT, make_npz, make_teacher
+from rich.console import Console
+from typer.testing import CliRunner
+
+from marsseg.augment import augment_batch, augment_soft
+from marsseg.config import AugmentConfig
+from marsseg.data import prepare
+from marsseg.distill import DistillOptions, distill
+from marsseg.errors import InputError
+from marsseg.losses import soft_kl
+
+runner = CliRunner()
+QUIET = DistillOptions(progress="none", threads=1, precision="no")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny shards (16 train, 6 test with masks), a planted teacher on them, a student recipe."""
+    base = tmp_path_factory.mktemp("distill")
+    shards = base / "shards"
+    prepare(make_npz(base / "d.npz", n_train=16, n_test=6, test_masks=True), shards)
+    teacher = make_teacher(base / "teacher", shards, weights={"a": 3.0, "b": 1.0})
+    recipe = base / "student.toml"
+    recipe.write_text(STUDENT)
+    return {"base": base, "shards": shards, "teacher": teacher, "recipe": recipe}
+
+
+def run_distill(world, out, **opts):
+    return distill(world["teacher"], world["shards"], out, world["recipe"],
+                   DistillOptions(**{**QUIET.__dict__, **opts}),
+                   console=Console(file=io.StringIO()))
+
+
+def test_targets_are_out_of_fold_weighted_and_what_the_student_sees(world, tmp_path, monkeypatch):
+    from marsseg.teaching import Taught
+
+    seen = []
+    real = Taught.loss
+
+    def spy(self, model, loss_fn, aug, gen, images, masks, soft, **kw):
+        seen.append(soft.clone())
+        return real(self, model, loss_fn, aug, gen, images, masks, soft, **kw)
+
+    monkeypatch.setattr(Taught, "loss", spy)
+    ens = run_distill(world, tmp_path / "s", epochs=1)
+    splits = json.loads((world["teacher"] / "splits.json").read_text())
+    with h5py.File(tmp_path / "s" / "targets.h5", "r") as f:
+        ids, probs, has = f["labeled/ids"][()], f["labeled/probs"][()], f["labeled/has"][()]
+        unl = f["unlabeled/probs"][()]
+    assert has.all() and ens["distilled_from"]["n_without_target"] == 0
+    for k in (0, 1):
+        rows = np.isin(ids, splits["folds"][k]["val_ids"])
+        # member a (weight 3): one-hot 1+k out of fold; b (weight 1): uniform. The models
+        # themselves say class 3 on every image, their training images included.
+        want = np.full((5,), 0.25 * 0.2, np.float32)
+        want[1 + k] += 0.75
+        got = probs[rows].astype(np.float32)
+        assert np.allclose(got, want[None, :, None, None], atol=2e-3), (k, got[0, :, 0, 0])
+    assert (unl.argmax(1) == 3).all()  # the unlabeled images: the models' own prediction
+    # The student trains on fold 0's training part = fold 1's held-out images: class 2 targets.
+    assert seen and all(torch.allclose(s[:, 2], torch.tensor(0.75 + 0.05), atol=2e-3)
+                        for s in seen)
+    assert ens["heldout"]["teacher_oof_miou"] is not None and ens["heldout"]["images"] == len(
+        splits["folds"][0]["val_ids"])
+    assert ens["distilled_from"]["run"] == str(world["teacher"].resolve())
+
+
+def test_stored_targets_are_refused_after_the_teacher_changes(world, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], teacher)
+    out = tmp_path / "s"
+    distill(teacher, world["shards"], out, world["recipe"], dataclass_opts(epochs=1),
+            console=Console(file=io.StringIO()))
+    spec = json.loads((teacher / "ensemble.json").read_text())
+    spec["members"][1]["weight"] = 2.0  # what `select` does: another ensemble
+    (teacher / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(InputError, match=r"targets\.h5: made from another teacher"):
+        distill(teacher, world["shards"], out, world["recipe"], dataclass_opts(epochs=1),
+                console=Console(file=io.StringIO()))
+
+
+def dataclass_opts(**kw):
+    return DistillOptions(**{**QUIET.__dict__, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_bit_identically(world, tmp_path, monkeypatch):
+    run_distill(world, tmp_path / "whole", epochs=3)
+    from marsseg import _progress
+
+    real = _progress.ProgressView.update
+
+    def stop(self, events):
+        real(self, events)
+        if any(e["event"] == "epoch" and e["epoch"] == 1 for e in events):
+            raise Interrupt
+
+    monkeypatch.setattr(_progress.ProgressView, "update", stop)
+    with pytest.raises(Interrupt):
+        run_distill(world, tmp_path / "cut", epochs=3)
+    monkeypatch.setattr(_progress.ProgressView, "update", real)
+    assert not (tmp_path / "cut" / "student" / "fold_0" / "done.json").exists()
+    run_distill(world, tmp_path / "cut", epochs=3)
+
+    def digest(run):
+        return hashlib.sha256((run / "student" / "fold_0" / "model.safetensors").read_bytes()
+                              ).hexdigest()
+
+    assert digest(tmp_path / "whole") == digest(tmp_path / "cut")
+    losses = [[json.loads(x)["loss"] for x in (r / "student/fold_0/metrics.jsonl").read_text()
+               .splitlines()] for r in (tmp_path / "whole", tmp_path / "cut")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_student_run_folder_is_an_ordinary_run(world, tmp_path):
+    from marsseg.cli import app
+
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["distill", "--ensemble", str(world["teacher"]), "--data",
+                              str(world["shards"]), "--out", str(out), "--recipe",
+                              str(world["recipe"]), "--epochs", "1", "--progress", "plain",
+                              "--threads", "1", "--precision", "no"])
+    assert res.exit_code == 0, res.output
+    ens = json.loads((out / "ensemble.json").read_text())
+    assert [len(m["folds"]) for m in ens["members"]] == [1] and ens["selected"] == ["student"]
+    assert ens["distilled_from"]["sha256"] and "without a teacher target" in res.output
+    res = runner.invoke(app, ["predict", "--ensemble", str(out), "--data", str(world["shards"]),
+                              "--out", str(tmp_path / "sub.csv"), "--tta", "-q"])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "sub.csv").read_text().splitlines()) == 7
+    res = runner.invoke(app, ["evaluate", "--ensemble", str(out), "--data", str(world["shards"]),
+                              "--tta"])
+    assert res.exit_code == 0, res.output
+    # The held-out slice (the teacher's fold 0 validation part) scored the ordinary way.
+    res = runner.invoke(app, ["evaluate", "--ensemble", str(out), "--data", str(world["shards"]),
+                              "--split", "train"])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["rows"][-1]["images"] == ens["heldout"]["images"]
+
+
+def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
+    ens = run_distill(world, tmp_path / "s", epochs=2, all=True)
+    (entry,) = ens["members"][0]["folds"]
+    assert entry["path"] == "student/fold_all" and entry["trained_on"] == "all"
+    done0 = json.loads((tmp_path / "s/student/fold_0/done.json").read_text())
+    done = json.loads((tmp_path / "s/student/fold_all/done.json").read_text())
+    assert done["epochs"] == done0["best_epoch"] + 1 and done["n_val"] == 0
+    assert done["n_train"] == 16 and done["best_epoch"] == done["epochs"] - 1  # the last kept
+    with pytest.raises(InputError, match="--all"):  # the options are the run folder's
+        run_distill(world, tmp_path / "s", epochs=2)
+
+
+def test_gold_masks_are_never_read(world, tmp_path):
+    """Test masks that every read would refuse (label 9, dataset.json rehashed) change nothing."""
+    bad = tmp_path / "shards"
+    shutil.copytree(world["shards"], bad)
+    with h5py.File(bad / "test-000.h5", "r+") as f:
+        f["masks"][...] = 9
+    info = json.loads((bad / "dataset.json").read_text())
+    for s in info["splits"]["test"]["shards"]:
+        s["sha256"] = hashlib.sha256((bad / s["file"]).read_bytes()).hexdigest()
+    (bad / "dataset.json").write_text(json.dumps(info))
+    teacher = make_teacher(tmp_path / "teacher", bad)
+    ens = distill(teacher, bad, tmp_path / "s", world["recipe"], dataclass_opts(epochs=1),
+                  console=Console(file=io.StringIO()))
+    assert ens["distilled_from"]["n_unlabeled"] == 6
+
+
+def test_a_busy_student_is_refused_at_once(world, tmp_path):
+    from marsseg.runfolder import RunFolder
+
+    run = RunFolder(tmp_path / "s")
+    with run.lock_folds([("student", 0)]), pytest.raises(InputError, match="fold_0"):
+        run_distill(world, tmp_path / "s", epochs=1)
+
+
+def test_teacher_with_some_folds_teaches_the_rest_by_hard_labels(world, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], teacher)
+    spec = json.loads((teacher / "ensemble.json").read_text())
+    for m in spec["members"]:
+        m["folds"] = m["folds"][:1]  # trained with --folds 0 only
+    (teacher / "ensemble.json").write_text(json.dumps(spec))
+    ens = distill(teacher, world["shards"], tmp_path / "s", world["recipe"],
+                  dataclass_opts(epochs=1, unlabeled="none"), console=Console(file=io.StringIO()))
+    n1 = len(json.loads((teacher / "splits.json").read_text())["folds"][1]["val_ids"])
+    assert ens["distilled_from"]["n_without_target"] == n1
+    assert ens["distilled_from"]["n_unlabeled"] == 0
+
+
+# --- the parts ---------------------------------------------------------------------------------
+
+
+def test_soft_kl_on_hand_made_tensors():
+    logits = torch.zeros(1, 5, 1, 2)
+    soft = torch.zeros(1, 5, 1, 2)
+    assert soft_kl(logits, soft).item() == 0.0  # no target anywhere
+    soft[0, :, 0, 0] = 0.2  # uniform target at pixel 0 = the student's: KL 0
+    assert soft_kl(logits, soft).item() == pytest.approx(0.0, abs=1e-6)
+    soft[0, :, 0, 0] = 0
+    soft[0, 1, 0, 0] = 0.5  # one-hot class 1, weight 0.5: 0.5 * log 5 over 1 pixel
+    assert soft_kl(logits, soft).item() == pytest.approx(0.5 * np.log(5), rel=1e-5)
+    # temperature: T^2 KL between the softened distributions
+    logits = torch.tensor([2.0, 0, 0, 0, 0]).reshape(1, 5, 1, 1)
+    p = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])
+    soft = p.reshape(1, 5, 1, 1).clone()
+    t = 2.0
+    q = p ** (1 / t) / (p ** (1 / t)).sum()
+    s = torch.softmax(logits.flatten() / t, 0)
+    want = t * t * (q * (q.log() - s.log())).sum()
+    assert soft_kl(logits, soft, t).item() == pytest.approx(want.item(), rel=1e-3)
+
+
+def test_augment_soft_moves_targets_with_the_pixels():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 1, 64, 128) * 255
+    masks = torch.randint(0, 5, (6, 64, 128))
+    masks[0, 10:20, 10:20] = 4
+    # the target is the mask itself (one-hot): augmentation must keep them equal
+    soft = torch.nn.functional.one_hot(masks, 5).permute(0, 3, 1, 2).float()
+    cfg = AugmentConfig(hflip=0.5, vflip=0.5, cutmix=1.0, rock_paste=1.0, cutmix_mode="sample")
+    from marsseg.augment import RockImages
+
+    rocks = RockImages.from_arrays(images[:, 0].to(torch.uint8).numpy(), masks.numpy())
+    x, y, q = augment_soft(images, masks, soft, cfg, generator=g, rock_images=rocks)
+    assert torch.equal(q.argmax(1), y) and torch.allclose(q.sum(1), torch.ones_like(y).float())
+    g.manual_seed(0)
+    x2, y2 = augment_batch(images, masks, generator=g, hflip_p=0.5, vflip_p=0.5, cutmix_p=1.0,
+                           cutmix_mode="sample", rock_images=rocks, rock_paste_p=1.0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # the same draws as the plain pipeline
+
+
+def test_unlabeled_weighting_confidence_or_disagreement(world, tmp_path):
+    from marsseg.student import DistillConfig
+    from marsseg.teaching import Taught
+
+    run_distill(world, tmp_path / "s", epochs=1)
+    path = tmp_path / "s" / "targets.h5"
+    with h5py.File(path, "r+") as f:
+        f["unlabeled/disagreement"][0] = 0.5  # image 0: half the models disagree
+    for weighting, image0 in (("confidence", None), ("disagreement", 0.0)):
+        t = Taught(path, DistillConfig(unlabeled_weighting=weighting, unlabeled_batch_size=6))
+        t.open_unlabeled(10, 4, "cpu")
+        t.start_epoch(0)
+        ds = t._unlabeled.dataset
+        _, _, soft = ds.__getitems__(list(range(6)))
+        w = soft.sum(1)
+        if weighting == "confidence":
+            with h5py.File(path, "r") as f:
+                p = torch.from_numpy(f["unlabeled/probs"][()].astype(np.float32))
+            assert torch.allclose(w, p.max(1).values, atol=1e-3)
+            assert (w > 0.9).all()  # the teacher is sure everywhere (class 3)
+        else:
+            assert (w[0] == image0).all() and (w[1:] == 1).all()
+        t.close()
+
+
+def test_student_recipe_checks(world, tmp_path):
+    from marsseg.config import ModelConfig
+    from marsseg.student import load_student
+
+    model = ModelConfig("unet", {"base_width": 4, "depth": 2})
+    r, d = load_student(world["recipe"], model)
+    assert r.members[0].model == model and d.temperature == 2.0
+    bad = tmp_path / "b.toml"
+    bad.write_text(STUDENT + "colour = 1\n")
+    with pytest.raises(InputError, match="distill.colour"):
+        load_student(bad, model)
+    bad.write_text(STUDENT.replace("temperature = 2.0", "temperature = 0"))
+    with pytest.raises(InputError, match="distill.temperature"):
+        load_student(bad, model)
+    bad.write_text(STUDENT + '[[members]]\nname = "two"\n')
+    with pytest.raises(InputError, match="exactly one"):
+        load_student(bad, model)
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_resumes(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from marsseg.cli import app
+
+    out = tmp_path / "s"
+    args = ["distill", "--ensemble", str(world["teacher"]), "--data", str(world["shards"]),
+            "--out", str(out), "--recipe", str(world["recipe"]), "--epochs", "8",
+            "--threads", "1", "--progress", "plain", "--precision", "no"]
+    proc = subprocess.Popen([sys.executable, "-m", "marsseg.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "student" / "fold_0" / "state" / "trainer.json"
+    t = time.monotonic()
+    while not state.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() - t < 300, "no epoch saved"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.splitlines()[-1:] == ["terminated"], err
+    assert not (out / "student" / "fold_0" / "done.json").exists()
+    assert (out / "targets.h5").exists() and not list(out.glob("targets.h5.tmp*"))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (out / "student/fold_0/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(8)) and any(r.get("resumed") for r in rows)
+    assert rows[0]["worker"]["pid"] == proc.pid
