@@ -4,12 +4,15 @@ Module map, lowest layer first; each module imports only from the ones above it
 (`tests/test_layering.py` fails on an import cycle, function-local imports included)::
 
     errors          InputError: bad input, one line, exit code 2
-    _io _lock       atomic writes and sha256; file locks
+    _io _lock       atomic writes, sha256, the name rule and confined paths, free space,
+                    dead writers' leftovers; file locks
     _progress       the terminal: training board, progress bar, a fold's progress events
     _cores          idle-core sharing between the folds of one node
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
                     batch streams with their checks, in-memory training loaders
+    _records        checks of ensemble.json's keys (names, fold paths, weights' sha256)
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
+    confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
     device          the one authority on device and precision (the auto rule, autocast)
     models/         networks: registry, U-Net, blocks; save_pretrained / load_pretrained
@@ -26,6 +29,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
     ensemble        the loaded ensemble: fold networks and their weights
+    cache           a fold's conversion cache: manifest, verification before a load, prune
     backends        eager / compiled / OpenVINO networks, converted once per fold folder
     inference       the Predictor: an ensemble with flip TTA on batches of images
     teacher         a teacher run's targets, made once: out-of-fold and TTA probabilities

@@ -62,10 +62,14 @@ def file_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
         if locked:
             me = {"host": socket.gethostname(), "pid": os.getpid(),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except OSError as e:  # a full disk: the lock is held, but nothing can be written
+                raise InputError(f"{path.parent}: cannot write ({e.strerror.lower()})") from None
         yield
         if locked:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import sys
 import time
 import warnings
@@ -37,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import sha256_file
+from . import cache as C
+from ._io import no_space, sha256_file
 from .errors import InputError
 from .runfolder import WEIGHTS
 
@@ -45,7 +45,6 @@ BACKENDS = ("auto", "eager", "compile", "openvino", "openvino-int8")
 #: optional package of each backend that needs one, and the extra that installs it
 NEEDS = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf")}
 CALIBRATION_IMAGES = 256
-_CACHE_RE = re.compile(r"^(?P<backend>[a-z0-9-]+?)-(?P<prec>bf16|fp16|f32)-(?P<sha>[0-9a-f]{16})-b\d+")
 
 Log = Callable[[str], None] | None
 
@@ -152,7 +151,8 @@ class _Traceable(nn.Module):
 def cache_path(fold_dir: Path, backend: str, precision: str, sha: str, n: int) -> Path:
     """Where the converted fold lives (without extension)."""
     prec = "f32" if precision == "no" else precision
-    tag = f"-torch{torch.__version__.split('+')[0]}" if backend == "compile" else ""
+    # no dot in the key: its files are <key>.pt2, <key>.json (cache.NAME_RE)
+    tag = f"-torch{torch.__version__.split('+')[0].replace('.', '_')}" if backend == "compile" else ""
     return Path(fold_dir) / "cache" / f"{backend}-{prec}-{sha[:16]}-b{n}{tag}"
 
 
@@ -163,29 +163,12 @@ def _fold_sha(fm) -> str:
 
 def converted(folds, backend: str, *, precision: str, n: int) -> bool:
     """True when every fold's conversion for this backend, precision and static batch
-    ``n`` is already cached in its fold folder (nothing to convert, nothing to write)."""
+    ``n`` is already cached in its fold folder with its manifest (nothing to convert,
+    nothing to write; the files are hashed when they are loaded)."""
     return backend == "eager" or all(
-        _is_cached(backend, cache_path(fm.path, backend, precision, _fold_sha(fm), n))
+        _is_cached(backend, cache_path(fm.path, backend, precision, _fold_sha(fm), n),
+                   precision, n, _fold_sha(fm))
         for fm in folds)
-
-
-def _prune(cache_dir: Path, backend: str, sha: str) -> None:
-    """Drop this backend's conversions of other weights (the fold was retrained)."""
-    if not cache_dir.is_dir():
-        return
-    for p in cache_dir.iterdir():
-        m = _CACHE_RE.match(p.name)
-        if m and m["backend"] == backend and m["sha"] != sha[:16]:
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
 
 
 _SCRATCH = None  # conversions of read-only run folders live here for the process
@@ -210,7 +193,7 @@ def _tmp(path: Path, suffix: str) -> Path:
 def _compile_fold(model: nn.Module, example: torch.Tensor, precision: str, out: Path) -> None:
     """torch.export + AOTInductor package at ``out`` (.pt2), written atomically."""
     wrapped = _Traceable(model, example.device.type, precision).eval()
-    tmp = _tmp(out, ".pt2")
+    tmp = _tmp(out.with_suffix(""), ".pt2")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, not ours
         ep = torch.export.export(wrapped, (example,))
@@ -228,8 +211,19 @@ def _compile_fold(model: nn.Module, example: torch.Tensor, precision: str, out: 
             tmp.unlink(missing_ok=True)
 
 
-def _load_compiled(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch._inductor.aoti_load_package(str(path))
+def _load_compiled(package: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load a verified .pt2 from its bytes: they go to a private folder first, so what
+    torch loads (a native library) is exactly what was hashed."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="marsseg-pt2-")  # mode 0700
+    try:
+        path = Path(folder) / "model.pt2"
+        path.write_bytes(package)
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- OpenVINO
@@ -277,13 +271,13 @@ def _convert_ov(model: nn.Module, example: torch.Tensor, calib: list[np.ndarray]
         tmp_bin.unlink(missing_ok=True)
 
 
-def _load_ov(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _load_ov(xml: bytes, weights: bytes, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load a verified IR pair from its bytes (what was hashed is what runs)."""
     core = _core()
-    xml = path.with_suffix(".xml")
     cfg = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
            "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(core.read_model(str(xml), str(xml.with_suffix(".bin"))),
-                                  "CPU", cfg)
+    model = core.read_model(xml, weights)
+    compiled = core.compile_model(model, "CPU", cfg)
     request = compiled.create_infer_request()
 
     def run(c: torch.Tensor) -> torch.Tensor:
@@ -327,15 +321,64 @@ def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ..
 # --------------------------------------------------------------------------- entry point
 
 
-def _loaded(backend: str, path: Path, precision: str):
+def _tag(precision: str) -> str:
+    return "f32" if precision == "no" else precision
+
+
+def _is_cached(backend: str, path: Path, precision: str, n: int, sha: str) -> bool:
+    return C.expected(path, backend=backend, precision=_tag(precision), batch=n,
+                      weights_sha256=sha)[0] is not None
+
+
+def _load_verified(backend: str, path: Path, precision: str, n: int, sha: str):
+    """(the loaded conversion, "") when its manifest describes it and every file's sha256
+    matches (the bytes hashed are the bytes loaded), else (None, why not)."""
+    files, why = C.expected(path, backend=backend, precision=_tag(precision), batch=n,
+                            weights_sha256=sha)
+    if files is None:
+        return None, why
+    blobs = {}
+    for name, digest in files.items():
+        blobs[Path(name).suffix] = C.read_verified(path.parent / name, digest)
+        if blobs[Path(name).suffix] is None:
+            return None, f"{name} differs from its manifest"
+    try:
+        if backend == "compile":
+            return _load_compiled(blobs[".pt2"]), ""
+        return _load_ov(blobs[".xml"], blobs[".bin"], "bf16" if precision == "bf16" else "no"), ""
+    except Exception as e:  # noqa: BLE001 - any failure: convert again
+        return None, f"cannot load it ({type(e).__name__})"
+
+
+def _convert_cached(backend, module, example, precision, path: Path, n: int, sha: str,
+                    calib, fold_dir: Path) -> float:
+    """Convert into `path`, record the manifest, prune older conversions; seconds spent.
+    A failure leaves no file of this conversion behind."""
+    t0 = time.perf_counter()
+    C.remove(path)
+    try:
+        _convert(backend, module, example, precision, path, calib)
+        C.write_manifest(path, _files(backend, path), backend=backend, precision=_tag(precision),
+                         batch=n, weights_sha256=sha)
+    except InputError:
+        C.remove(path)
+        raise
+    except Exception as e:  # no C++ compiler, unsupported op, a full disk ...: one line
+        C.remove(path)
+        if no_space(e):
+            raise InputError(f"{path.parent}: cannot write the {backend} conversion (no space "
+                             "left on device)") from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{fold_dir}: {backend} conversion failed "
+                         f"({type(e).__name__}: {msg[:200]})") from None
+    C.prune(path.parent, backend, sha)
+    return time.perf_counter() - t0
+
+
+def _files(backend: str, path: Path) -> list[Path]:
     if backend == "compile":
-        return _load_compiled(path.with_suffix(".pt2"))
-    return _load_ov(path, "bf16" if precision == "bf16" else "no")
-
-
-def _is_cached(backend: str, path: Path) -> bool:
-    ext = ".pt2" if backend == "compile" else ".xml"
-    return path.with_suffix(ext).is_file()
+        return [path.with_suffix(".pt2")]
+    return [path.with_suffix(".xml"), path.with_suffix(".bin")]
 
 
 def _convert(backend: str, model: nn.Module, example: torch.Tensor, precision: str,
@@ -377,21 +420,26 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
     for fm, module in zip(folds, modules, strict=True):
         sha = _fold_sha(fm)
         path = cache_path(fm.path, backend, precision, sha, n)
-        if not _writable(path.parent):  # a read-only run folder: convert into a temp folder
-            path = Path(_scratch().name) / path.name
-        if not _is_cached(backend, path):
-            t0 = time.perf_counter()
+        made = not path.parent.exists()
+        if not C.usable_dir(path.parent):  # read-only, or a link: convert into a temp folder
+            path, made = Path(_scratch().name) / path.name, False
+        fn, why = _load_verified(backend, path, precision, n, sha)
+        if fn is None:
             try:
-                _convert(backend, module, example, precision, path, calib)
-            except InputError:
+                s = _convert_cached(backend, module, example, precision, path, n, sha, calib,
+                                    fm.path)
+            except BaseException:
+                if made:  # no empty cache/ left behind
+                    with contextlib.suppress(OSError):
+                        path.parent.rmdir()
                 raise
-            except Exception as e:  # no C++ compiler, unsupported op ...: one line, not a trace
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise InputError(f"{fm.path}: {backend} conversion failed "
-                                 f"({type(e).__name__}: {msg[:200]})") from None
-            _prune(path.parent, backend, sha)
+            fn, why2 = _load_verified(backend, path, precision, n, sha)
+            if fn is None:
+                raise InputError(f"{path.parent}: the {backend} conversion just written does "
+                                 f"not load ({why2})")
             if log:
-                log(f"converting {fm.name} ({backend}) ... {time.perf_counter() - t0:.1f} s "
-                    f"(cached in {path.parent})")
-        runners.append(StaticRunner(_loaded(backend, path, precision), n, fm.name))
+                redo = "" if why == "not cached" else f"; the cached one did not verify: {why}"
+                log(f"converting {fm.name} ({backend}) ... {s:.1f} s (cached in "
+                    f"{path.parent}{redo})")
+        runners.append(StaticRunner(fn, n, fm.name))
     return runners

@@ -25,6 +25,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ._io import valid_name
 from .errors import InputError
 
 
@@ -59,7 +60,6 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 CUTMIX_MODES = ("sample", "batch")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class MemberConfig:
     pseudo_threshold: float = 0.9
 
     def __post_init__(self):
-        _require(bool(_NAME_RE.match(self.name)), "name",
+        _require(valid_name(self.name), "name",
                  f"{self.name!r} must be letters, digits, '_', '-', '.' (it names a folder)")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -213,7 +213,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
-        _require(bool(_NAME_RE.match(self.name)), "name", f"{self.name!r} is not a valid name")
+        _require(valid_name(self.name), "name", f"{self.name!r} is not a valid name")
         _require(len(self.members) > 0, "members", "needs at least one [[members]] entry")
         _require(self.folds >= 2, "folds", f"must be >= 2, got {self.folds}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -349,7 +349,7 @@ def name_from_file(path: str | Path) -> str:
     """
     stem = Path(path).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("_.-")
-    if not _NAME_RE.match(name):
+    if not valid_name(name):
         raise InputError(f"{path}: the file name gives no valid recipe name ({stem!r}); "
                          "rename the file or set name = \"...\" in it")
     return name

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._io import sha256_file
 from .errors import InputError
-from .runfolder import CONFIG, WEIGHTS, RunFolder, fold_name
+from .runfolder import CONFIG, DONE, WEIGHTS, RunFolder, fold_name, verify_fold_folder
 
 
 @dataclass
@@ -89,6 +89,9 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     if run.is_fold_folder():
+        if verify and verify_fold_folder(run_dir, str(run_dir)) is None:
+            raise InputError(f"{run_dir / DONE}: missing, so {run_dir / WEIGHTS} cannot be "
+                             "checked (not a finished fold folder)")
         model = _load_fold(run_dir, None, map_location)
         cfg = json.loads((run_dir / CONFIG).read_text())
         return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
@@ -126,6 +129,9 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     out = Ensemble(run_dir)
     for name, w, f in plan:
         folder = run.fold_path(name, f)
+        if verify and not f.get("sha256"):
+            raise InputError(f"{run.ensemble}: {name} fold {f['fold']} has no 'sha256', so its "
+                             "weights cannot be checked; restore it (train-folds writes it)")
         model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
         out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
                                     f.get("sha256")))

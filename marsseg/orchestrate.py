@@ -29,6 +29,7 @@ from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .checkpoint import check_workers
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
+from .confine import check_apart
 from .dataparallel import check_batch
 from .errors import InputError
 from .folds import fold_rows, load_train, plan_splits
@@ -376,6 +377,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     t0 = time.perf_counter()
     console = console or Console()
     recipe_path, data, out = Path(recipe_path), Path(data).resolve(), Path(out).resolve()
+    check_apart(out, "--out", data=data)
     if epochs is not None and options.time_budget is not None:
         raise InputError("--epochs and --time-budget both set the epoch count; give one of them")
     recipe = with_epochs(load_recipe(recipe_path), epochs)

@@ -12,7 +12,9 @@ actors that each hold a ``Predictor`` (Ray started or joined by `cluster`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -24,11 +26,13 @@ import torch
 
 from . import IMAGE_SHAPE, NUM_CLASSES
 from . import backends as B
-from ._io import atomic_path
+from ._io import atomic_path, check_space, no_space
 from ._progress import progress_bar
+from .confine import check_apart
 from .data import count_images, prescan, stream_batches
 from .device import resolve_device, resolve_precision
 from .ensemble import Ensemble, load_ensemble
+from .errors import InputError
 from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
 
 # --------------------------------------------------------------------------- Ray at the edge
@@ -70,39 +74,81 @@ def _ray_results(run_dir, members, folds, cfg, batches: Iterable, workers: int,
 
 
 class _ProbsWriter:
-    """Streams averaged probabilities (f16) and the disagreement map into an HDF5 file,
-    atomically (temp name, renamed on success)."""
+    """Streams averaged probabilities (f16) and the disagreement map into an HDF5 file
+    under a temporary name; `finish` closes it and reads it back against a running sha256
+    of what was written, `commit` renames it into place. A full disk is one line naming
+    the file."""
 
     def __init__(self, path: Path, total: int, attrs: dict):
         import h5py
 
+        h, w = IMAGE_SHAPE
+        check_space(path, total * (8 + 2 * (NUM_CLASSES + 1) * h * w))
         self.path = path
         self._atomic = atomic_path(path)
         self.tmp = self._atomic.__enter__()
-        self.f = h5py.File(self.tmp, "w")
-        h, w = IMAGE_SHAPE
-        self.ids = self.f.create_dataset("ids", (total,), dtype="i8")
-        self.probs = self.f.create_dataset("probs", (total, NUM_CLASSES, h, w), dtype="f2",
-                                           chunks=(1, NUM_CLASSES, h, w))
-        self.dis = self.f.create_dataset("disagreement", (total, h, w), dtype="f2",
-                                         chunks=(1, h, w))
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
+        self.f = None
+        self.digests = {k: hashlib.sha256() for k in ("ids", "probs", "disagreement")}
         self.n = 0
+        try:
+            with self._checked():
+                self.f = h5py.File(self.tmp, "w")
+                self.ids = self.f.create_dataset("ids", (total,), dtype="i8")
+                self.probs = self.f.create_dataset("probs", (total, NUM_CLASSES, h, w),
+                                                   dtype="f2", chunks=(1, NUM_CLASSES, h, w))
+                self.dis = self.f.create_dataset("disagreement", (total, h, w), dtype="f2",
+                                                 chunks=(1, h, w))
+                for k, v in attrs.items():
+                    self.f.attrs[k] = v
+        except BaseException:
+            self.discard()
+            raise
+
+    @contextlib.contextmanager
+    def _checked(self):
+        try:
+            yield
+        except (OSError, RuntimeError, ValueError) as e:
+            if no_space(e):
+                raise InputError(f"{self.path}: cannot write (no space left on device)") from None
+            raise
 
     def write(self, r: BatchResult) -> None:
         s = slice(self.n, self.n + len(r.ids))
-        self.ids[s] = r.ids
-        self.probs[s] = r.probs
-        self.dis[s] = r.disagreement
+        with self._checked():
+            self.ids[s] = r.ids
+            self.probs[s] = r.probs
+            self.dis[s] = r.disagreement
+        for k, a in zip(self.digests, (r.ids, r.probs, r.disagreement), strict=True):
+            self.digests[k].update(np.ascontiguousarray(a).tobytes())
         self.n += len(r.ids)
 
-    def close(self, ok: bool) -> None:
-        self.f.close()
-        if ok:
-            self._atomic.__exit__(None, None, None)
-        else:  # atomic_path removes the temporary file
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+    def finish(self) -> None:
+        """Close the file and check that it holds exactly what was written."""
+        import h5py
+
+        with self._checked():
+            self.f.close()
+            self.f = None
+            back = {k: hashlib.sha256() for k in self.digests}
+            with h5py.File(self.tmp, "r") as f:
+                whole = f["ids"].shape[0] == self.n
+                for s in range(0, self.n, 256):
+                    for k, h in back.items():
+                        h.update(np.ascontiguousarray(f[k][s:s + 256]).tobytes())
+        if not whole or any(back[k].hexdigest() != self.digests[k].hexdigest() for k in back):
+            raise InputError(f"{self.path}: the file written does not read back as written "
+                             "(a full or failing disk?)")
+
+    def commit(self) -> None:
+        self._atomic.__exit__(None, None, None)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.f is not None:
+                self.f.close()
+        with contextlib.suppress(RuntimeError):  # atomic_path removes the temporary file
+            self._atomic.__exit__(RuntimeError, RuntimeError("discarded"), None)
 
 
 _NOT_READY = object()  # iter_predictions: ready_predictor has not run yet
@@ -198,7 +244,13 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
 
     cfg = _config(cfg, options)
     out_csv = check_out_path(out_csv)
-    probs_path = check_out_path(probs_path) if probs_path else None
+    check_apart(out_csv, "--out", run=run_dir, data=data)
+    if probs_path:
+        probs_path = check_out_path(probs_path)
+        if probs_path.resolve() == out_csv.resolve():
+            raise InputError(f"{probs_path}: --probs is the same file as --out; give it its own "
+                             "name (e.g. probs.h5)")
+        check_apart(probs_path, "--probs", run=run_dir, data=data)
     total = count_images(data, split)
     ensemble = load_ensemble(run_dir, members, folds)  # fail fast, before any work
     names = ensemble.names
@@ -206,18 +258,17 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     precision = resolve_precision(cfg.precision, device)
     backend = B.resolve(cfg.backend, device, cfg.compile, precision)  # a missing package fails here
     want = probs_path is not None
-    pw = None
-    ok = False
     t0 = time.perf_counter()
     pred = ready_predictor(ensemble, data, split, cfg, workers=workers or 0,
                            log=B.stderr_line if progress else None)
     t_setup = time.perf_counter()
+    pw = w = None
     try:
         if want:
             pw = _ProbsWriter(probs_path, total, {
                 "models": json.dumps(names), "views": json.dumps(cfg.views),
                 "classes": cfg.classes, "precision": precision})
-        with SubmissionWriter(out_csv, expected_rows=total) as w, \
+        with SubmissionWriter(out_csv, expected_rows=total, defer=True) as w, \
                 progress_bar(total, "predict", progress) as advance:
             for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
                                       split=split, workers=workers, address=address,
@@ -229,10 +280,16 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
                 if on_batch:
                     on_batch(r)
                 advance(len(r.ids))
-        ok = True
-    finally:
         if pw:
-            pw.close(ok)
+            pw.finish()
+    except BaseException:
+        for x in (pw, w):  # both outputs or neither
+            if x is not None:
+                x.discard()
+        raise
+    if pw:  # both are closed and checked: commit them together
+        pw.commit()
+    w.commit()
     t_end = time.perf_counter()
     return {"rows": total, "seconds": round(t_end - t0, 3),
             "setup_seconds": round(t_setup - t0, 3),  # backend conversion or cache load

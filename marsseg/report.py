@@ -8,6 +8,7 @@ every fold's metrics (read through `runfolder`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import numpy as np
 
 from . import CLASS_NAMES, NUM_CLASSES
 from ._io import atomic_path, check_writable
+from .confine import check_apart
 from .ensemble import load_ensemble
 from .errors import InputError
 from .inference import PredictConfig, Predictor
@@ -284,6 +286,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise InputError(f"{out_dir}: parent folder {out_dir.parent} does not exist")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    check_apart(out_dir, "--out", run=run_dir, data=data)
     files: list[str] = []
     notes: list[str] = []
     scores = None
@@ -300,8 +303,31 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         notes.append(f"scores from {scores_path}; pass --data for overlays")
     else:
         notes.append("no --data and no scores.json: only training curves")
-    out_dir.mkdir(exist_ok=True)
+    with _new_files(out_dir, files):
+        _write_plots(run_dir, out_dir, data, cfg, members, folds, scores, n_overlays, files,
+                     notes)
+    return {"files": files, "notes": notes, "scores": scores.get("path") if scores else None}
 
+
+@contextlib.contextmanager
+def _new_files(out_dir: Path, files: list[str]):
+    """Creates `out_dir` if needed; on any failure (a full disk included) the PNGs listed
+    in `files` so far are removed, and `out_dir` too when this call created it."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(exist_ok=True)
+        yield
+    except BaseException:
+        for f in files:
+            Path(f).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+def _write_plots(run_dir, out_dir, data, cfg, members, folds, scores, n_overlays, files,
+                 notes) -> None:
     curves = plot_curves(read_metrics(run_dir), out_dir / "training_curves.png")
     if curves:
         files.append(str(curves))
@@ -337,4 +363,3 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                                            out_dir / f"overlays_{tag}.png",
                                            f"{tag} {k} images by per-image mIoU "
                                            f"({scores['rows'][-1]['name']})")))
-    return {"files": files, "notes": notes, "scores": scores.get("path") if scores else None}

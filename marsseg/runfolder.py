@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._io import atomic_path, check_writable, sha256_file, write_json_atomic
+from ._io import atomic_path, check_space, check_writable, inside, sha256_file, write_json_atomic
 from ._lock import file_lock
+from ._records import check_ensemble
 from .data import read_dataset, verify_shards
 from .errors import InputError
 
@@ -90,8 +91,10 @@ class RunFolder:
         return self.path / fold_name(member, fold)
 
     def fold_path(self, member: str, entry: dict) -> Path:
-        """The folder of an ensemble.json fold entry (its "path", else the standard place)."""
-        return self.path / entry.get("path", fold_name(member, int(entry["fold"])))
+        """The folder of an ensemble.json fold entry (its "path", else the standard place),
+        refused when it leaves the run folder (a symbolic link to another run included)."""
+        rel = entry.get("path", fold_name(member, int(entry["fold"])))
+        return inside(self.path, rel, f"{self.ensemble}: {member} fold {entry['fold']}")
 
     def is_fold_folder(self) -> bool:
         """A single fold folder (config.json, no ensemble.json) instead of a run folder."""
@@ -132,14 +135,23 @@ class RunFolder:
 
     # --- lock ---------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def lock(self, wait: float = LOCK_WAIT):
-        """Context manager: the run folder's lock (creates the folder)."""
+        """Context manager: the run folder's lock (creates the folder; a folder created here
+        is removed again when the block fails, so a failed first start leaves nothing)."""
         self.check_target()
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"{self.path}: cannot create the run folder ({e.strerror})") from None
-        return file_lock(self.lock_file, f"run folder {self.path}", wait)
+        try:
+            with file_lock(self.lock_file, f"run folder {self.path}", wait):
+                yield
+        except BaseException:
+            if created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def lock_folds(self, folds: Sequence[tuple[str, int]]) -> contextlib.ExitStack:
         """Lock every (member, fold) at once or none: an InputError names the first busy one."""
@@ -188,6 +200,9 @@ class RunFolder:
             raise InputError(f"{self.ensemble}: missing (not a finished train-folds run folder)")
         spec = self._read_json(self.ensemble, "ensemble file")
         check_ensemble(spec, self.ensemble)
+        for m in spec["members"]:  # every fold folder stays inside the run folder
+            for f in m.get("folds", []):
+                self.fold_path(m["name"], f)
         return spec
 
     def write_ensemble(self, spec: dict) -> None:
@@ -212,29 +227,11 @@ class RunFolder:
 
     def read_done(self, member: str, fold: int) -> dict | None:
         """done.json of a fold (None while unfinished); corrupt = InputError naming it."""
-        path = self.fold_dir(member, fold) / DONE
-        d = self._read_json(path, "done file")
-        if d is not None and (not isinstance(d, dict) or not isinstance(d.get("sha256"), str)):
-            raise InputError(f"{path}: malformed done file (no 'sha256'); delete "
-                             f"{path.parent} to train {fold_name(member, fold)} again")
-        if d is None and path.exists():
-            raise InputError(f"{path}: unreadable done file")
-        return d
+        return read_done(self.fold_dir(member, fold), fold_name(member, fold))
 
     def verify_fold(self, member: str, fold: int) -> dict | None:
         """done.json of a finished fold after checking its weights against its sha256."""
-        done = self.read_done(member, fold)
-        if done is None:
-            return None
-        d = self.fold_dir(member, fold)
-        weights = d / WEIGHTS
-        hint = f"delete {d} to train {fold_name(member, fold)} again"
-        if not weights.is_file():
-            raise InputError(f"{weights}: missing, but {d / DONE} says the fold is finished; {hint}")
-        if sha256_file(weights) != done["sha256"]:
-            raise InputError(f"{weights}: sha256 differs from {d / DONE} (replaced or corrupted); "
-                             f"{hint}")
-        return done
+        return verify_fold_folder(self.fold_dir(member, fold), fold_name(member, fold))
 
     def write_done(self, member: str, fold: int, done: dict) -> None:
         write_json_atomic(self.fold_dir(member, fold) / DONE, done)
@@ -259,6 +256,37 @@ class RunFolder:
                                      f"({type(e).__name__}); {hint}") from None
 
 
+def read_done(folder: Path, name: str) -> dict | None:
+    """done.json of the fold folder `folder` (None while unfinished); corrupt = InputError."""
+    path = Path(folder) / DONE
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: unreadable done file ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str):
+        raise InputError(f"{path}: malformed done file (no 'sha256'); delete "
+                         f"{path.parent} to train {name} again")
+    return d
+
+
+def verify_fold_folder(folder: Path, name: str) -> dict | None:
+    """done.json of a finished fold folder after checking its weights against its sha256
+    (None while unfinished)."""
+    done = read_done(folder, name)
+    if done is None:
+        return None
+    weights, hint = Path(folder) / WEIGHTS, f"delete {folder} to train {name} again"
+    if not weights.is_file():
+        raise InputError(f"{weights}: missing, but {folder / DONE} says the fold is finished; "
+                         f"{hint}")
+    if sha256_file(weights) != done["sha256"]:
+        raise InputError(f"{weights}: sha256 differs from {folder / DONE} (replaced or "
+                         f"corrupted); {hint}")
+    return done
+
+
 def _load_state_file(p: Path) -> None:
     if p.suffix == ".safetensors":
         from safetensors import safe_open
@@ -280,8 +308,6 @@ def _state_candidates(fold_dir: Path) -> list[Path]:
 def find_state(fold_dir: Path) -> Path | None:
     """The last complete saved state of a fold (``state/``, put back from ``state.old-*`` if
     a swap was interrupted); half-written ``state.tmp-*`` folders are removed."""
-    import shutil
-
     for p in fold_dir.glob(f"{STATE}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
     for p in _state_candidates(fold_dir):
@@ -307,39 +333,6 @@ def read_trainer(state: Path) -> dict:
 
 def write_trainer(state: Path, trainer: dict) -> None:
     (state / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
-
-
-# --- ensemble.json checks ---------------------------------------------------------------------
-
-
-def check_ensemble(spec, path: Path) -> None:
-    """Every key readers use: members[i].name, .weight (finite, >= 0), .folds[j].fold/.path."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("members"), list):
-        raise InputError(f"{path}: no 'members' list")
-    for i, m in enumerate(spec["members"]):
-        key = f"members[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
-            raise InputError(f"{path}: {key}.name must be a non-empty string")
-        w = m.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise InputError(f"{path}: {key}.weight ({m['name']}) must be a finite number >= 0, "
-                             f"got {w!r}")
-        folds = m.get("folds", [])
-        if not isinstance(folds, list):
-            raise InputError(f"{path}: {key}.folds must be a list")
-        for j, f in enumerate(folds):
-            fk = f"{key}.folds[{j}]"
-            if not isinstance(f, dict) or not isinstance(f.get("fold"), int) \
-                    or isinstance(f.get("fold"), bool) or f["fold"] < 0:
-                raise InputError(f"{path}: {fk}.fold must be an integer >= 0")
-            p = f.get("path", "")
-            if not isinstance(p, str) or Path(p).is_absolute() or ".." in Path(p).parts:
-                raise InputError(f"{path}: {fk}.path must be a path inside the run folder, got {p!r}")
-            if not isinstance(f.get("sha256", ""), str):
-                raise InputError(f"{path}: {fk}.sha256 must be a string")
-    sel = spec.get("selected")
-    if sel is not None and (not isinstance(sel, list) or not all(isinstance(s, str) for s in sel)):
-        raise InputError(f"{path}: 'selected' must be a list of member names")
 
 
 # --- splits.json ------------------------------------------------------------------------------
@@ -414,11 +407,18 @@ def write_oof(path: Path, ids, probs) -> None:
     import h5py
     import numpy as np
 
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("ids", data=np.asarray(ids, np.int64))
-        # Uncompressed: softmax f16 barely compresses (lzf saved ~4%) and costs time.
-        f.create_dataset("probs", data=probs, chunks=(1, *probs.shape[1:]))
-        f.attrs["format_version"] = 1
+    ids = np.asarray(ids, np.int64)
+    check_space(path, ids.nbytes + probs.nbytes)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=ids)
+            # Uncompressed: softmax f16 barely compresses (lzf saved ~4%) and costs time.
+            f.create_dataset("probs", data=probs, chunks=(1, *probs.shape[1:]))
+            f.attrs["format_version"] = 1
+        with h5py.File(tmp, "r") as f:  # checked before the rename: a full disk can cut it
+            whole = np.array_equal(f["ids"][()], ids) and np.array_equal(f["probs"][()], probs)
+        if not whole:
+            raise InputError(f"{path}: does not read back as written (a full or failing disk?)")
 
 
 def read_oof(path: Path):

@@ -89,9 +89,13 @@ class SubmissionWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, expected_rows: int | None = None,
-                 validate: bool = True):
+                 validate: bool = True, defer: bool = False):
+        """``defer``: a clean exit closes and validates the file but leaves it under its
+        temporary name until `commit` (or `discard`), so it can be committed together
+        with another output."""
         self.path = check_out_path(path)
         self._atomic = atomic_path(self.path)
+        self.defer = defer
         self.tmp: Path | None = None
         self.expected_rows = expected_rows
         self.validate = validate
@@ -136,7 +140,19 @@ class SubmissionWriter:
         except BaseException as e:
             self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the temporary file
             raise
-        self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or removed on error
+        if exc_type is not None or not self.defer:
+            self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or removed on error
+
+    def commit(self) -> None:
+        """Rename a deferred, validated file into place."""
+        self._atomic.__exit__(None, None, None)
+
+    def discard(self) -> None:
+        """Remove a deferred file (another output failed)."""
+        try:
+            self._atomic.__exit__(RuntimeError, RuntimeError("discarded"), None)
+        except RuntimeError:
+            pass
 
 
 def write_submission(path: str | os.PathLike, ids: np.ndarray, masks: np.ndarray) -> Path:

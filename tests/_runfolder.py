@@ -43,7 +43,8 @@ def make_run(run: Path, members=("a", "b"), k: int = 2, seed: int = 0, model: st
                         fh.write(json.dumps({"epoch": e, "train_loss": 1.0 / (e + 1 + f),
                                              "val_loss": 1.2 / (e + 1), "val_miou": 0.3 + 0.1 * e,
                                              "lr": 1e-3}) + "\n")
-            (folder / "done.json").write_text("{}")
+            (folder / "done.json").write_text(
+                json.dumps({"sha256": sha256(folder / "model.safetensors")}))
             folds.append({"fold": f, "path": f"{name}/fold_{f}",
                           "sha256": sha256(folder / "model.safetensors"), "val_miou": 0.5})
         entries.append({"name": name, "weight": (weights or {}).get(name, 1.0), "folds": folds,

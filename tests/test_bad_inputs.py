@@ -169,6 +169,115 @@ def existing_folder(w, tmp):
     return {"bad": tmp / "out"}
 
 
+def _spec_edit(edit):
+    """A run copy whose ensemble.json is replaced by `edit(spec)` (in place)."""
+    def change(run: Path) -> None:
+        spec = json.loads((run / "ensemble.json").read_text())
+        edit(spec)
+        (run / "ensemble.json").write_text(json.dumps(spec))
+    return run_with(change)
+
+
+def _member_name(name: str):
+    """Member a renamed to `name` in ensemble.json, its folds without a "path" key."""
+    def edit(spec):
+        m = spec["members"][0]
+        m["name"] = name
+        for f in m["folds"]:
+            f.pop("path", None)
+        spec["selected"] = [name]
+    return _spec_edit(edit)
+
+
+def _fold_path(value: str):
+    def edit(spec):
+        spec["members"][0]["folds"][0]["path"] = value
+    return _spec_edit(edit)
+
+
+def _no_sha(spec):
+    for m in spec["members"]:
+        for f in m["folds"]:
+            f.pop("sha256")
+
+
+def fold_symlinked_to_world(w, tmp):
+    """A run copy whose a/fold_0 is a symbolic link to the world run's a/fold_0."""
+    bad = tmp / "run"
+    shutil.copytree(w.run, bad)
+    shutil.rmtree(bad / "a" / "fold_0")
+    (bad / "a" / "fold_0").symlink_to(w.run / "a" / "fold_0", target_is_directory=True)
+    return {"bad": bad}
+
+
+def fold_path_link(w, tmp):
+    """A run copy whose fold 0 "path" is a link inside the run to another run's fold."""
+    bad = tmp / "run"
+    shutil.copytree(w.run, bad)
+    (bad / "elsewhere").symlink_to(w.run / "b" / "fold_0", target_is_directory=True)
+    spec = json.loads((bad / "ensemble.json").read_text())
+    spec["members"][0]["folds"][0]["path"] = "elsewhere"
+    (bad / "ensemble.json").write_text(json.dumps(spec))
+    return {"bad": bad}
+
+
+def _shard_file(value):
+    def edit(folder: Path) -> None:
+        meta = json.loads((folder / "dataset.json").read_text())
+        meta["splits"]["test"]["shards"][0]["file"] = value
+        (folder / "dataset.json").write_text(json.dumps(meta))
+    return shards_with(edit)
+
+
+def shard_symlinked_out(w, tmp):
+    """A shard folder copy whose test-000.h5 is a link to the other data's shard."""
+    bad = tmp / "shards"
+    shutil.copytree(w.shards, bad)
+    (bad / "test-000.h5").unlink()
+    (bad / "test-000.h5").symlink_to(w.other / "test-000.h5")
+    return {"bad": bad}
+
+
+def fold_folder_with(edit):
+    """A copy of the world run; {bad} is its a/fold_0 folder after `edit(fold folder)`."""
+    def setup(w, tmp):
+        run = tmp / "run"
+        shutil.copytree(w.run, run)
+        edit(run / "a" / "fold_0")
+        return {"bad": run / "a" / "fold_0"}
+    return setup
+
+
+def _swap_weights(fold: Path) -> None:
+    shutil.copyfile(fold.parent.parent / "b/fold_1/model.safetensors", fold / "model.safetensors")
+
+
+def link_to(target: str, name: str = "link.csv"):
+    """{bad}: a symbolic link in the row's folder to `target` (formatted with the world)."""
+    def setup(w, tmp):
+        (tmp / name).symlink_to(target.format(**{k: str(v) for k, v in vars(w).items()}))
+        return {"bad": tmp / name}
+    return setup
+
+
+def _rehash(folder: Path) -> None:
+    info = json.loads((folder / "dataset.json").read_text())
+    for split in info["splits"].values():
+        for s in split["shards"]:
+            s["sha256"] = hashlib.sha256((folder / s["file"]).read_bytes()).hexdigest()
+    (folder / "dataset.json").write_text(json.dumps(info))
+
+
+def shard_claiming_rows(split: str, key: str = "masks", n: int = 10**9):
+    """Shards whose first `split` shard has a `key` dataset of `n` rows (chunked, never
+    written: a small file), rehashed into dataset.json as a hostile writer would."""
+    def edit(folder: Path) -> None:
+        with h5py.File(folder / f"{split}-000.h5", "r+") as f:
+            del f[key]
+            f.create_dataset(key, shape=(n, 64, 128), dtype="u1", chunks=(1, 64, 128))
+        _rehash(folder)
+    return shards_with(edit)
+
 def teacher(edit=None, shards_edit=None):
     """A planted teacher run folder on the world's shards (`edit(teacher)` applied), a student
     recipe, and with `shards_edit` a copy of the shards edited so."""
@@ -392,6 +501,85 @@ ROWS = [
         run_with(_weight("Infinity")), "members[0].weight"),
     row("evaluate-test-shard-edited", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
         shards_with_label("test", None, rehash=False), "{shard}: sha256 differs"),
+    # issue 19: names from ensemble.json and dataset.json stay inside their folder
+    row("predict-member-name-dotdot", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                       "--out", "{tmp}/s.csv"],
+        _member_name("../outside/a"), "members[0].name"),
+    row("predict-member-name-absolute", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                         "--out", "{tmp}/s.csv"], _member_name("/etc"),
+        "members[0].name"),
+    row("select-member-name-dotdot", ["select", "--run", "{bad}", "--data", "{shards}"],
+        _member_name("../outside/a"), "members[0].name"),
+    row("evaluate-member-name-newline", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
+        _member_name("a\n"), "members[0].name"),
+    row("report-member-name-dotdot", ["report", "--ensemble", "{bad}", "--out", "{tmp}/r"],
+        _member_name(".."), "members[0].name"),
+    row("predict-fold-path-dotdot", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                     "--out", "{tmp}/s.csv"], _fold_path("../run/a/fold_0"),
+        "members[0].folds[0].path"),
+    row("predict-fold-folder-symlink", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                        "--out", "{tmp}/s.csv"], fold_symlinked_to_world,
+        "leads outside {bad}"),
+    row("select-fold-folder-symlink", ["select", "--run", "{bad}", "--data", "{shards}"],
+        fold_symlinked_to_world, "leads outside {bad}"),
+    row("evaluate-fold-path-symlink", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
+        fold_path_link, "leads outside {bad}"),
+    row("train-recipe-name-newline", ["train-folds", "--data", "{shards}", "--recipe", "{bad}",
+                                      "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE.replace('name = "a"', 'name = "a\\n"')), "members[0].name"),
+    row("predict-shard-file-dotdot", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                      "--out", "{tmp}/s.csv"],
+        _shard_file("../other-shards/test-000.h5"), "dataset.json"),
+    row("inspect-shard-file-absolute", ["inspect", "--data", "{bad}"],
+        _shard_file("/etc/passwd"), "dataset.json"),
+    row("evaluate-shard-file-not-a-string", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
+        _shard_file(7), "dataset.json"),
+    row("predict-shard-symlink-outside", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                          "--out", "{tmp}/s.csv"], shard_symlinked_out,
+        "leads outside {bad}"),
+    # issue 19: every loaded artifact verified
+    row("predict-fold-folder-replaced-weights", ["predict", "--ensemble", "{bad}", "--data",
+                                                 "{shards}", "--out", "{tmp}/s.csv"],
+        fold_folder_with(_swap_weights), "sha256 differs"),
+    row("predict-fold-folder-no-done", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                        "--out", "{tmp}/s.csv"],
+        fold_folder_with(lambda d: (d / "done.json").unlink()), "done.json"),
+    row("predict-no-sha256-key", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                  "--out", "{tmp}/s.csv"], _spec_edit(_no_sha), "sha256"),
+    row("evaluate-no-sha256-key", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
+        _spec_edit(_no_sha), "sha256"),
+    # issue 19: outputs never touch inputs
+    row("predict-out-is-ensemble-json", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                         "--out", "{run}/ensemble.json"], None, "--out"),
+    row("predict-out-is-weights", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                   "--out", "{run}/a/fold_0/model.safetensors"], None, "--out"),
+    row("predict-out-is-dataset-json", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                        "--out", "{shards}/dataset.json"], None, "--out"),
+    row("predict-probs-is-shard", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                   "--out", "{tmp}/s.csv", "--probs", "{shards}/test-000.h5"],
+        None, "--probs"),
+    row("predict-probs-equals-out", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                     "--out", "{tmp}/s.csv", "--probs", "{tmp}/s.csv"],
+        None, "--probs is the same file as --out"),
+    row("predict-out-link-to-ensemble-json", ["predict", "--ensemble", "{run}", "--data",
+                                              "{shards}", "--out", "{bad}"],
+        link_to("{run}/ensemble.json"), "--out"),
+    row("predict-out-is-npz", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                               "--out", "{bad}"], npz_with(), "--out"),
+    row("predict-out-in-fold-folder", ["predict", "--ensemble", "{run}/a/fold_0", "--data",
+                                       "{shards}", "--out", "{run}/a/fold_0/s.csv"], None, "--out"),
+    row("predict-out-is-run-scores", ["predict", "--ensemble", "{run}", "--data", "{shards}",
+                                      "--out", "{run}/scores.json"], None, "--out"),
+    row("train-out-inside-shards", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
+                                    "--out", "{shards}/run", "--sequential"], None, "--out"),
+    row("report-out-is-fold-folder", ["report", "--ensemble", "{run}", "--out", "{run}/a/fold_0"],
+        None, "--out"),
+    # issue 19: tracebacks that are one line now
+    row("predict-shard-claims-1e9-rows", ["predict", "--ensemble", "{run}", "--data", "{bad}",
+                                          "--out", "{tmp}/s.csv", "--backend", "eager"],
+        shard_claiming_rows("test", "images"), "1000000000"),
+    row("report-out-in-shards", ["report", "--ensemble", "{run}", "--out", "{shards}/r",
+                                 "--data", "{shards}"], None, "--out"),
     # distill (all stop before the student's run folder is created)
     row("distill-teacher-without-oof", DISTILL,
         teacher(lambda t: (t / "a/fold_1/oof.h5").unlink()), "a/fold_1/oof.h5: missing"),

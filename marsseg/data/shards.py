@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
-from .._io import sha256_file
+from .._io import inside, sha256_file
 from ..errors import InputError
 from .cleaning import bg_fraction, class_counts
 
@@ -66,6 +66,11 @@ def read_dataset(shard_dir: Path) -> dict:
     try:
         for split in SPLITS:
             for s in info["splits"][split]["shards"]:
+                inside(shard_dir, s["file"] if isinstance(s["file"], str) else "",
+                       f"{meta}: splits.{split} shard file")
+                if "/" in s["file"]:
+                    raise InputError(f"{meta}: splits.{split} shard file {s['file']!r} is not a "
+                                     f"file name in {shard_dir}")
                 if not (shard_dir / s["file"]).is_file():
                     raise InputError(
                         f"{shard_dir / s['file']}: shard listed in dataset.json is missing"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE
-from .._io import atomic_path, sha256_file
+from .._io import atomic_path, check_space, sha256_file
 from ..errors import InputError
 from . import shards
 from .cleaning import (
@@ -55,6 +55,7 @@ def prepare(
     data = load_npz(src)
     flags = flag_images(data.train_masks, outlier_min_count)
     train, test = _train_arrays(data, flags), _test_arrays(data)
+    check_space(out_dir, sum(a.nbytes for arrays in (train, test) for a in arrays.values()))
     with _new_folder(out_dir) as tmp:
         written = {"train": _write_split(tmp, "train", train, shard_size),
                    "test": _write_split(tmp, "test", test, shard_size)}
@@ -174,7 +175,7 @@ def _new_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary folder that replaces `out_dir` only once it is whole (`atomic_path`)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, hidden=True) as tmp:
             tmp.mkdir()
             yield tmp
     except OSError as e:  # disk full, permissions, a file where a folder should be
