@@ -30,6 +30,7 @@ def train_folds(
     max_retries: Annotated[int, typer.Option(help="Ray retries of a task whose worker died; it resumes from its state/")] = 3,
     progress: Annotated[str, typer.Option(help="auto (live table on a terminal, plain lines otherwise) | live | plain | none")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
+    log_with: Annotated[list[str] | None, typer.Option(help="log each (member, fold) to an accelerate tracker: tensorboard (RUN/tb), mlflow (sqlite RUN/mlflow.db unless MLFLOW_TRACKING_URI), wandb, ...; repeat or comma-separate (tensorboard and mlflow: pip install 'marsseg[track]')")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget per fold, e.g. 90s, 12m, 1.5h: each fold's epochs come from a timing probe before epoch 0 and are kept in its budget.json (not with --epochs)")] = None,
     teacher: Annotated[Path | None, typer.Option(help="a finished run folder on the same data: its ensemble's flip-TTA pseudo-labels of the test images join every fold's training part (never validation); pixels below the members' pseudo_threshold are ignored")] = None,
 ) -> None:
@@ -43,6 +44,7 @@ def train_folds(
                           sequential=sequential, members=parse_list(members, "--members"),
                           folds=parse_list(folds, "--folds", int), max_retries=max_retries,
                           progress=progress, workers_per_fold=workers_per_fold,
+                          log_with=parse_list(log_with, "--log-with") or (),
                           time_budget=parse_duration(time_budget) if time_budget is not None else None,
                           teacher=str(teacher) if teacher is not None else None)
         run(recipe, data, out, opts, epochs=epochs)

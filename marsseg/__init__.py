@@ -9,7 +9,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     _progress       the terminal: training board, progress bar, a fold's progress events
     _cores          idle-core sharing between the folds of one node
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
-                    batch streams with their checks, in-memory training loaders
+                    batch streams with their checks, in-memory training loaders and the
+                    rare-class sampler (which training images an epoch draws)
     _records        checks of ensemble.json's keys (names, fold paths, weights' sha256)
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
@@ -24,6 +25,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     budget          --time-budget: a fold's epochs from a timing probe
     student         student recipes (distill): one member plus the [distill] table
     teaching        a fold taught by a teacher: the targets file, its streaming loaders, the loss
+    tracking        --log-with: accelerate's trackers, one tracked run per fold, grouped per run
+    validation      a fold's validation confusion matrix (sharded loaders too), out-of-fold softmax
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers

@@ -2,7 +2,7 @@
 
 A recipe (``ensembles/<name>.toml``) names one or more ensemble members, each
 with its model, loss, augmentation, optimizer, LR schedule, epochs, batch size,
-early stopping and data filters, plus the fold count and seed shared by all.
+early stopping, data filters and sampling, plus the fold count and seed shared by all.
 How to run (precision, threads, Ray address) is NOT here: those are CLI flags.
 
 Unknown keys, wrong types and out-of-range values raise `InputError` naming
@@ -25,6 +25,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from . import NUM_CLASSES
 from ._io import valid_name
 from .errors import InputError
 
@@ -54,7 +55,16 @@ def _nonneg(obj, *names: str) -> None:
         _require(v >= 0, n, f"must be >= 0, got {v}")
 
 
-LOSS_TERMS = ("ce", "dice", "focal")
+def _per_class(values: tuple[float, ...], key: str) -> None:
+    """An explicit per-class list: one finite number >= 0 per class, not all 0."""
+    _require(len(values) == NUM_CLASSES, key,
+             f"needs one value per class ({NUM_CLASSES}), got {len(values)}")
+    for i, v in enumerate(values):
+        _require(0 <= v < float("inf"), f"{key}[{i}]", f"must be a finite number >= 0, got {v}")
+    _require(any(v > 0 for v in values), key, "every value is 0")
+
+
+LOSS_TERMS = ("ce", "dice", "focal", "lovasz")
 CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt", "effective")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
@@ -72,10 +82,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weighted sum of loss terms; class weights computed from the training pixels."""
+    """Weighted sum of loss terms; class weights (ce, focal) computed from the training pixels
+    by a method, or given explicitly as one number per class, then times `class_scale`."""
 
     terms: dict[str, float] = field(default_factory=lambda: {"ce": 1.0})
-    class_weights: str = "none"  # none | inverse | inverse_sqrt | effective
+    # none | inverse | inverse_sqrt | effective, or an explicit list such as [0, 1, 1, 1, 4]
+    class_weights: str | tuple[float, ...] = "none"
+    class_scale: tuple[float, ...] = ()  # per-class factors on the weights, e.g. [1, 1, 1, 1, 2]
     beta: float = 0.9999  # for class_weights = "effective" (Cui et al. 2019)
     ignore_background: bool = False  # class 0 pixels contribute nothing to the loss
     focal_gamma: float = 2.0
@@ -90,8 +103,14 @@ class LossConfig:
         _require(any(v > 0 for v in self.terms.values()), "terms",
                  f"every loss weight is 0 ({self.terms}); nothing would be learned, "
                  "give at least one term a weight > 0")
-        _require(self.class_weights in CLASS_WEIGHTING, "class_weights",
-                 f"unknown method {self.class_weights!r} (valid: {', '.join(CLASS_WEIGHTING)})")
+        if isinstance(self.class_weights, tuple):
+            _per_class(self.class_weights, "class_weights")
+        else:
+            _require(self.class_weights in CLASS_WEIGHTING, "class_weights",
+                     f"unknown method {self.class_weights!r} (valid: "
+                     f"{', '.join(CLASS_WEIGHTING)}, or a list of {NUM_CLASSES} numbers)")
+        if self.class_scale:
+            _per_class(self.class_scale, "class_scale")
         _require(0.0 < self.beta < 1.0, "beta", f"must be in (0, 1), got {self.beta}")
         _nonneg(self, "focal_gamma")
 
@@ -175,6 +194,27 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How an epoch draws the TRAINING images (validation is never resampled).
+
+    factor = 1: each image once, shuffled. Otherwise images holding at least `min_pixels`
+    pixels of `rare_class` are drawn `factor` times as often as the others, in an epoch
+    of as many draws as training images (`data.sampling.RareClassSampler`).
+    """
+
+    rare_class: int = 4  # Big Rock
+    factor: float = 1.0
+    min_pixels: int = 1
+
+    def __post_init__(self):
+        _require(1 <= self.rare_class < NUM_CLASSES, "rare_class",
+                 f"must be a labeled class 1..{NUM_CLASSES - 1}, got {self.rare_class}")
+        _require(0 < self.factor < float("inf"), "factor",
+                 f"must be a finite number > 0, got {self.factor}")
+        _require(self.min_pixels >= 1, "min_pixels", f"must be >= 1, got {self.min_pixels}")
+
+
+@dataclass(frozen=True)
 class MemberConfig:
     """One ensemble member: trained once per fold."""
 
@@ -189,6 +229,7 @@ class MemberConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # train-folds --teacher: a test pixel whose pseudo-label the teacher gives with a lower
     # probability is ignored (marked 0, which needs loss.ignore_background)
     pseudo_threshold: float = 0.9
@@ -237,20 +278,33 @@ class Recipe:
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        (inner, _) = typing.get_args(tp)
+        return "an array of tables" if dataclasses.is_dataclass(inner) else "an array of numbers"
+    return _TYPE_NAMES.get(tp, str(tp))
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; nested dataclasses are built recursively."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):  # `int | None`: TOML has no null
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner, key)
+        alts = [a for a in typing.get_args(tp) if a is not type(None)]
+        # `str | tuple[float, ...]`: the alternative of the value's TOML kind checks it
+        kind = [a for a in alts if isinstance(value, list) == (typing.get_origin(a) is tuple)]
+        if len(alts) > 1 and len(kind) == 1 and isinstance(value, list | str):
+            alts = kind
+        if len(alts) == 1:
+            return _convert(value, alts[0], key)
+        raise _Bad(key, f"must be {' or '.join(_describe(a) for a in alts)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Bad(key, "must be a table")
         return _build(tp, value, key)
-    if origin is tuple:  # tuple[MemberConfig, ...]
+    if origin is tuple:  # tuple[MemberConfig, ...], tuple[float, ...]
         (inner, _) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise _Bad(key, "must be an array of tables")
+            raise _Bad(key, f"must be {_describe(tp)}")
         return tuple(_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         _, vt = typing.get_args(tp)

@@ -24,9 +24,11 @@ from torch import nn
 from .errors import InputError
 
 
-def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
+def make_accelerator(precision: str, cpu: bool, split_batches: bool = False, log_with=None,
+                     project_dir=None):
     """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
-    global batch, and every process takes its 1/N slice of it (module docstring)."""
+    global batch, and every process takes its 1/N slice of it (module docstring); with
+    `log_with` (trackers) its project_dir is the run folder."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
@@ -34,10 +36,10 @@ def make_accelerator(precision: str, cpu: bool, split_batches: bool = False):
     # process-wide singleton that refuses a second Accelerator with other settings.
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-    if not split_batches:
-        return Accelerator(mixed_precision=precision, cpu=cpu)
-    return Accelerator(mixed_precision=precision, cpu=cpu,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    extra = {"log_with": log_with, "project_dir": str(project_dir)} if log_with else {}
+    if split_batches:
+        extra["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
+    return Accelerator(mixed_precision=precision, cpu=cpu, **extra)
 
 
 def world() -> tuple[int, int]:

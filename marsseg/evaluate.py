@@ -46,6 +46,7 @@ from .metrics import (
     round_score,
 )
 from .runfolder import RunFolder
+from .tracking import log_group, score_values
 
 
 @dataclass
@@ -260,7 +261,14 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         with run.lock():
             write_json_atomic(run.scores, result)
         result["path"] = str(run.scores)
+        log_group(run.path, {k: v for r in result["rows"] if r["kind"] == "ensemble"
+                             for k, v in score_values(f"{result['mode']}/{_key(r)}", r["miou"],
+                                                      r["iou"]).items()})
     return result
+
+
+def _key(row: dict) -> str:
+    return "ensemble_tta" if row["tta"] else "ensemble"  # tracker keys: no "+"
 
 
 def _check_scored(run: RunFolder, data: Path, split: str, matched: int, expected: int,

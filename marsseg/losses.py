@@ -1,4 +1,4 @@
-"""Segmentation losses: weighted cross entropy, soft Dice, focal, and sums of them.
+"""Segmentation losses: weighted cross entropy, soft Dice, focal, Lovász-softmax, and sums of them.
 
 The math lives in plain functions (tested on hand-made tensors); `CombinedLoss`
 only wraps them. Shapes: logits float (B, C, H, W), target int64 (B, H, W)
@@ -21,7 +21,7 @@ from . import NUM_CLASSES
 from .errors import InputError
 
 WEIGHT_METHODS = ("none", "inverse", "inverse_sqrt", "effective")
-LOSS_TERMS = ("ce", "dice", "focal")
+LOSS_TERMS = ("ce", "dice", "focal", "lovasz")
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -97,6 +97,59 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_background: boo
     return 1.0 - dice.mean()
 
 
+def lovasz_grad(errors_gt: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss along sorted errors.
+
+    `errors_gt` (P, C): per class, the ground-truth indicator of the pixels in the
+    order of decreasing error. Returns (P, C): Δ_J({π_1..π_i}) - Δ_J({π_1..π_{i-1}}),
+    where Δ_J(M) = |M| / |fg ∪ M| is 1 - IoU of the class when the set M is wrong.
+    """
+    gts = errors_gt.sum(0, keepdim=True)
+    intersection = gts - errors_gt.cumsum(0)
+    union = gts + (1.0 - errors_gt).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
+
+
+def lovasz_softmax_probs(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax (Berman et al. 2018) on flat pixels, classes present in `labels`.
+
+    probs (P, C) softmax probabilities, labels (P,) int64. Per class c, the pixel
+    errors m_i = |[y_i = c] - p_i,c| sorted decreasingly, dotted with `lovasz_grad`:
+    the Lovász extension of 1 - IoU_c, exact (= 1 - IoU_c) on one-hot predictions.
+    The mean runs over the classes that occur in `labels` (the paper's "present").
+    """
+    if labels.numel() == 0:
+        return probs.sum() * 0.0
+    fg = F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    errors = (fg - probs).abs()
+    errors_sorted, perm = torch.sort(errors, dim=0, descending=True)
+    grad = lovasz_grad(fg.gather(0, perm))
+    per_class = (errors_sorted * grad).sum(0)
+    present = fg.sum(0) > 0
+    return per_class[present].mean()
+
+
+def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor,
+                   ignore_background: bool = False) -> torch.Tensor:
+    """Lovász-softmax loss over the whole batch (the paper's per_image=False).
+
+    The batch's pixels form one set, so the surrogate follows the IoU of the batch
+    as the course metric scores a whole set. With `ignore_background` pixels whose
+    truth is 0 leave the set (so class 0 is never present). No counted pixel gives 0.
+    """
+    _check(logits, target)
+    num_classes = logits.shape[1]
+    probs = F.softmax(logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+    labels = target.reshape(-1)
+    if ignore_background:
+        keep = labels != 0
+        if not bool(keep.any()):
+            return logits.float().sum() * 0.0
+        probs, labels = probs[keep], labels[keep]
+    return lovasz_softmax_probs(probs, labels)
+
+
 def class_weights(pixel_counts: Sequence[int], method: str = "inverse", beta: float = 0.9999,
                   ignore_background: bool = False) -> torch.Tensor:
     """Per-class loss weights from pixel counts, normalised to mean 1 over used classes.
@@ -170,6 +223,8 @@ class CombinedLoss(nn.Module):
                 v = cross_entropy(logits, target, self.weight, self.ignore_background)
             elif name == "dice":
                 v = dice_loss(logits, target, self.ignore_background)
+            elif name == "lovasz":
+                v = lovasz_softmax(logits, target, self.ignore_background)
             else:
                 v = focal_loss(logits, target, self.focal_gamma, self.weight, self.ignore_background)
             total = total + k * v
@@ -184,13 +239,20 @@ class CombinedLoss(nn.Module):
 
 
 def make_loss(cfg, train_masks: np.ndarray, device) -> nn.Module:
-    """A member's `CombinedLoss` (its `LossConfig` ``cfg``); class weights from the pixel
-    counts of the fold's training masks (uint8 (n, H, W))."""
-    counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    """A member's `CombinedLoss` (its `LossConfig` ``cfg``). Class weights: explicit, or by a
+    method from the pixel counts of the fold's training masks (uint8 (n, H, W)); times
+    `class_scale` when the recipe gives one."""
     weight = None
-    if cfg.class_weights != "none":
+    if isinstance(cfg.class_weights, tuple):  # explicit, as written in the recipe
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    elif cfg.class_weights != "none":
+        counts = np.bincount(train_masks.reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
         weight = class_weights(counts.tolist(), cfg.class_weights, beta=cfg.beta,
                                ignore_background=cfg.ignore_background)
+    if cfg.class_scale:
+        # weighted means (ce, focal) divide by the summed weights: no renormalising needed
+        base = torch.ones(NUM_CLASSES) if weight is None else weight
+        weight = base * torch.tensor(cfg.class_scale, dtype=torch.float32)
     return CombinedLoss(cfg.terms, weight=weight, ignore_background=cfg.ignore_background,
                         focal_gamma=cfg.focal_gamma).to(device)
 

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._cores import CoreShare, share_folder
@@ -36,6 +36,7 @@ from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .raytrain import check_options, fold_slots
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
+from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class RunOptions:
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
     teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
+    log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
+    tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
 
     def check(self) -> None:
         if self.sequential:  # in-process: whatever this machine has
@@ -79,11 +82,18 @@ class RunOptions:
             raise InputError(f"--progress: unknown value {self.progress!r} (auto, live, plain, none)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise InputError(f"--time-budget must be > 0 seconds, got {self.time_budget}")
+        check_trackers(self.log_with)  # a missing package fails here, before anything starts
+
+    def resources(self) -> dict:
+        """How the folds run, as tracked hyperparameters."""
+        return {"cpus_per_task": self.cpus_per_task, "gpus_per_task": self.gpus_per_task,
+                "threads": self.threads or "auto", "sequential": self.sequential,
+                "address": self.address or "local"}
 
     def fold_kwargs(self) -> dict:
         """The train_one_fold keywords these options set (threads apart: Ray shares them)."""
         return {"precision": self.precision, "time_budget": self.time_budget,
-                "pseudo": self.teacher is not None}
+                "pseudo": self.teacher is not None, "tracking": self.tracking}
 
 
 def _select(recipe: Recipe, opts: RunOptions) -> list[tuple[str, int]]:
@@ -393,6 +403,9 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
             _start_run(recipe_path, recipe, run, splits, new_splits, fp, epochs,
                        options.time_budget, options.teacher)
             jobs = [(m, f) for m, f in selected if run.read_done(m, f) is None]
+            if jobs and options.log_with:
+                options = replace(options, tracking=open_group(
+                    run.path, check_trackers(options.log_with), options.resources(), fp))
             held.enter_context(run.lock_folds(jobs))
         if jobs:  # not under the run's lock (minutes); written whole, then renamed
             _write_pseudo(run, teacher, data, split, options.precision)

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, labeled_argmax
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
+from .tracking import log_group
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
         ens = run.read_ensemble()  # as it is now, under the lock
         sel = _select_into(run, ens, split, data, max_steps)
         run.write_ensemble(ens)
+    log_group(run.path, {"select/oof_miou": sel.oof_miou,
+                         **{f"select/oof_miou/{m}": v for m, v in sel.single.items()},
+                         **{f"select/weight/{m}": w for m, w in sel.weights.items()}})
     return sel
 
 

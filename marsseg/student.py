@@ -80,4 +80,8 @@ def load_student(path: str | Path, model: ModelConfig) -> tuple[Recipe, DistillC
     except _Bad as e:
         raise InputError(f"{path}: {e.key}: {e}") from None
     name = "?" if "name" in doc else name_from_file(path)
-    return parse_recipe(doc, name=name, source=str(path)), distill
+    recipe = parse_recipe(doc, name=name, source=str(path))
+    if recipe.members[0].sampling.factor != 1.0:  # the taught loader streams its own order
+        raise InputError(f"{path}: members[0].sampling: a student recipe trains on the "
+                         "teacher's targets in a plain shuffle; remove [members.sampling]")
+    return recipe, distill

@@ -48,6 +48,7 @@ from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
+from .data.sampling import RareClassSampler, holds_class
 from .dataparallel import check_batch, make_accelerator, rank_seed, sync_batchnorm, world
 from .device import resolve_precision
 from .errors import InputError
@@ -57,6 +58,8 @@ from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
+from .tracking import TrackingSpec, fold_config, fold_run
+from .validation import predict_oof, to_model_input, validate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -67,11 +70,6 @@ Progress = Callable[[dict], None]
 # --- small pure helpers -----------------------------------------------------------------------
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,H,W) on device -> float (B,1,H,W) 0..255, channels_last (the model normalises)."""
-    return images.unsqueeze(1).float().contiguous(memory_format=torch.channels_last)
-
-
 def poll_threads(threads_fn: Callable[[], int] | None) -> None:
     """Apply the thread count `threads_fn` asks for now (e.g. a share of idle cores)."""
     n = threads_fn() if threads_fn is not None else None
@@ -79,54 +77,10 @@ def poll_threads(threads_fn: Callable[[], int] | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def predict_oof(fold_dir: Path, images: np.ndarray, accelerator, batch_size: int) -> np.ndarray:
-    """Softmax (n,5,H,W) f16 of the saved best weights, reloaded with load_pretrained."""
-    from .models.registry import load_pretrained
-
-    model = load_pretrained(fold_dir, map_location=accelerator.device)
-    model = model.to(memory_format=torch.channels_last)
-    out = np.empty((len(images), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
-    with torch.no_grad(), accelerator.autocast():
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[s:s + batch_size]).to(accelerator.device)
-            p = torch.softmax(model(to_model_input(x)).float(), dim=1)
-            out[s:s + len(x)] = p.half().cpu().numpy()
-    return out
-
-
 def fold_seed(seed: int, member: str, fold: int, epoch: int = -1) -> int:
     """A stable 31-bit seed per (recipe seed, member, fold, epoch); -1 = initialisation."""
     key = f"{seed}/{member}/{fold}/{epoch}".encode()
     return zlib.crc32(key) & 0x7FFFFFFF
-
-
-# --- validation -------------------------------------------------------------------------------
-
-
-def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
-    """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`.
-
-    The matrix is accumulated on the device with bincount; predictions and masks
-    go through `gather_for_metrics`, so several processes count each pixel once.
-    With `probs_out` (n,5,H,W) f16 the softmax of every image is stored there too
-    (kept for the out-of-fold file when this epoch turns out best).
-    """
-    model.eval()
-    cm = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
-    n = 0
-    with torch.no_grad():
-        for images, masks in loader:
-            logits = model(to_model_input(images))
-            pred, truth = accelerator.gather_for_metrics((labeled_argmax(logits), masks.long()))
-            cm += torch.bincount((truth * NUM_CLASSES + pred).reshape(-1),
-                                 minlength=NUM_CLASSES * NUM_CLASSES)
-            if probs_out is not None:
-                p = accelerator.gather_for_metrics(torch.softmax(logits.float(), dim=1).half())
-                probs_out[n:n + len(p)] = p.cpu().numpy()
-            n += len(pred)
-    cm = cm.reshape(NUM_CLASSES, NUM_CLASSES).cpu().numpy()
-    cm[0, :] = 0
-    return cm
 
 
 # --- the loop's state and phases --------------------------------------------------------------
@@ -157,13 +111,28 @@ class FoldSetup:
     rock_images: RockImages | None
     taught: Taught | None = None  # the teacher's targets of a taught fold (distill)
     n_pseudo: int = 0  # pseudo-labelled unlabeled images in the training part (--teacher)
+    sampler: RareClassSampler | None = None  # [members.sampling] with factor != 1
+
+
+def _sampler(m: MemberConfig, masks: np.ndarray, gen: torch.Generator,
+             taught: bool) -> RareClassSampler | None:
+    """The member's rare-class sampler over the training part's masks (None: a shuffle)."""
+    s = m.sampling
+    if s.factor == 1.0:
+        return None
+    if taught:
+        raise InputError(f"member {m.name!r}: [members.sampling] does not apply to a taught "
+                         "(distill) fold, whose loader streams the teacher's targets; "
+                         "remove it or set factor = 1.0")
+    return RareClassSampler(holds_class(masks, s.rare_class, s.min_pixels), s.factor, gen)
 
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
-            compile: bool, teaching: Teaching | None, pseudo: bool) -> FoldSetup:
+            compile: bool, teaching: Teaching | None, pseudo: bool, log_with=None) -> FoldSetup:
     """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
     (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
-    the training part gets the run's pseudo-labelled unlabeled images)."""
+    the training part gets the run's pseudo-labelled unlabeled images; `log_with`: the
+    accelerator's trackers, `tracking.FoldRun`)."""
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -174,7 +143,8 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     fold_dir.mkdir(parents=True, exist_ok=True)
     workers = world()[1]  # > 1: one of the data-parallel processes of this fold
     check_batch(m.batch_size, workers, m.name)
-    accelerator = make_accelerator(prec, cpu=not use_cuda, split_batches=workers > 1)
+    accelerator = make_accelerator(prec, cpu=not use_cuda, split_batches=workers > 1,
+                                   log_with=log_with, project_dir=out)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
@@ -189,8 +159,9 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     shuffle_gen = torch.Generator()
     fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
                              else None, m.pseudo_threshold)  # never in validation
+    sampler = _sampler(m, fit[1], shuffle_gen, taught=teaching is not None)
     loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
-                           shuffle_gen)
+                           shuffle_gen, sampler)
     taught = Taught(teaching.targets, teaching.cfg) if teaching is not None else None
     if taught is not None:
         loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
@@ -204,7 +175,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precisi
     return FoldSetup(recipe, m, fold, fold_dir, split, train_rows, val_rows, n_filtered, prec,
                      accelerator, model, optimizer, train_dl, val_dl, loss_fn, shuffle_gen,
                      torch.Generator(device=device), bank, rocks, taught,
-                     len(fit[0]) - len(tr_images))
+                     len(fit[0]) - len(tr_images), sampler)
 
 
 def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -> MemberConfig:
@@ -351,6 +322,9 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
+    if f.sampler is not None:  # what the sampler drew from (absent for a shuffle)
+        done["sampling"] = {**dataclasses.asdict(m.sampling),
+                            "n_train_rare": int(f.sampler.rare.sum())}
     run.write_done(m.name, f.fold, done)
     f.accelerator.wait_for_everyone()
     return done
@@ -363,7 +337,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
                    *, precision: str = "auto", threads: int | None = None,
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False,
-                   teaching: Teaching | None = None, pseudo: bool = False) -> dict:
+                   teaching: Teaching | None = None, pseudo: bool = False,
+                   tracking: TrackingSpec | None = None) -> dict:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
@@ -380,6 +355,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
     Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
     on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
+    tracking: log the fold to accelerate's trackers as run `member/fold_k` (`tracking`).
     Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -391,7 +367,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         return done
     if threads:
         torch.set_num_threads(int(threads))
-    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo)
+    track = fold_run(tracking, run.fold_dir(m.name, fold), run.path)
+    f = _set_up(recipe, m, fold, data, out, precision, compile, teaching, pseudo, track.log_with)
     saved = resume(f.fold_dir, f.accelerator)
     resumed_from = None if saved is None else saved.epoch
     state = saved or TrainerState()
@@ -400,6 +377,19 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
+    with track:  # ends the tracked run however the fold ends
+        if tracking is not None:
+            track.start(f.accelerator, fold_config(tracking, recipe, m, fold, f.precision,
+                                                   str(f.accelerator.device),
+                                                   torch.get_num_threads()),
+                        read_metrics(f.fold_dir / METRICS))
+        return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
+
+
+def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,
+            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
+    """The epochs left to train, then `_finish`; returns the done dict."""
+    m = f.member
 
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
@@ -429,6 +419,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
         if f.accelerator.is_main_process:
             append_metrics(f.fold_dir / METRICS, row)
             save_state(f.accelerator, f.fold_dir, _trainer_record(f, state))
+        track.epoch(row)  # after the state: a resumed fold never logs an epoch twice
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],
                seconds=row["seconds"])

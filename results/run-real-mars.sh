@@ -4,17 +4,34 @@
 #   results/run-real-mars.sh train RECIPE...    # 5-fold train-folds at the CPU budget, resumable
 #   FOLDS=0,1 results/run-real-mars.sh train RECIPE...   # only some folds
 #   results/run-real-mars.sh score RECIPE...    # select (multi-member), evaluate OOF and gold, with and without TTA
+#   results/run-real-mars.sh oof RECIPE...      # OOF only (issue 18's levers: chosen by OOF, gold once at the end)
+#   FOLDS=0,1,2 EPOCHS=40 results/run-real-mars.sh train lever-sample   # a round-2 lever, 3 folds
+#   FOLDS=0,1,2 results/run-real-mars.sh oof lever-e40 lever-sample     # -> scores-oof-f012.json
+#   FOLDS=0,1,2 .venv/bin/python results/table.py round2 lever-e40 lever-sample
+# EPOCHS= (empty) trains the recipes' own epochs. FOLDS also restricts oof/score to those
+# folds, and names the kept OOF file scores-oof-f<folds>.json (scores-oof.json without FOLDS).
 # Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLI=${CLI:-.venv/bin/marsseg-cli}
 NPZ=${NPZ:-../shared/data/real-mars/real_mars.npz}
 ROOT=${ROOT:-runs/real-mars}
-EPOCHS=${EPOCHS:-8}           # the CPU budget: every member trains EPOCHS epochs per fold
-FOLDS=${FOLDS:-}              # e.g. FOLDS=0,1 trains only those folds (default: all 5)
+EPOCHS=${EPOCHS-8}            # the CPU budget: every member trains EPOCHS epochs per fold
+FOLDS=${FOLDS:-}              # e.g. FOLDS=0,1 trains (and scores) only those folds (default: all 5)
+RECIPES=${RECIPES:-ensembles} # where RECIPE.toml is read
+BACKEND=${BACKEND:-auto}      # evaluate's --backend (auto: openvino on a CPU)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
-cmd=${1:?usage: $0 prepare | train RECIPE... | score RECIPE...}; shift || true
+# Out-of-fold scores of RECIPE kept aside under a name that says which folds they cover
+# (evaluate always writes scores.json, which results/table.py reads as the gold scores).
+oof() {
+  local r=$1 tag=${FOLDS:+-f${FOLDS//,/}}
+  $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"}
+  mv "$ROOT/$r/scores.json" "$ROOT/$r/scores-oof$tag.json"
+  echo "out-of-fold scores: $ROOT/$r/scores-oof$tag.json"
+}
+
+cmd=${1:?usage: $0 prepare | train RECIPE... | oof RECIPE... | score RECIPE...}; shift || true
 case "$cmd" in
   prepare)
     [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare --data "$NPZ" --out "$ROOT/shards"
@@ -22,23 +39,27 @@ case "$cmd" in
   train)
     for r in "$@"; do
       # Re-running resumes unfinished folds, so a run killed midway is simply retried.
+      ok=
       for attempt in 1 2 3; do
         /usr/bin/time -f "$r wall %e s" $CLI train-folds --data "$ROOT/shards" \
-          --recipe "ensembles/$r.toml" --out "$ROOT/$r" --epochs "$EPOCHS" ${FOLDS:+--folds "$FOLDS"} --progress plain \
-          && break
+          --recipe "$RECIPES/$r.toml" --out "$ROOT/$r" ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --progress plain \
+          && { ok=1; break; }
         echo "train-folds $r failed (attempt $attempt); resuming" >&2; sleep 5
       done
+      [ -n "$ok" ] || { echo "train-folds $r failed 3 times" >&2; exit 1; }
     done
+    ;;
+  oof)
+    for r in "$@"; do oof "$r"; done
     ;;
   score)
     for r in "$@"; do
       n=$(python3 -c "import json,sys;print(len(json.load(open(sys.argv[1]))['members']))" "$ROOT/$r/ensemble.json")
-      [ "$n" -gt 1 ] && $CLI select --run "$ROOT/$r"
+      if [ "$n" -gt 1 ]; then $CLI select --run "$ROOT/$r"; fi
       # out-of-fold (every training crop by the fold that did not see it), kept aside,
       # then the gold crops (scores.json, what results/table.py reads)
-      $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta
-      cp "$ROOT/$r/scores.json" "$ROOT/$r/scores-oof.json"
-      $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --tta
+      oof "$r"
+      $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"}
     done
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;

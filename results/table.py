@@ -1,10 +1,13 @@
 """Print the markdown tables of results/real-mars.md from the run folders.
 
 Reads only what marsseg-cli wrote: ensemble.json (train-folds / select), done.json
-per fold, scores.json (evaluate --tta on the gold test crops). Usage:
+per fold, scores.json (evaluate --tta on the gold test crops), scores-oof*.json
+(evaluate --split train --tta, copied aside by run-real-mars.sh). Usage:
     .venv/bin/python results/table.py ladder RECIPE...    # fold 0 of each member
     .venv/bin/python results/table.py folds RECIPE...     # all folds, OOF and ensembles
-ROOT (default runs/real-mars) is read from the environment.
+    .venv/bin/python results/table.py round2 BASE LEVER...  # issue 18: OOF of each lever vs BASE
+ROOT (default runs/real-mars) and FOLDS (e.g. 0,1,2: the OOF scores of those folds,
+as `FOLDS=0,1,2 run-real-mars.sh oof` wrote them) are read from the environment.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ def pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
+def delta(v, ref) -> str:
+    return "–" if v is None or ref is None else f"{100 * (v - ref):+.2f}"
+
+
 def classes(iou) -> str:
     return " / ".join(pct(v) for v in (iou or [None] * 5)[1:])
 
@@ -31,8 +38,17 @@ def load(recipe: str):
     run = ROOT / recipe
     ens = json.loads((run / "ensemble.json").read_text())
     path = run / "scores.json"
-    gold = {r["name"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    # an out-of-fold scores.json (evaluate --split train left in place) is not gold
+    gold = {r["name"]: r for r in scores.get("rows", []) if scores.get("mode", "test") == "test"}
     return run, ens, gold
+
+
+def oof_file(recipe: str, folds: str | None = None) -> Path:
+    """The OOF scores run-real-mars.sh keeps aside: scores-oof.json, or -f012 for FOLDS=0,1,2."""
+    folds = os.environ.get("FOLDS", "") if folds is None else folds
+    tag = "-f" + "".join(f.strip() for f in folds.split(",")) if folds else ""
+    return ROOT / recipe / f"scores-oof{tag}.json"
 
 
 def done(run: Path, fold: dict) -> dict:
@@ -80,5 +96,49 @@ def folds(recipes: list[str]) -> None:
               f"{classes(t.get('iou'))} | {pct(t.get('pixel_accuracy'))} |")
 
 
+def _oof(recipe: str) -> dict:
+    path = oof_file(recipe)
+    if not path.exists():
+        sys.exit(f"{path}: missing; run `{'FOLDS=' + os.environ['FOLDS'] + ' ' if os.environ.get('FOLDS') else ''}"
+                 f"results/run-real-mars.sh oof {recipe}` first")
+    scores = json.loads(path.read_text())
+    if scores.get("mode") != "oof":
+        sys.exit(f"{path}: not out-of-fold scores (mode {scores.get('mode')!r})")
+    rows = {r["name"]: r for r in scores["rows"]}
+    return {"plain": rows["ensemble"], "tta": rows.get("ensemble+tta", {}),
+            "folds": sorted(int(m.rsplit("_", 1)[1]) for m in scores["models"]),
+            "members": scores["members"]}
+
+
+def round2(recipes: list[str]) -> None:
+    """One row per lever: OOF mIoU and big-rock IoU (plain and +TTA), deltas to the first."""
+    print("| recipe | member | folds | epochs | best epochs | OOF mIoU | OOF +TTA | Δ +TTA "
+          "| big rock OOF | big rock +TTA | Δ big rock +TTA | OOF +TTA soil / bedrock / sand "
+          "| train min |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = None
+    for r in recipes:
+        run, ens, _ = load(r)
+        o = _oof(r)
+        fold_entries = [f for m in ens["members"] if m["name"] in o["members"]
+                        for f in m["folds"] if f["fold"] in o["folds"]]
+        dones = [done(run, f) for f in fold_entries]
+        t, p = o["tta"] or o["plain"], o["plain"]
+        if base is None:
+            base = t, o["folds"]
+        elif o["folds"] != base[1]:
+            sys.exit(f"{r}: OOF over folds {o['folds']} but {recipes[0]} over {base[1]}; "
+                     "compare on the same folds (FOLDS=...)")
+        d_miou = "" if t is base[0] else delta(t["miou"], base[0]["miou"])
+        d_rock = "" if t is base[0] else delta(t["iou"][4], base[0]["iou"][4])
+        epochs = sorted({d.get("epochs") for d in dones if d})
+        best = ", ".join(str(d.get("best_epoch")) for d in dones if d)
+        secs = sum(d.get("train_seconds", 0) for d in dones)
+        print(f"| {r} | {', '.join(o['members'])} | {','.join(map(str, o['folds']))} | "
+              f"{'/'.join(map(str, epochs))} | {best} | {pct(p['miou'])} | **{pct(t['miou'])}** | "
+              f"{d_miou} | {pct(p['iou'][4])} | **{pct(t['iou'][4])}** | {d_rock} | "
+              f"{' / '.join(pct(v) for v in t['iou'][1:4])} | {secs / 60:.0f} |")
+
+
 if __name__ == "__main__":
-    {"ladder": ladder, "folds": folds}[sys.argv[1]](sys.argv[2:])
+    {"ladder": ladder, "folds": folds, "round2": round2}[sys.argv[1]](sys.argv[2:])

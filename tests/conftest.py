@@ -6,11 +6,17 @@ before modifying.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from marsseg.data import prepare
 from marsseg.synth import write_synthetic
+
+# trackers in tests (test_tracking): local stores only, nothing sent anywhere
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
 
 SYNTH_N_TRAIN = 160
 SYNTH_N_TEST = 40

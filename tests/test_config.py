@@ -76,6 +76,7 @@ def test_defaults_table_is_merged_under_members():
     ({"epochz": 3}, "members[0].epochz"),
     ({"loss": {"terms": {"ce": 1.0}, "weights": "x"}}, "members[0].loss.weights"),
     ({"augment": {"rotate": 0.5}}, "members[0].augment.rotate"),
+    ({"sampling": {"class_balanced": 4}}, "members[0].sampling.class_balanced"),
 ])
 def test_unknown_key_named(member, key):
     msg = error_of(doc(**member))
@@ -97,8 +98,23 @@ def test_unknown_top_level_key():
     ({"batch_size": 0}, "members[0].batch_size"),
     ({"augment": {"hflip": 1.5}}, "members[0].augment.hflip"),
     ({"augment": {"cutmix": "yes"}}, "members[0].augment.cutmix"),
-    ({"loss": {"terms": {"lovasz": 1.0}}}, "members[0].loss.terms.lovasz"),
+    ({"loss": {"terms": {"tversky": 1.0}}}, "members[0].loss.terms.tversky"),
     ({"loss": {"class_weights": "median"}}, "members[0].loss.class_weights"),
+    ({"loss": {"class_weights": 3}}, "members[0].loss.class_weights"),
+    ({"loss": {"class_weights": [1, 2, 3]}}, "members[0].loss.class_weights"),
+    ({"loss": {"class_weights": [0, 0, 0, 0, 0]}}, "members[0].loss.class_weights"),
+    ({"loss": {"class_weights": [0, 1, "x", 1, 1]}}, "members[0].loss.class_weights[2]"),
+    ({"loss": {"class_scale": [1, 1, 1, 1, -2]}}, "members[0].loss.class_scale[4]"),
+    ({"loss": {"class_scale": [1, 1, 1, 1, float("inf")]}}, "members[0].loss.class_scale[4]"),
+    ({"loss": {"class_scale": 2.0}}, "members[0].loss.class_scale"),
+    ({"loss": {"class_scale": [2.0]}}, "members[0].loss.class_scale"),
+    ({"sampling": {"factor": 0}}, "members[0].sampling.factor"),
+    ({"sampling": {"factor": "3"}}, "members[0].sampling.factor"),
+    ({"sampling": {"rare_class": 0}}, "members[0].sampling.rare_class"),
+    ({"sampling": {"rare_class": 5}}, "members[0].sampling.rare_class"),
+    ({"sampling": {"rare_class": 4.0}}, "members[0].sampling.rare_class"),
+    ({"sampling": {"min_pixels": 0}}, "members[0].sampling.min_pixels"),
+    ({"sampling": 3}, "members[0].sampling"),
     ({"loss": {"ignore_background": 1}}, "members[0].loss.ignore_background"),
     ({"optimizer": {"name": "adam"}}, "members[0].optimizer.name"),
     ({"optimizer": {"lr": -0.1}}, "members[0].optimizer.lr"),
@@ -152,6 +168,20 @@ def test_fp16_is_gpu_only():
 def test_all_zero_loss_weights_are_refused_naming_the_key(terms):
     msg = error_of(doc(loss={"terms": terms}))
     assert msg.startswith("r.toml: members[0].loss.terms:") and "weight is 0" in msg
+
+
+def test_lever_keys_parse_and_default_to_what_recipes_had():
+    m = parse(doc()).members[0]
+    assert m.loss.class_scale == () and m.sampling.factor == 1.0 and m.sampling.rare_class == 4
+    m = parse(doc(loss={"terms": {"focal": 1.0, "lovasz": 0.5}, "class_weights": [0, 1, 1, 1, 4],
+                        "class_scale": [1, 1, 1, 1, 2]},
+                  sampling={"factor": 3, "min_pixels": 5})).members[0]
+    assert m.loss.terms == {"focal": 1.0, "lovasz": 0.5}
+    assert m.loss.class_weights == (0.0, 1.0, 1.0, 1.0, 4.0)
+    assert m.loss.class_scale == (1.0, 1.0, 1.0, 1.0, 2.0)
+    assert m.sampling.factor == 3.0 and m.sampling.min_pixels == 5
+    # a method name still parses as before, beside an explicit list
+    assert parse(doc(loss={"class_weights": "inverse"})).members[0].loss.class_weights == "inverse"
 
 
 def test_one_zero_term_beside_a_positive_one_is_fine():

@@ -37,7 +37,8 @@ from marsseg.dataparallel import (
 from marsseg.errors import InputError
 from marsseg.models.registry import build_model
 from marsseg.orchestrate import RunOptions
-from marsseg.train import train_one_fold, validate
+from marsseg.train import train_one_fold
+from marsseg.validation import validate
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
@@ -139,7 +140,7 @@ def two_worker_fold(shards, tmp_path_factory):
 
 def exact_first_step_grads(log: dict) -> dict:
     """float64 gradients of the logged first step (weights, batch, loss of the 1-worker fold)."""
-    from marsseg.train import to_model_input
+    from marsseg.validation import to_model_input
 
     model = build_model("unet", base_width=4, depth=2)
     model.load_state_dict(log["init"])

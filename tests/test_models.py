@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from marsseg.config import load_recipe
 from marsseg.errors import InputError
 from marsseg.models import (
     MODELS,
@@ -89,6 +91,39 @@ def test_every_registered_variant(name):
 ], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
 def test_each_option(args):
     check_model("unet", **args)
+
+
+LEVER_RECIPES = sorted((Path(__file__).resolve().parents[1] / "ensembles").glob("lever-*.toml"))
+
+
+def _lever_models() -> list[tuple[str, dict]]:
+    """The distinct networks of the lever recipes at a tiny width and depth 2."""
+    seen: dict[str, tuple[str, dict]] = {}
+    for p in LEVER_RECIPES:
+        for m in load_recipe(p, check_models=False).members:
+            args = {**m.model.args, **TINY}
+            seen.setdefault(json.dumps([m.model.name, args], sort_keys=True), (m.model.name, args))
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("name, args", _lever_models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_round2_lever_members_pass_the_shared_tester(name, args):
+    """Issue 18's members (attention gates + ASPP, ...): their own arguments at a tiny width
+    and depth 2, through the same tester as every registered variant."""
+    model = check_model(name, **args)
+    assert {k: model.marsseg_args[k] for k in args} == args
+
+
+def test_round2_has_a_third_differently_built_member():
+    """Beside marsseg-best's SE and residual members: attention gates with an ASPP bottleneck."""
+    members = {m.name: m.model for p in LEVER_RECIPES
+               for m in load_recipe(p, check_models=False).members}
+    attn = members["attn-aspp-dice"]
+    model = build_model(attn.name, **attn.args)
+    assert model.config.attention_gates and model.config.aspp and not model.config.residual
+    assert any(type(mod).__name__ == "AttentionGate" for mod in model.modules())
+    assert any(type(mod).__name__ == "ASPP" for mod in model.modules())
+    assert members["res-ds-wide"].args["base_width"] == 2 * members["res-ds-dice"].args["base_width"]
 
 
 def test_deep_supervision_outputs():

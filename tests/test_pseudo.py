@@ -59,9 +59,9 @@ def test_pseudo_labelled_images_train_but_never_validate(world, tmp_path, monkey
     seen = []
     real = T.make_loaders
 
-    def spy(fit, val, batch_size, gen):
+    def spy(fit, val, batch_size, gen, *sampler):
         seen.append((fit, val))
-        return real(fit, val, batch_size, gen)
+        return real(fit, val, batch_size, gen, *sampler)
 
     monkeypatch.setattr(T, "make_loaders", spy)
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class InMemory(Dataset):
@@ -35,11 +35,18 @@ def _whole_batch(batch):
 
 
 def make_loaders(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 batch_size: int, shuffle_gen: torch.Generator) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders over (images, masks) uint8 arrays; validation batches are 2x larger."""
+                 batch_size: int, shuffle_gen: torch.Generator,
+                 sampler: Sampler | None = None) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders over (images, masks) uint8 arrays; validation batches are 2x larger.
+
+    The training order is a shuffle from `shuffle_gen`, or `sampler`'s (e.g. a
+    `data.sampling.RareClassSampler` drawing from that same generator); validation is in order.
+    """
     drop_last = len(train[0]) > batch_size  # no 1-image BatchNorm batches, never an empty epoch
-    train_dl = DataLoader(InMemory(*train), batch_size=batch_size, shuffle=True,
-                          generator=shuffle_gen, drop_last=drop_last, collate_fn=_whole_batch)
+    order: dict = {"shuffle": True, "generator": shuffle_gen} if sampler is None else {
+        "sampler": sampler}
+    train_dl = DataLoader(InMemory(*train), batch_size=batch_size, drop_last=drop_last,
+                          collate_fn=_whole_batch, **order)
     val_dl = DataLoader(InMemory(*val), batch_size=2 * batch_size, shuffle=False,
                         collate_fn=_whole_batch)
     return train_dl, val_dl

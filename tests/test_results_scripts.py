@@ -1,0 +1,122 @@
+"""results/: the round-2 table from the run folders, and run-real-mars.sh end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marsseg.synth import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "results" / "table.py"
+SCRIPT = ROOT / "results" / "run-real-mars.sh"
+
+
+def fake_lever(root: Path, recipe: str, member: str, folds: list[int], miou: float, rock: float,
+               tag: str = "", left_scores: bool = True) -> None:
+    """A run folder as train-folds + `run-real-mars.sh oof` leave it (no weights needed)."""
+    run = root / recipe
+    entries = []
+    for f in folds:
+        d = run / member / f"fold_{f}"
+        d.mkdir(parents=True)
+        (d / "done.json").write_text(json.dumps({"epochs": 40, "best_epoch": 30 + f,
+                                                 "train_seconds": 600.0, "sha256": "x"}))
+        entries.append({"fold": f, "path": f"{member}/fold_{f}", "val_miou": miou})
+    (run / "ensemble.json").write_text(json.dumps({"members": [{"name": member, "folds": entries}]}))
+    iou = [None, 0.8, 0.8, 0.5, rock]
+    rows = [{"name": f"{member}/fold_{f}", "kind": "fold", "miou": miou, "iou": iou} for f in folds]
+    rows += [{"name": "ensemble", "kind": "ensemble", "miou": miou - 0.01, "iou": iou},
+             {"name": "ensemble+tta", "kind": "ensemble", "miou": miou, "iou": iou}]
+    scores = {"mode": "oof", "members": [member], "rows": rows,
+              "models": [f"{member}/fold_{f}" for f in folds]}
+    (run / f"scores-oof{tag}.json").write_text(json.dumps(scores))
+    if left_scores:  # an OOF scores.json left in place must never count as gold
+        (run / "scores.json").write_text(json.dumps(scores))
+
+
+def table(root: Path, *args: str, folds: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "ROOT": str(root), "FOLDS": folds}
+    return subprocess.run([sys.executable, str(TABLE), *args], env=env, capture_output=True,
+                          text=True)
+
+
+def test_round2_table_prints_each_levers_oof_and_big_rock_against_the_base(tmp_path):
+    fake_lever(tmp_path, "lever-e40", "res-ds-dice", [0, 1, 2], 0.70, 0.25, "-f012")
+    fake_lever(tmp_path, "lever-sample", "res-ds-sample", [0, 1, 2], 0.71, 0.31, "-f012",
+               left_scores=False)
+    out = table(tmp_path, "round2", "lever-e40", "lever-sample", folds="0,1,2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("| recipe | member | folds |") and len(lines) == 4
+    base, lever = (line.split(" | ") for line in lines[2:])
+    assert base[:3] == ["| lever-e40", "res-ds-dice", "0,1,2"]
+    assert base[4] == "30, 31, 32" and base[6] == "**70.00**" and base[9] == "**25.00**"
+    assert lever[1] == "res-ds-sample" and lever[6] == "**71.00**" and lever[5] == "70.00"
+    assert lever[7] == "+1.00" and lever[9] == "**31.00**" and lever[10] == "+6.00"
+    assert lever[-1] == "30 |"  # 3 folds x 10 min
+    # the `folds` table does not read the out-of-fold scores.json as gold
+    out = table(tmp_path, "folds", "lever-e40")
+    assert out.returncode == 0, out.stderr
+    assert "| lever-e40 | – | – | **–** |" in out.stdout
+
+
+def test_round2_table_refuses_levers_scored_on_other_folds(tmp_path):
+    fake_lever(tmp_path, "lever-e40", "res-ds-dice", [0, 1, 2, 3, 4], 0.70, 0.25)
+    fake_lever(tmp_path, "lever-focal", "res-ds-focal", [0, 1, 2], 0.69, 0.20)
+    out = table(tmp_path, "round2", "lever-e40", "lever-focal")
+    assert out.returncode != 0 and "same folds" in out.stderr
+    out = table(tmp_path, "round2", "lever-e40", "lever-focal", folds="0,1,2")
+    assert out.returncode != 0 and "scores-oof-f012.json: missing" in out.stderr
+
+
+TINY_LEVER = """folds = 3
+seed = 0
+[[members]]
+name = "tiny-sample"
+epochs = 1
+batch_size = 16
+[members.model]
+name = "unet-attn"
+args = { base_width = 4, depth = 2, aspp = true }
+[members.loss]
+terms = { focal = 1.0, lovasz = 1.0 }
+class_weights = "inverse_sqrt"
+class_scale = [1, 1, 1, 1, 2]
+ignore_background = true
+[members.sampling]
+factor = 3.0
+"""
+
+
+@pytest.mark.slow
+def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
+    """prepare -> train (FOLDS=0,1, the recipe's own epochs) -> oof -> table round2."""
+    write_synthetic(tmp_path / "d.npz", 120, 24, seed=1)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "lever-tiny.toml").write_text(TINY_LEVER)
+    env = {**os.environ, "CLI": str(Path(sys.executable).parent / "marsseg-cli"),
+           "NPZ": str(tmp_path / "d.npz"), "ROOT": str(tmp_path / "runs"),
+           "RECIPES": str(tmp_path / "recipes"), "EPOCHS": "", "FOLDS": "0,1",
+           "BACKEND": "eager", "RAY_AUTH_MODE": "disabled"}
+    for cmd in (["prepare"], ["train", "lever-tiny"], ["oof", "lever-tiny"]):
+        out = subprocess.run(["bash", str(SCRIPT), *cmd], env=env, capture_output=True, text=True,
+                             cwd=ROOT, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = tmp_path / "runs" / "lever-tiny"
+    oof = json.loads((run / "scores-oof-f01.json").read_text())
+    assert oof["mode"] == "oof" and sorted(oof["models"]) == ["tiny-sample/fold_0",
+                                                             "tiny-sample/fold_1"]
+    assert not (run / "scores.json").exists()  # no gold scores from a lever's OOF pass
+    done = json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text())
+    assert done["epochs"] == 1 and done["sampling"]["factor"] == 3.0
+    shutil.copytree(run, tmp_path / "runs" / "lever-tiny2")
+    out = table(tmp_path / "runs", "round2", "lever-tiny", "lever-tiny2", folds="0,1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[3].split(" | ")[7] == "+0.00"
