@@ -129,7 +129,7 @@ def bookkeeping_costs(member, tmp: Path, n_val: int, repeats: int) -> dict:
     (best of `repeats`) on the member's model after one optimizer step (AdamW moments exist)."""
     from marsseg import IMAGE_SHAPE, NUM_CLASSES
     from marsseg.checkpoint import save_state
-    from marsseg.dataparallel import make_accelerator
+    from marsseg.device import make_accelerator
     from marsseg.models.registry import build_model, save_pretrained
     from marsseg.runfolder import write_oof
 

@@ -34,7 +34,7 @@ def evaluate(
         from rich.console import Console
 
         from marsseg.evaluate import evaluate as run_evaluate
-        from marsseg.evaluate import format_table
+        from marsseg.evaluate import format_calibration, format_table
         from marsseg.inference import PredictConfig
 
         cfg = PredictConfig(tta=tta, tta_vflip=tta_vflip, batch_size=batch_size,
@@ -43,4 +43,5 @@ def evaluate(
         result = run_evaluate(ensemble, data, cfg=cfg, members=parse_list(members, "--members"),
                               folds=parse_list(folds, "--folds", int), split=split, progress=not quiet)
         Console(width=max(120, Console().width)).print(format_table(result))
+        print(format_calibration(result))
         print(f"scores: {result['path']}")

@@ -12,9 +12,10 @@ from rich.table import Table
 from marsseg.runfolder import ENSEMBLE, RunFolder
 
 from ._app import app, user_errors
+from .calibrate import print_calibration
 
 
-@app.command("select", help=f"Pick members and weights by out-of-fold mIoU and write them into {ENSEMBLE}.")
+@app.command("select", help=f"Pick members and weights by out-of-fold mIoU, fit temperatures for them (as calibrate does) and write both into {ENSEMBLE}.")
 def select(
     run: Annotated[Path, typer.Option("--run", "--ensemble", help=f"train-folds run folder (has {ENSEMBLE})")],
     data: Annotated[Path | None, typer.Option(help=f"prepared shard folder the run was trained on (default: recorded in {ENSEMBLE}); other data is refused")] = None,
@@ -32,3 +33,4 @@ def select(
             table.add_row(name, f"{100 * score:.2f}", f"{sel.weights.get(name, 0.0):.2f}")
         Console().print(table)
         print(f"selected ensemble OOF mIoU {100 * sel.oof_miou:.2f} -> {RunFolder(run).ensemble}")
+        print_calibration(sel.calibration, RunFolder(run).ensemble)

@@ -15,7 +15,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
-    device          the one authority on device and precision (the auto rule, autocast)
+    device          the one authority on device and precision (the auto rule, autocast, Accelerator)
     models/         networks: registry, U-Net, blocks; save_pretrained / load_pretrained
     losses metrics  losses (and a member's loss); the course metric and confusion matrices
     augment folds   training augmentation; seeded grouped k-fold splits and fold rows
@@ -31,7 +31,9 @@ Module map, lowest layer first; each module imports only from the ones above it
     oof             out-of-fold scores of finished folds: the run's ensemble file
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
-    ensemble        the loaded ensemble: fold networks and their weights
+    temperature     calibration: temperatures fitted on the out-of-fold files (calibrate),
+                    the ensemble file's calibration block, softmax(ln p / T)
+    ensemble        the loaded ensemble: fold networks and their weights and temperatures
     cache           a fold's conversion cache: manifest, verification before a load, prune
     backends        eager / compiled / OpenVINO networks, converted once per fold folder
     inference       the Predictor: an ensemble with flip TTA on batches of images
@@ -39,8 +41,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     submission      the submission CSV: writer, validator, reader
     predict         the predict command's driver: stream -> Predictor -> CSV (+ probs.h5)
     evaluate        scores of folds, ensemble and ensemble+TTA on labeled data
-    report          plots: confusion, per-class IoU, training curves, overlays
-    select          member weights by out-of-fold score (greedy forward selection)
+    report          plots: confusion, per-class IoU, training curves, overlays, reliability
+    select          member weights by out-of-fold score (greedy forward selection), then calibrate
     distill         one student network taught by a k-fold teacher ensemble
     synth           synthetic course-layout data for demos and tests
     cli/            the typer app, one file per command (installed as marsseg.cli)

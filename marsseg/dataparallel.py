@@ -1,5 +1,5 @@
 """Data-parallel folds without Ray: what a fold's loop needs when N processes train it
-(its Accelerator, the world it is in, global-batch BatchNorm, per-rank seeds).
+(the world it is in, global-batch BatchNorm, per-rank seeds; the Accelerator: `device`).
 
 `train.train_one_fold` runs the same in one process or in each of N processes of a
 torch.distributed group (Ray Train's TorchTrainer in `raytrain`, or `torchrun`):
@@ -22,24 +22,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import InputError
-
-
-def make_accelerator(precision: str, cpu: bool, split_batches: bool = False, log_with=None,
-                     project_dir=None):
-    """The fold's Accelerator. split_batches (data-parallel folds): each loader batch is the
-    global batch, and every process takes its 1/N slice of it (module docstring); with
-    `log_with` (trackers) its project_dir is the run folder."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState, PartialState
-
-    # One process may train several folds (--sequential, tests); accelerate keeps a
-    # process-wide singleton that refuses a second Accelerator with other settings.
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    extra = {"log_with": log_with, "project_dir": str(project_dir)} if log_with else {}
-    if split_batches:
-        extra["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
-    return Accelerator(mixed_precision=precision, cpu=cpu, **extra)
 
 
 def world() -> tuple[int, int]:

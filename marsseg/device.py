@@ -75,3 +75,21 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_accelerator(precision: str, cpu: bool, log_with=None, project_dir=None,
+                     split_batches: bool = False):
+    """A fold's Accelerator, which owns its device and precision; with `log_with` (accelerate
+    trackers, `tracking`) its project_dir is the run folder. split_batches (a data-parallel
+    fold, `dataparallel`): each loader batch is the global batch, every process takes 1/N."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, PartialState
+
+    # One process may train several folds (--sequential, tests); accelerate keeps a
+    # process-wide singleton that refuses a second Accelerator with other settings.
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    extra = {"log_with": log_with, "project_dir": str(project_dir)} if log_with else {}
+    if split_batches:
+        extra["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
+    return Accelerator(mixed_precision=precision, cpu=cpu, **extra)

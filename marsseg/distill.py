@@ -97,17 +97,22 @@ def _unlabeled(data: Path, asked: str | None) -> str:
     return asked
 
 
-def _check_run(run: RunFolder, plan: _Plan, recipe_text: str, pins: dict, recipe_path) -> None:
-    """Refuse a student run folder made with another recipe, options, teacher or data."""
-    run.check_target()
-    run.check_data(plan.fp)
+def _check_pins(run: RunFolder, recipe_path: Path, pins: dict) -> None:
+    """Refuse a student run folder made with another recipe or other options."""
     if run.recipe.exists():
         old = run.recipe.read_text()
-        if old != recipe_text or {**run.read_overrides(), "teacher": None} != {**pins,
-                                                                                 "teacher": None}:
+        if old != recipe_path.read_text() or {**run.read_overrides(), "teacher": None} != {
+                **pins, "teacher": None}:
             raise InputError(f"{run.recipe}: this student run folder was made with another "
                              f"recipe than {recipe_path} or other --epochs, --time-budget, --all "
                              "or --unlabeled; use a new --out (or the ones it was made with)")
+
+
+def _check_run(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> None:
+    """Refuse a student run folder made with another recipe, options, teacher or data."""
+    run.check_target()
+    run.check_data(plan.fp)
+    _check_pins(run, recipe_path, pins)
     if (run.path / TARGETS).exists():
         check_record(run.path / TARGETS, plan.teacher.sha256, plan.dataset_sha256, plan.unlabeled)
     for fold in (0, ALL):
@@ -136,8 +141,11 @@ def _plan(teacher: Path, data: Path, recipe_path: Path, opts: DistillOptions, sp
 
 
 def _start(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> None:
-    """The shared files of a new student run folder (under its lock)."""
+    """The shared files of a new student run folder (under its lock; another process may
+    have written them since the checks, so they are checked again)."""
     run.check_writable()
+    _check_pins(run, recipe_path, pins)
+    run.check_data(plan.fp)
     if not run.recipe.exists():
         write_json_atomic(run.overrides, {**pins, "teacher": str(plan.teacher.run.path)})
         with atomic_path(run.recipe) as tmp:
@@ -222,7 +230,7 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path,
     plan = _plan(teacher, data, recipe_path, options, split)
     run = RunFolder(out)
     pins = options.pins(plan.unlabeled)
-    _check_run(run, plan, recipe_path.read_text(), pins, recipe_path)
+    _check_run(run, plan, recipe_path, pins)
     m = plan.recipe.members[0]
     folds = [0, ALL] if options.all else [0]
     with contextlib.ExitStack() as held:

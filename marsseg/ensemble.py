@@ -20,6 +20,7 @@ from torch import nn
 from ._io import sha256_file
 from .errors import InputError
 from .runfolder import CONFIG, DONE, WEIGHTS, RunFolder, fold_name, verify_fold_folder
+from .temperature import Calibration
 
 
 @dataclass
@@ -32,6 +33,7 @@ class FoldModel:
     model: nn.Module
     path: Path
     sha256: str | None = None  # of the weights, as recorded in the ensemble file (if any)
+    temperature: float = 1.0   # its logits are divided by this before the softmax (calibration)
 
     @property
     def name(self) -> str:
@@ -44,6 +46,8 @@ class Ensemble:
 
     run_dir: Path
     models: list[FoldModel] = field(default_factory=list)
+    temperature: float = 1.0       # applied to the weighted average (calibration "ensemble")
+    calibration: str = "none"      # which temperatures apply: none | members | ensemble
 
     def __iter__(self) -> Iterator[tuple[nn.Module, float]]:
         return ((m.model, m.weight) for m in self.models)
@@ -78,13 +82,15 @@ def _load_fold(folder: Path, sha256: str | None, map_location) -> nn.Module:
 
 def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = None,
                   folds: Sequence[int] | None = None, map_location="cpu",
-                  verify: bool = True) -> Ensemble:
+                  verify: bool = True, calibrated: bool = True) -> Ensemble:
     """Load the fold models of a run folder.
 
     ``members`` defaults to the ensemble file's "selected" (else all members);
     ``folds`` filters fold numbers. A single fold folder (config + weights, no
     ensemble file) loads as a one-model ensemble.
     ``verify`` checks each weight file against the sha256 in the ensemble file.
+    ``calibrated``: the temperatures of the ensemble file's calibration apply (a file
+    without one, or False: T = 1).
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -97,6 +103,8 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
         return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
                                             int(cfg.get("fold", 0)), 1.0, model, run_dir)])
     spec = run.read_ensemble()
+    cal = Calibration.from_json(spec.get("calibration"), run.ensemble) if calibrated \
+        else Calibration()
     by_name = {m.get("name"): m for m in spec["members"]}
     if members:
         unknown = [m for m in members if m not in by_name]
@@ -126,7 +134,7 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     total = sum(w for _, w, _ in plan)
     if not plan or total <= 0:
         raise InputError(f"{run_dir}: no fold models selected")
-    out = Ensemble(run_dir)
+    out = Ensemble(run_dir, temperature=cal.ensemble_temperature, calibration=cal.applied)
     for name, w, f in plan:
         folder = run.fold_path(name, f)
         if verify and not f.get("sha256"):
@@ -134,5 +142,5 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
                              "weights cannot be checked; restore it (train-folds writes it)")
         model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
         out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
-                                    f.get("sha256")))
+                                    f.get("sha256"), cal.member_temperature(name)))
     return out

@@ -14,6 +14,10 @@ Two modes:
   the honest score when the test split has no masks; the data must be the data
   the run was made from.
 
+The ensemble rows use the run's calibration (`temperature`: member or ensemble
+temperatures, argmax essentially unchanged), as predict does; the scores file's
+"calibration" holds NLL, ECE and mIoU of the headline row without and with them.
+
 Results go to the run folder's scores file (atomic write, under the run's lock).
 """
 
@@ -38,6 +42,7 @@ from .ensemble import load_ensemble
 from .errors import InputError
 from .inference import PredictConfig, Predictor, forward_views, needs_conversion, to_labels
 from .metrics import (
+    CalibrationMeter,
     class_iou,
     confusion_matrix,
     course_miou,
@@ -46,7 +51,12 @@ from .metrics import (
     round_score,
 )
 from .runfolder import RunFolder
+from .temperature import apply_temperature
 from .tracking import log_group, score_values
+
+CALIBRATION_DEFINITION = (
+    "labeled pixels (truth 1-4), probabilities renormalised over classes 1-4; NLL in nats; "
+    "ECE over 15 equal-width bins of the top label's confidence (metrics.CalibrationMeter)")
 
 
 @dataclass
@@ -123,6 +133,9 @@ class _Pass:
         self.fold_m = {m.name: _Meter() for m in ens.models}
         self.fold_t = {m.name: _Meter() for m in ens.models}
         self.ens_m, self.ens_t = _Meter(), _Meter()
+        # the headline row (ensemble, +TTA when on) without and with the temperatures
+        self.raw = _Meter()
+        self.cal_before, self.cal_after = CalibrationMeter(), CalibrationMeter()
         self.img_ids: list[np.ndarray] = []
         self.img_scores: list[np.ndarray] = []
 
@@ -136,6 +149,7 @@ class _Pass:
         b = len(ids)
         acc_m = torch.zeros(b, NUM_CLASSES, *images.shape[1:], device=x.device)
         acc_t = torch.zeros_like(acc_m)
+        raw = torch.zeros_like(acc_m)  # acc_t (or acc_m) without any temperature
         cover = np.zeros(b)
         for fm, model in zip(self.ens.models, pred.models, strict=True):
             if oof:
@@ -151,8 +165,9 @@ class _Pass:
             sel = torch.from_numpy(np.flatnonzero(rows)).to(x.device)
             with autocast(pred.device, pred.precision):
                 ps = forward_views(model, x[sel] if oof else x, self.views)
-            plain = ps[0]
-            both = sum(ps[1:], ps[0].clone()) / len(ps) if self.tta else plain
+            raw.index_add_(0, sel, _mean(ps) * w)
+            ps = [apply_temperature(p, fm.temperature) for p in ps]  # argmax unchanged
+            plain, both = ps[0], _mean(ps)
             truth = masks[rows]
             self.fold_m[fm.name].update(self._labels(plain), truth)
             if self.tta:
@@ -164,11 +179,16 @@ class _Pass:
         if done.any():
             truth = masks[done]
             dsel = torch.from_numpy(np.flatnonzero(done)).to(x.device)
-            lab_m = self._labels(acc_m[dsel])
+            t_ens = self.ens.temperature
+            lab_m = self._labels(apply_temperature(acc_m[dsel], t_ens))
             self.ens_m.update(lab_m, truth)
-            lab_t = self._labels(acc_t[dsel]) if self.tta else lab_m
+            best = apply_temperature(acc_t[dsel], t_ens)
+            lab_t = self._labels(best) if self.tta else lab_m
             if self.tta:
                 self.ens_t.update(lab_t, truth)
+            self.raw.update(self._labels(raw[dsel]), truth)
+            self.cal_before.update(raw[dsel], truth)
+            self.cal_after.update(best, truth)
             self.img_ids.append(ids[done])
             self.img_scores.append(per_image_miou(lab_t, truth))
 
@@ -188,7 +208,22 @@ class _Pass:
         per = np.concatenate(self.img_scores) if self.img_scores else np.zeros(0)
         return {"rows": rows,
                 "confusion": best.full.tolist(),  # truth 0 kept, rows = truth, cols = prediction
-                "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]}}
+                "per_image": {"ids": ids.tolist(), "miou": [round_score(v) for v in per]},
+                "calibration": self._calibration(rows[-1])}
+
+    def _calibration(self, row: dict) -> dict:
+        """NLL, ECE and mIoU of the headline row without and with the run's temperatures."""
+        temps = {m.member: m.temperature for m in self.ens.models}
+        return {"applied": self.ens.calibration, "temperature": self.ens.temperature,
+                "members": temps if self.ens.calibration == "members" else {},
+                "row": row["name"], "definition": CALIBRATION_DEFINITION,
+                "before": {**self.cal_before.to_json(), "miou": self.raw.row("", "", False)["miou"]},
+                "after": {**self.cal_after.to_json(), "miou": row["miou"]}}
+
+
+def _mean(ps: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of the views' softmax (the first itself when there is one view)."""
+    return sum(ps[1:], ps[0].clone()) / len(ps) if len(ps) > 1 else ps[0]
 
 
 def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
@@ -305,3 +340,24 @@ def format_table(result: dict):
         style = "bold" if r["kind"] == "ensemble" else None
         t.add_row(*cells, style=style)
     return t
+
+
+def format_calibration(result: dict) -> str:
+    """One line: the headline row's NLL, ECE and mIoU without -> with the run's temperatures."""
+    c = result.get("calibration")
+    if not c:
+        return ""
+    b, a = c["before"], c["after"]
+
+    def num(v, scale=1.0, digits=4):
+        return "-" if v is None else f"{scale * v:.{digits}f}"
+
+    if c["applied"] == "ensemble":
+        how = f"ensemble T={c['temperature']:.3f}"
+    elif c["applied"] == "members":
+        how = "member T " + ", ".join(f"{m}={t:.3f}" for m, t in c["members"].items())
+    else:
+        how = "none: T=1 (run select or calibrate)"
+    return (f"calibration of {c['row']} ({how}), {b['pixels']} labeled pixels: "
+            f"NLL {num(b['nll'])} -> {num(a['nll'])}, ECE {num(b['ece'], 100, 2)}% -> "
+            f"{num(a['ece'], 100, 2)}%, mIoU {num(b['miou'], 100, 2)} -> {num(a['miou'], 100, 2)}")

@@ -2,8 +2,10 @@
 
 Per batch, the TTA views are stacked into ONE forward pass per model:
 ``cat([x, flip(x)])`` -> logits -> softmax -> each view flipped back -> mean.
-Member softmaxes are then averaged with their weights. No Ray and no files
-here: ``predict`` streams data through it, ``evaluate`` and ``report`` call it
+Member softmaxes are then averaged with their weights. The ensemble file's
+calibration enters here too: a member temperature on each model's views, or the
+ensemble temperature on the weighted average (`temperature.apply_temperature`).
+No Ray and no files here: ``predict`` streams data through it, ``evaluate`` and ``report`` call it
 directly, and ``backends`` turns its fold modules into the callables it runs.
 """
 
@@ -21,6 +23,7 @@ from .device import autocast, check_device, resolve_device, resolve_precision
 from .ensemble import Ensemble
 from .errors import InputError
 from .metrics import labeled_argmax
+from .temperature import apply_temperature
 
 #: flip dims of each TTA view: identity, horizontal; with vflip also vertical and both
 #: (the mirror group nnU-Net uses). Rover images have the sky on top, so vflip is opt-in.
@@ -67,9 +70,11 @@ class PredictConfig:
 
 
 def forward_views(model: nn.Module, x: torch.Tensor,
-                  views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> list[torch.Tensor]:
+                  views: Sequence[tuple[int, ...]] = VIEWS_HFLIP,
+                  temperature: float = 1.0) -> list[torch.Tensor]:
     """Softmax of each TTA view, flipped back, from ONE forward pass over the stacked views.
 
+    ``temperature``: the model's calibration (`temperature.apply_temperature`, logits / T).
     Shape: x float (B, 1, H, W) in 0..255 -> list of float32 (B, C, H, W), one per view.
     """
     b = x.shape[0]
@@ -77,18 +82,19 @@ def forward_views(model: nn.Module, x: torch.Tensor,
     logits = model(xx)
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
-    p = torch.softmax(logits.float(), dim=1)
+    p = apply_temperature(torch.softmax(logits.float(), dim=1), temperature)
     return [p[k * b:(k + 1) * b].flip(d) if d else p[k * b:(k + 1) * b]
             for k, d in enumerate(views)]
 
 
 def forward_tta(model: nn.Module, x: torch.Tensor,
-                views: Sequence[tuple[int, ...]] = VIEWS_HFLIP) -> torch.Tensor:
+                views: Sequence[tuple[int, ...]] = VIEWS_HFLIP,
+                temperature: float = 1.0) -> torch.Tensor:
     """Softmax of ``model`` averaged over TTA views, all views in one forward pass.
 
     Shape: x float (B, 1, H, W) in 0..255 -> probs float32 (B, C, H, W).
     """
-    ps = forward_views(model, x, views)
+    ps = forward_views(model, x, views, temperature)
     if len(ps) == 1:
         return ps[0]
     out = ps[0].clone()
@@ -138,6 +144,8 @@ class Predictor:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.weights = [m.weight for m in ensemble.models]
+        self.temperatures = [m.temperature for m in ensemble.models]
+        self.temperature = ensemble.temperature  # on the weighted average
         self.names = ensemble.names
         self.views = cfg.views
         self.backend = B.resolve(cfg.backend, self.device, cfg.compile, self.precision)
@@ -156,10 +164,12 @@ class Predictor:
 
     @torch.inference_mode()
     def model_probs(self, images: np.ndarray) -> list[torch.Tensor]:
-        """Per-model TTA-averaged softmax, each float32 (B, C, H, W) on the device."""
+        """Per-model TTA-averaged softmax (member temperatures applied), each float32
+        (B, C, H, W) on the device."""
         x = self.to_input(images)
         with autocast(self.device, self.precision):
-            return [forward_tta(m, x, self.views) for m in self.models]
+            return [forward_tta(m, x, self.views, t)
+                    for m, t in zip(self.models, self.temperatures, strict=True)]
 
     @torch.inference_mode()
     def __call__(self, ids: np.ndarray, images: np.ndarray, *, want_probs: bool = False,
@@ -170,11 +180,12 @@ class Predictor:
         each = []
         probs = None
         with autocast(self.device, self.precision):
-            for m, w in zip(self.models, self.weights, strict=True):
-                p = forward_tta(m, x, self.views)
+            for m, w, t in zip(self.models, self.weights, self.temperatures, strict=True):
+                p = forward_tta(m, x, self.views, t)
                 if need_each:
                     each.append(to_labels(p, self.cfg.classes))
                 probs = p * w if probs is None else probs.add_(p, alpha=w)
+        probs = apply_temperature(probs, self.temperature)
         labels = to_labels(probs, self.cfg.classes)
         out = BatchResult(np.asarray(ids, dtype=np.int64), labels.cpu().numpy())
         if want_probs:

@@ -136,3 +136,79 @@ class ConfusionMeter:
         cm = self.cm.copy()
         cm[0, :] = 0
         return pixel_accuracy(cm)
+
+
+# --- calibration: NLL and expected calibration error over labeled pixels ----------------------
+
+#: equal-width confidence bins of the expected calibration error (Guo et al. 2017)
+ECE_BINS = 15
+#: the smallest probability whose log is taken: the smallest positive float16, the
+#: resolution of the probabilities in oof.h5 and probs.h5 (a stored 0 means "below it")
+PROB_FLOOR = 2.0 ** -24
+
+
+class CalibrationMeter:
+    """Negative log-likelihood and expected calibration error over labeled pixels, by batch.
+
+    Only pixels whose truth is 1..4 count (the course drops truth 0). p' are the
+    probabilities renormalised over classes 1..4, p'(c) = p(c) / sum_{1..4} p, each p
+    floored at `PROB_FLOOR` first. Why classes 1..4: a labeled pixel's truth is never 0,
+    submissions take the argmax over 1..4, and recipes that ignore background leave
+    class 0's output untrained.
+
+    - NLL = mean over labeled pixels of -ln p'(truth) (nats);
+    - the top label is argmax_{c in 1..4} p'(c) (`labeled_argmax`), its confidence
+      max_c p'(c) (so in [1/4, 1]), correct when the top label is the truth;
+    - ECE = sum_b (n_b / N) |acc_b - conf_b| over 15 equal-width bins of confidence on
+      [0, 1], bin b holding (b/15, (b+1)/15] (0 goes to bin 0); acc_b and conf_b are
+      the bin's share correct and mean confidence, n_b its pixels, N all labeled pixels.
+      0 for a perfectly calibrated predictor (in the limit of many pixels).
+    """
+
+    def __init__(self, bins: int = ECE_BINS):
+        self.bins = bins
+        self.count = np.zeros(bins, np.float64)
+        self.conf = np.zeros(bins, np.float64)
+        self.correct = np.zeros(bins, np.float64)
+        self.nll_sum = 0.0
+
+    def update(self, probs, truth) -> None:
+        """probs (B, 5, H, W) probabilities (torch or numpy, any positive scale; each floored
+        at `PROB_FLOOR`); truth (B, H, W) integer labels 0..4."""
+        p = torch.as_tensor(probs)[:, 1:].float().clamp_min(PROB_FLOOR)  # (B, 4, H, W)
+        t = torch.as_tensor(truth).to(p.device).long()
+        w = (t > 0).double().reshape(-1)
+        total = p.sum(1)
+        conf, top = p.max(1)
+        conf = (conf / total).double().reshape(-1)
+        right = (top + 1 == t).double().reshape(-1)
+        p_truth = p.gather(1, (t - 1).clamp_min(0)[:, None])[:, 0] / total
+        self.nll_sum -= float((p_truth.double().log().reshape(-1) * w).sum())
+        b = (conf * self.bins).ceil().long().sub_(1).clamp_(0, self.bins - 1)
+        for acc, v in ((self.count, w), (self.conf, conf * w), (self.correct, right * w)):
+            acc += torch.bincount(b, v, minlength=self.bins).cpu().numpy()
+
+    @property
+    def pixels(self) -> int:
+        return int(self.count.sum())
+
+    def nll(self) -> float:
+        return self.nll_sum / self.pixels if self.pixels else float("nan")
+
+    def ece(self) -> float:
+        n = self.pixels
+        return float(np.abs(self.correct - self.conf).sum() / n) if n else float("nan")
+
+    def reliability(self) -> dict:
+        """Per bin: pixels, mean confidence and accuracy (None where empty); the bin edges."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            conf = np.where(self.count > 0, self.conf / self.count, np.nan)
+            acc = np.where(self.count > 0, self.correct / self.count, np.nan)
+        return {"edges": [round(b / self.bins, 6) for b in range(self.bins + 1)],
+                "pixels": self.count.astype(np.int64).tolist(),
+                "confidence": [round_score(v) for v in conf],
+                "accuracy": [round_score(v) for v in acc]}
+
+    def to_json(self) -> dict:
+        return {"nll": round_score(self.nll()), "ece": round_score(self.ece()),
+                "pixels": self.pixels, "bins": self.reliability()}

@@ -228,6 +228,12 @@ def predict_probs(run_dir: str | os.PathLike, data: str | os.PathLike, *,
             np.concatenate([r.disagreement for r in res]))
 
 
+def _calibration(ensemble: Ensemble) -> dict:
+    """Which temperatures the probabilities carry (the probs file's "calibration" attribute)."""
+    return {"applied": ensemble.calibration, "temperature": ensemble.temperature,
+            "members": {m.member: m.temperature for m in ensemble.models}}
+
+
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
             cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
@@ -267,7 +273,8 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
         if want:
             pw = _ProbsWriter(probs_path, total, {
                 "models": json.dumps(names), "views": json.dumps(cfg.views),
-                "classes": cfg.classes, "precision": precision})
+                "classes": cfg.classes, "precision": precision,
+                "calibration": json.dumps(_calibration(ensemble))})
         with SubmissionWriter(out_csv, expected_rows=total, defer=True) as w, \
                 progress_bar(total, "predict", progress) as advance:
             for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,

@@ -1,4 +1,5 @@
-"""Plots of a run: confusion matrix, per-class IoU, training curves, best/worst overlays.
+"""Plots of a run: confusion matrix, per-class IoU, training curves, best/worst overlays,
+reliability diagrams (calibration before and after the run's temperatures).
 
 Figures are built with ``matplotlib.figure.Figure`` (Agg canvas, no pyplot
 global state) and written atomically. Scores come from ``evaluate`` on the
@@ -95,6 +96,64 @@ def plot_iou(rows: Sequence[dict], path: Path) -> Path:
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_reliability(panels: Sequence[tuple[str, dict, dict]], path: Path) -> Path | None:
+    """Reliability diagrams: accuracy against confidence per bin, before and after calibration.
+
+    ``panels``: (title, before, after), each of the two a `metrics.CalibrationMeter.to_json()`
+    (with its "bins"); one panel each. The diagonal is perfect calibration; the grey
+    bars show each bin's share of the labeled pixels (right axis).
+    """
+    if not panels:
+        return None
+    fig = _figure(5.0 * len(panels), 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, before, after) in zip(axes, panels, strict=True):
+        edges = np.array(before["bins"]["edges"])
+        share = ax.twinx()
+        px = np.array(after["bins"]["pixels"], float)
+        share.bar(edges[:-1], px / max(px.sum(), 1), width=np.diff(edges), align="edge",
+                  color="#dddddd", zorder=0)
+        share.set_ylabel("share of pixels (after)", fontsize=8, color="#888888")
+        share.set_ylim(0, 1)
+        ax.set_zorder(share.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls=":", label="perfect calibration")
+        for m, name, color in ((before, "before", "#999999"), (after, "after", "#1f4e79")):
+            conf, acc = (np.array([np.nan if v is None else v for v in m["bins"][k]], float)
+                         for k in ("confidence", "accuracy"))
+            ok = np.isfinite(conf) & np.isfinite(acc)
+            ece = "-" if m.get("ece") is None else f"{100 * m['ece']:.2f}%"
+            ax.plot(conf[ok], acc[ok], marker="o", ms=3.5, color=color,
+                    label=f"{name}: ECE {ece}, NLL {m.get('nll') or float('nan'):.3f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence of the top label (classes 1-4)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.suptitle("reliability: labeled pixels, 15 equal-width confidence bins")
+    return _save(fig, path)
+
+
+def reliability_panels(run_dir: Path, scores: dict | None) -> list[tuple[str, dict, dict]]:
+    """The panels `plot_reliability` draws: the scored data (scores' "calibration") and the
+    out-of-fold fit set (the ensemble file's "calibration"), where present."""
+    panels = []
+    c = (scores or {}).get("calibration")
+    if c and c["before"].get("bins") and c["before"]["pixels"]:
+        what = "out-of-fold" if scores.get("mode") == "oof" else scores.get("split", "")
+        panels.append((f"{c['row']} on {what} data (T: {c['applied']})", c["before"],
+                       c["after"]))
+    run = RunFolder(run_dir)
+    cal = run.read_ensemble().get("calibration") if run.ensemble.is_file() else None
+    oof = (cal or {}).get("oof") or {}
+    if cal and oof.get("none") and oof.get(cal.get("applied")):
+        panels.append((f"ensemble out of fold, the fit set (T: {cal['applied']})", oof["none"],
+                       oof[cal["applied"]]))
+    return panels
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
@@ -341,6 +400,9 @@ def _write_plots(run_dir, out_dir, data, cfg, members, folds, scores, n_overlays
             f"{scores['split']} split "
             f"(mIoU {100 * (best['miou'] or 0):.2f}; rows: truth)")))
         files.append(str(plot_iou(scores["rows"], out_dir / "iou.png")))
+    reliability = plot_reliability(reliability_panels(run_dir, scores), out_dir / "reliability.png")
+    if reliability:
+        files.append(str(reliability))
     if scores and data is not None and scores["per_image"]["ids"]:
         ids = np.array(scores["per_image"]["ids"], np.int64)
         s = np.array([np.nan if v is None else v for v in scores["per_image"]["miou"]])

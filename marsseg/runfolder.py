@@ -421,12 +421,22 @@ def write_oof(path: Path, ids, probs) -> None:
             raise InputError(f"{path}: does not read back as written (a full or failing disk?)")
 
 
-def read_oof(path: Path):
-    """(ids, probs) of a fold's out-of-fold file; unreadable = InputError naming it."""
+def oof_chunks(path: Path, rows: int | None = 64):
+    """Yield (ids i64 (b,), probs f16 (b,5,H,W)) of a fold's out-of-fold file, ``rows`` images at
+    a time (None: all in one); unreadable or misshapen = InputError naming it."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return f["ids"][()], f["probs"][()]
+            ids, probs = f["ids"], f["probs"]
+            if probs.ndim != 4 or len(probs) != len(ids):
+                raise InputError(f"{path}: out-of-fold probs of shape {probs.shape} for {len(ids)} ids")
+            for s in range(0, max(len(ids), 1), rows or max(len(ids), 1)):
+                yield ids[s:s + (rows or len(ids))], probs[s:s + (rows or len(ids))]
     except (OSError, KeyError) as e:
         raise InputError(f"{path}: unreadable out-of-fold file ({e})") from None
+
+
+def read_oof(path: Path):
+    """(ids, probs) of a fold's out-of-fold file, whole (`oof_chunks` streams it)."""
+    return next(oof_chunks(path, None))

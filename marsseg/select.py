@@ -10,6 +10,7 @@ out-of-fold predictions that train-folds wrote into the run folder, never test m
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, labeled_argmax
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
+from .temperature import Calibration, calibrate_into
 from .tracking import log_group
 
 
@@ -28,6 +30,7 @@ class Selection:
     oof_miou: float                # OOF course mIoU of the weighted ensemble
     single: dict[str, float]       # member -> its own OOF course mIoU
     trace: list[dict]              # one entry per greedy step
+    calibration: Calibration | None = None  # the temperatures fitted for these weights
 
 
 def load_oof(run: RunFolder, member: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +93,8 @@ def select_members(oof: dict[str, np.ndarray], masks: np.ndarray, max_steps: int
 
 def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
                data: Path | None = None, max_steps: int | None = None) -> Selection:
-    """Select members of a run folder by OOF score and write the choice into its ensemble file.
+    """Select members of a run folder by OOF score and write the choice into its ensemble file,
+    with the temperatures fitted for the chosen weights (`temperature.calibrate_into`).
 
     `data` defaults to the shard folder the run recorded; other data is refused.
     """
@@ -108,11 +112,13 @@ def select_run(run_dir: Path, masks_by_id: dict[int, np.ndarray] | None = None,
     with run.lock(LOCK_WAIT):
         ens = run.read_ensemble()  # as it is now, under the lock
         sel = _select_into(run, ens, split, data, max_steps)
+        cal = calibrate_into(run, ens, split)  # for these weights
+        ens["calibration"] = cal.to_json()
         run.write_ensemble(ens)
     log_group(run.path, {"select/oof_miou": sel.oof_miou,
                          **{f"select/oof_miou/{m}": v for m, v in sel.single.items()},
                          **{f"select/weight/{m}": w for m, w in sel.weights.items()}})
-    return sel
+    return dataclasses.replace(sel, calibration=cal)
 
 
 def _select_into(run: RunFolder, ens: dict, split, data: Path, max_steps: int | None) -> Selection:

@@ -157,7 +157,9 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
         try:
             missing = _fill_labeled(teacher, f, split.ids) if labeled else len(split.ids)
             if len(ids_u):
-                pred = Predictor(load_ensemble(teacher.run.path), cfg)
+                # raw softmax, like the out-of-fold targets (a calibration is not in the
+                # teacher's sha256, so calibrated targets could also go stale)
+                pred = Predictor(load_ensemble(teacher.run.path, calibrated=False), cfg)
                 if log:
                     log(f"teacher: {len(pred.models)} models x {len(cfg.views)} views on "
                         f"{len(ids_u)} {unlabeled} images")

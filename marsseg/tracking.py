@@ -179,6 +179,12 @@ def fold_config(spec: TrackingSpec, recipe, member, fold: int, precision: str, d
     return {k: _param(v) for k, v in cfg.items()}
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _slug(name: str) -> str:
     return name.lower().replace(" ", "_")
 
@@ -233,11 +239,14 @@ class FoldRun:
                                    id=self.record["wandb_id"], resume="allow", dir=s.run_dir)
         return name  # another accelerate tracker: its own defaults, project = the fold's name
 
-    def start(self, accelerator, config: dict, rows: list[dict]) -> None:
-        """Start the trackers (main process only), log `config` to those new to this fold,
-        then any metrics rows a crash kept from being logged."""
+    def start(self, f, metrics) -> None:
+        """Start the trackers of fold setup `f` (main process only), log its config to those
+        new to this fold, then the rows of `metrics()` a crash kept from being logged."""
+        accelerator = f.accelerator
         if not accelerator.is_main_process:
             return
+        config = fold_config(self.spec, f.recipe, f.member, f.fold, f.precision,
+                             str(accelerator.device), torch_threads())
         self.accelerator = accelerator
         _quiet_network()
         if self.spec.mlflow_uri:
@@ -255,7 +264,7 @@ class FoldRun:
         if "mlflow" in self.spec.trackers:
             self.record["mlflow_run_id"] = accelerator.get_tracker("mlflow").tracker.info.run_id
         self._save()
-        for row in rows:
+        for row in metrics():
             if row["epoch"] > self.record.get("logged_epoch", -1):
                 self.epoch(row)
 
@@ -311,7 +320,7 @@ class NoRun:
 
     log_with = None
 
-    def start(self, accelerator, config: dict, rows: list[dict]) -> None:
+    def start(self, f, metrics) -> None:
         pass
 
     def epoch(self, row: dict) -> None:

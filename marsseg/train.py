@@ -49,8 +49,8 @@ from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
 from .data.sampling import RareClassSampler, holds_class
-from .dataparallel import check_batch, make_accelerator, rank_seed, sync_batchnorm, world
-from .device import resolve_precision
+from .dataparallel import check_batch, rank_seed, sync_batchnorm, world
+from .device import make_accelerator, resolve_precision
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
 from .losses import make_loss
@@ -58,7 +58,7 @@ from .metrics import labeled_argmax, round_score
 from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
-from .tracking import TrackingSpec, fold_config, fold_run
+from .tracking import TrackingSpec, fold_run
 from .validation import predict_oof, to_model_input, validate
 
 if TYPE_CHECKING:
@@ -129,10 +129,9 @@ def _sampler(m: MemberConfig, masks: np.ndarray, gen: torch.Generator,
 
 def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, precision: str,
             compile: bool, teaching: Teaching | None, pseudo: bool, log_with=None) -> FoldSetup:
-    """Splits, accelerator, model (seeded), optimizer, loaders, loss and rock sources of a fold
-    (with `teaching`: the training loader streams the teacher's targets too; with `pseudo`
-    the training part gets the run's pseudo-labelled unlabeled images; `log_with`: the
-    accelerator's trackers, `tracking.FoldRun`)."""
+    """Splits, accelerator (with `log_with`'s trackers), model (seeded), optimizer, loaders, loss
+    and rock sources of a fold (with `teaching`: the training loader streams the teacher's
+    targets too; with `pseudo` the training part gets the run's pseudo-labelled images)."""
     from .models.registry import build_model
 
     use_cuda = torch.cuda.is_available()
@@ -355,8 +354,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     compile: torch.compile the model's forward (nn.Module.compile: state dicts unchanged).
     Not a train-folds option: `make bench` (BENCH_TRAIN_COMPILE=1) measured 0.89x eager
     on this CPU after the first epoch, under issue 10's 1.2x bar; kept for that bench.
-    tracking: log the fold to accelerate's trackers as run `member/fold_k` (`tracking`).
-    Returns the done dict. A finished fold returns it at once (its weights checked);
+    tracking: log to accelerate's trackers as run `member/fold_k`. Returns the done dict. A finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
     t_start = time.perf_counter()
@@ -378,11 +376,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
            n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
            device=str(f.accelerator.device))
     with track:  # ends the tracked run however the fold ends
-        if tracking is not None:
-            track.start(f.accelerator, fold_config(tracking, recipe, m, fold, f.precision,
-                                                   str(f.accelerator.device),
-                                                   torch.get_num_threads()),
-                        read_metrics(f.fold_dir / METRICS))
+        track.start(f, lambda: read_metrics(f.fold_dir / METRICS))
         return _epochs(f, state, resumed_from, report, track, run, t_start, threads_fn)
 
 
@@ -390,7 +384,6 @@ def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report:
             track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
     """The epochs left to train, then `_finish`; returns the done dict."""
     m = f.member
-
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
     best_probs = None

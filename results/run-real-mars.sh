@@ -3,7 +3,7 @@
 #   results/run-real-mars.sh prepare            # shards from ../shared/data/real-mars/real_mars.npz
 #   results/run-real-mars.sh train RECIPE...    # 5-fold train-folds at the CPU budget, resumable
 #   FOLDS=0,1 results/run-real-mars.sh train RECIPE...   # only some folds
-#   results/run-real-mars.sh score RECIPE...    # select (multi-member), evaluate OOF and gold, with and without TTA
+#   results/run-real-mars.sh score RECIPE...    # select (multi-member) or calibrate, evaluate OOF and gold, with and without TTA
 #   results/run-real-mars.sh oof RECIPE...      # OOF only (issue 18's levers: chosen by OOF, gold once at the end)
 #   FOLDS=0,1,2 EPOCHS=40 results/run-real-mars.sh train lever-sample   # a round-2 lever, 3 folds
 #   FOLDS=0,1,2 results/run-real-mars.sh oof lever-e40 lever-sample     # -> scores-oof-f012.json
@@ -55,7 +55,8 @@ case "$cmd" in
   score)
     for r in "$@"; do
       n=$(python3 -c "import json,sys;print(len(json.load(open(sys.argv[1]))['members']))" "$ROOT/$r/ensemble.json")
-      if [ "$n" -gt 1 ]; then $CLI select --run "$ROOT/$r"; fi
+      # select fits the temperatures for the weights it picks; a single member is calibrated alone
+      if [ "$n" -gt 1 ]; then $CLI select --run "$ROOT/$r"; else $CLI calibrate --run "$ROOT/$r"; fi
       # out-of-fold (every training crop by the fold that did not see it), kept aside,
       # then the gold crops (scores.json, what results/table.py reads)
       oof "$r"

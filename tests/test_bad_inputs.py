@@ -124,6 +124,15 @@ def _weight(value: str):
     return edit
 
 
+def _calibration(block):
+    """ensemble.json with a "calibration" block (NaN and Infinity written as JSON allows them)."""
+    def edit(run: Path) -> None:
+        spec = json.loads((run / "ensemble.json").read_text())
+        spec["calibration"] = block
+        (run / "ensemble.json").write_text(json.dumps(spec))
+    return edit
+
+
 def _copy_with(what: str, edit):
     """A copy of the world's `what` folder ("shards" or "run") with `edit(folder)` applied."""
     def setup(w, tmp):
@@ -528,6 +537,21 @@ ROWS = [
         "members[0].weight"),
     row("evaluate-weight-infinity", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
         run_with(_weight("Infinity")), "members[0].weight"),
+    row("predict-temperature-negative", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
+                                         "--out", "{tmp}/s.csv"],
+        run_with(_calibration({"applied": "ensemble", "temperature": -1.0})),
+        "calibration.temperature"),
+    row("evaluate-temperature-nan", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],
+        run_with(_calibration({"applied": "ensemble", "temperature": float("nan")})),
+        "calibration.temperature"),
+    row("report-member-temperature-0", ["report", "--ensemble", "{bad}", "--data", "{shards}",
+                                        "--out", "{tmp}/rep"],
+        run_with(_calibration({"applied": "members", "members": {"a": 0}})),
+        "calibration.members.a"),
+    row("calibrate-no-run-folder", ["calibrate", "--run", "{tmp}/none"], None,
+        "{tmp}/none: run folder does not exist"),
+    row("calibrate-no-oof", ["calibrate", "--run", "{run}", "--data", "{shards}"], None,
+        "{run}/a/fold_0/oof.h5: unreadable out-of-fold file"),
     row("evaluate-test-shard-edited", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
         shards_with_label("test", None, rehash=False), "{shard}: sha256 differs"),
     # issue 19: names from ensemble.json and dataset.json stay inside their folder
@@ -671,7 +695,7 @@ def test_bad_input_is_one_line_and_exit_2(world, tmp_path, argv, setup, names):
 def test_the_table_covers_every_command():
     commands = {p.values[0][0] for p in ROWS}
     assert {"synth", "prepare", "inspect", "train-folds", "predict", "evaluate", "report",
-            "select", "distill"} <= commands
+            "select", "calibrate", "distill"} <= commands
     assert len(ROWS) >= 40
 
 

@@ -27,13 +27,8 @@ from marsseg import train as train_mod
 from marsseg.cli import app
 from marsseg.config import load_recipe
 from marsseg.data.loaders import make_loaders
-from marsseg.dataparallel import (
-    GlobalBatchNorm2d,
-    check_batch,
-    make_accelerator,
-    rank_seed,
-    sync_batchnorm,
-)
+from marsseg.dataparallel import GlobalBatchNorm2d, check_batch, rank_seed, sync_batchnorm
+from marsseg.device import make_accelerator
 from marsseg.errors import InputError
 from marsseg.models.registry import build_model
 from marsseg.orchestrate import RunOptions

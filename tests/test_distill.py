@@ -168,6 +168,15 @@ def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
         run_distill(world, tmp_path / "s", epochs=2)
 
 
+def test_time_budget_decides_the_selection_runs_epochs(world, tmp_path):
+    ens = run_distill(world, tmp_path / "s", time_budget=30.0)
+    budget = json.loads((tmp_path / "s/student/fold_0/budget.json").read_text())
+    done = json.loads((tmp_path / "s/student/fold_0/done.json").read_text())
+    assert budget["epochs"] == done["epochs"] >= 1 and ens["selected"] == ["student"]
+    with pytest.raises(InputError, match="--time-budget"):  # pinned in the run folder
+        run_distill(world, tmp_path / "s", epochs=1)
+
+
 def test_gold_masks_are_never_read(world, tmp_path):
     """Test masks that every read would refuse (label 9, dataset.json rehashed) change nothing."""
     bad = tmp_path / "shards"

@@ -106,9 +106,9 @@ def test_report_with_data(world, tmp_path):
     res = report(world["run"], out, data=world["npz"], cfg=CFG, n_overlays=2)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["confusion.png", "iou.png", "overlays_best.png", "overlays_worst.png",
-                     "training_curves.png"]
+                     "reliability.png", "training_curves.png"]
     assert all(_is_png(out / n) for n in names)
-    assert len(res["files"]) == 5
+    assert len(res["files"]) == 6
 
 
 def test_report_oof_and_from_scores_json(world, tmp_path):
@@ -119,7 +119,7 @@ def test_report_oof_and_from_scores_json(world, tmp_path):
                             str(tmp_path / "rep"), "-q"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
-        "confusion.png", "iou.png", "training_curves.png"]
+        "confusion.png", "iou.png", "reliability.png", "training_curves.png"]
 
 
 def test_report_bad_out_is_exit_2(world, tmp_path):
