@@ -70,6 +70,7 @@ def run(quick: bool = False) -> dict:
     from marsseg.device import cpu_bf16_fast
     from marsseg.ensemble import load_ensemble
     from marsseg.inference import PredictConfig, Predictor
+    from marsseg.quantize import CALIBRATION_IMAGES
 
     members = 2 if quick else 5
     width = 8 if quick else 32
@@ -83,7 +84,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         run_dir = _make_run(d / "run", members, {"base_width": width})
-        shards = _shards(d, B.CALIBRATION_IMAGES if not quick else 32, n)
+        shards = _shards(d, CALIBRATION_IMAGES if not quick else 32, n)
         images = load_split(shards, "test").images[:n]
 
         def factory(backend, precision, bs=batch):

@@ -4,6 +4,8 @@ Every way a command can end badly is one line on stderr and a fixed exit code:
 
 - bad input (our ``InputError``, and click's own usage errors: a missing option,
   ``--batch-size x``, an unknown command): ``error: ...``, exit 2;
+- a run stopped from outside (``RunError``: a worker killed for memory): ``error: ...``,
+  exit 1;
 - Ctrl-C (SIGINT): ``interrupted``, exit 130;
 - SIGTERM (``scancel``, ``timeout``, ``kill``): ``terminated``, exit 143.
 
@@ -22,8 +24,9 @@ import threading
 import typer
 from typer.core import TyperGroup
 
-from marsseg.errors import InputError
+from marsseg.errors import InputError, RunError
 
+EXIT_RUN = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -120,13 +123,17 @@ def _sigterm_raises():
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad input -> one line on stderr, exit 2; Ctrl-C -> exit 130; SIGTERM -> exit 143."""
+    """Bad input -> one line on stderr, exit 2; a RunError -> one line, exit 1; Ctrl-C ->
+    exit 130; SIGTERM -> exit 143."""
     try:
         with _sigterm_raises():
             yield
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT) from None
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_RUN) from None
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated) or _sigterm_seen.is_set():
             print("terminated", file=sys.stderr)

@@ -3,9 +3,9 @@
 Module map, lowest layer first; each module imports only from the ones above it
 (`tests/test_layering.py` fails on an import cycle, function-local imports included)::
 
-    errors          InputError: bad input, one line, exit code 2
+    errors          InputError: bad input, one line, exit code 2; RunError: stopped from outside, exit 1
     _io _lock       atomic writes, sha256, the name rule and confined paths, free space,
-                    dead writers' leftovers; file locks
+                    dead writers' leftovers; file and folder locks
     _progress       the terminal: training board, progress bar, a fold's progress events
     _cores          idle-core sharing between the folds of one node
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
@@ -35,6 +35,7 @@ Module map, lowest layer first; each module imports only from the ones above it
                     the ensemble file's calibration block, softmax(ln p / T)
     ensemble        the loaded ensemble: fold networks and their weights and temperatures
     cache           a fold's conversion cache: manifest, verification before a load, prune
+    quantize        int8 calibration images in the static shape
     backends        eager / compiled / OpenVINO networks, converted once per fold folder
     inference       the Predictor: an ensemble with flip TTA on batches of images
     teacher         a teacher run's targets, made once: out-of-fold and TTA probabilities

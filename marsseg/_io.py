@@ -29,9 +29,27 @@ _CANNOT_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+#: longest name: a member name becomes a folder and part of file names (255 bytes at most)
+NAME_MAX = 100
+
+
 def valid_name(name) -> bool:
-    """True when `name` is a string that follows `NAME_RE` in full."""
-    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+    """True when `name` is a string of at most `NAME_MAX` characters that follows `NAME_RE`
+    in full."""
+    return name_problem(name) is None
+
+
+def name_problem(name) -> str | None:
+    """Why `name` breaks the name rule (one phrase), or None when it follows it."""
+    if not isinstance(name, str):
+        return f"{name!r} is not a string"
+    if len(name) > NAME_MAX:
+        return (f"{name[:20]!r}... is not a valid name: {len(name)} characters long, "
+                f"at most {NAME_MAX}")
+    if not NAME_RE.fullmatch(name):
+        return (f"{name!r} is not a valid name (letters, digits, '_', '-', '.', starting "
+                "with a letter or a digit: it names a folder)")
+    return None
 
 
 def inside(folder: str | os.PathLike, rel: str | os.PathLike, what: str) -> Path:

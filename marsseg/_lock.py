@@ -73,3 +73,26 @@ def file_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
                 os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, shared: bool, busy: str) -> Iterator[None]:
+    """Hold a flock on the folder itself (no file is written into it, so a read-only
+    folder can be locked): shared by its readers, exclusive by the one process that
+    replaces it. A conflicting holder is an InputError `busy`, at once (never a wait)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot open ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(busy) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.warning("%s: this filesystem has no locks; not locking", folder)
+        yield
+    finally:
+        os.close(fd)

@@ -12,8 +12,10 @@
 - ``auto``: eager on a GPU; on a CPU openvino when it is installed, else eager (see
   ``resolve``).
 
-Every converted network has ONE static input shape, (batch x views, 1, H, W): a
-shorter batch is padded with zero images and the padding rows dropped (rows never
+Every converted network has ONE static input shape, (batch x views, 1, H, W), where
+batch is ``static_batch``: the batch size, or for fewer images the next power of two
+at or above their count (a few cached sizes; 8 images never build a network for
+5,000). A shorter batch is padded with zero images and the padding rows dropped (rows never
 mix: BN runs in eval mode and the input norm is per image), a longer one is run in
 chunks, so nothing recompiles. Conversions cost seconds to minutes, so they are
 paid once per fold folder: ``<fold>/cache/<backend>-<precision>-<sha16>-b<n>.<ext>``
@@ -39,12 +41,12 @@ from torch import nn
 from . import cache as C
 from ._io import no_space, sha256_file
 from .errors import InputError
+from .quantize import calibration
 from .runfolder import WEIGHTS
 
 BACKENDS = ("auto", "eager", "compile", "openvino", "openvino-int8")
 #: optional package of each backend that needs one, and the extra that installs it
 NEEDS = {"openvino": ("openvino",), "openvino-int8": ("openvino", "nncf")}
-CALIBRATION_IMAGES = 256
 
 Log = Callable[[str], None] | None
 
@@ -103,6 +105,14 @@ def resolve(name: str, device: torch.device, compile_flag: bool = False,
 
 
 # --------------------------------------------------------------------------- static shape
+
+
+def static_batch(batch_size: int, n_images: int | None = None) -> int:
+    """The one batch a converted network is built for: ``batch_size``, or, when only
+    ``n_images`` (< batch_size) will be predicted, the next power of two at or above it."""
+    if n_images is None or n_images >= batch_size:
+        return batch_size
+    return min(batch_size, 1 << max(n_images - 1, 0).bit_length())
 
 
 class StaticRunner:
@@ -213,15 +223,19 @@ def _compile_fold(model: nn.Module, example: torch.Tensor, precision: str, out: 
 
 def _load_compiled(package: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     """Load a verified .pt2 from its bytes: they go to a private folder first, so what
-    torch loads (a native library) is exactly what was hashed."""
+    torch loads (a native library) is exactly what was hashed, and the folder (with what
+    the loader unpacked into it) is removed whether the load works or fails."""
     import shutil
     import tempfile
+    from unittest import mock
 
     folder = tempfile.mkdtemp(prefix="marsseg-pt2-")  # mode 0700
     try:
         path = Path(folder) / "model.pt2"
         path.write_bytes(package)
-        return torch._inductor.aoti_load_package(str(path))
+        # the loader unpacks into $TMPDIR/aotinductor_* and leaves it there when it fails
+        with mock.patch.dict(os.environ, {"TMPDIR": folder}):
+            return torch._inductor.aoti_load_package(str(path))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -287,37 +301,6 @@ def _load_ov(xml: bytes, weights: bytes, precision: str) -> Callable[[torch.Tens
     return run
 
 
-def calibration_images(data: str | os.PathLike, n: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """``n`` training images spread evenly over the train split of ``data`` (shard folder
-    or npz); the test split when there is no train split. Shape: uint8 (n, H, W)."""
-    from . import data as D
-
-    for split in ("train", "test"):
-        try:
-            parts = [b[1] for b in D.as_batches(Path(data), split, 1024)]
-        except (InputError, KeyError, OSError):
-            continue
-        if parts:
-            images = np.concatenate(parts)
-            idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round())
-            return images[idx.astype(np.int64)]
-    raise InputError(f"{data}: no images to calibrate the int8 backend on")
-
-
-def _calib_batches(images: np.ndarray, batch: int, views: Sequence[tuple[int, ...]],
-                   n: int) -> list[np.ndarray]:
-    """Calibration inputs in the static shape: groups of ``batch`` images, views stacked."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float()
-    out = []
-    for s in range(0, max(len(x) - batch, 0) + 1, batch):
-        c = x[s:s + batch]
-        xx = torch.cat([c.flip(d) if d else c for d in views])
-        if len(xx) < n:
-            xx = torch.cat([xx, xx.new_zeros((n - len(xx), *xx.shape[1:]))])
-        out.append(xx[:n].contiguous().numpy())
-    return out
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -350,6 +333,17 @@ def _load_verified(backend: str, path: Path, precision: str, n: int, sha: str):
         return None, f"cannot load it ({type(e).__name__})"
 
 
+def _disk_full(folder: Path, fold_dir: Path) -> bool:
+    """The converters' C++ streams report a full disk as "basic_ios::clear": ask the disk."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else fold_dir).free
+        return free < 2 * (Path(fold_dir) / WEIGHTS).stat().st_size + (1 << 20)
+    except OSError:
+        return False
+
+
 def _convert_cached(backend, module, example, precision, path: Path, n: int, sha: str,
                     calib, fold_dir: Path) -> float:
     """Convert into `path`, record the manifest, prune older conversions; seconds spent.
@@ -365,7 +359,7 @@ def _convert_cached(backend, module, example, precision, path: Path, n: int, sha
         raise
     except Exception as e:  # no C++ compiler, unsupported op, a full disk ...: one line
         C.remove(path)
-        if no_space(e):
+        if no_space(e) or _disk_full(path.parent, fold_dir):  # C++: "basic_ios::clear"
             raise InputError(f"{path.parent}: cannot write the {backend} conversion (no space "
                              "left on device)") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -391,12 +385,13 @@ def _convert(backend: str, model: nn.Module, example: torch.Tensor, precision: s
 
 def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_size: int,
             views: Sequence[tuple[int, ...]], channels_last: bool = True, log: Log = None,
-            calib_data: str | os.PathLike | None = None) -> list:
+            calib_data: str | os.PathLike | None = None, n_images: int | None = None) -> list:
     """The callables the predictor runs, one per fold, in order: ``x -> logits``.
 
     ``folds``: the ensemble's ``FoldModel``s (module + folder). Eager returns the
     modules on ``device``; other backends load the fold's cached conversion or
-    convert it (``log`` gets one line per conversion, with its seconds).
+    convert it (``log`` gets one line per conversion, with its seconds); ``n_images``,
+    when known, caps the static batch (``static_batch``).
     Shape: each callable maps float (b, 1, H, W) to logits (b, C, H, W).
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -405,6 +400,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
         return modules
     from . import IMAGE_SHAPE
 
+    batch_size = static_batch(batch_size, n_images)
     n = batch_size * len(views)
     example = torch.zeros((n, 1, *IMAGE_SHAPE), device=device)
     batches: list[np.ndarray] = []
@@ -413,7 +409,7 @@ def prepare(folds, backend: str, *, device: torch.device, precision: str, batch_
         if not batches:
             if calib_data is None:
                 raise InputError(f"backend {backend} needs training images to calibrate on")
-            batches.extend(_calib_batches(calibration_images(calib_data), batch_size, views, n))
+            batches.extend(calibration(calib_data, batch_size, views, n, log or stderr_line))
         return batches
 
     runners = []

@@ -17,8 +17,42 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
+
+from .errors import InputError
+
+#: seconds a cluster address gets to answer a TCP connect before the command gives up
+CONNECT_TIMEOUT = 5.0
+
+
+def check_address(address: str | None, flag: str = "--address") -> None:
+    """Fail fast, with one line, on a cluster address nothing answers at: an unknown host,
+    a bad port, or no listener (``ray.init`` would retry for minutes). ``auto`` and
+    ``local`` are left to Ray; ``ray://host:port`` is checked like ``host:port``."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port_text = hostport.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InputError(f"{flag} {address!r}: expected host:port, ray://host:port or auto")
+    host = host.strip("[]")  # [::1]:6379
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"{flag} {address}: unknown host {host!r} ({e})") from None
+    errors = []
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(CONNECT_TIMEOUT)
+                s.connect(sockaddr)
+            return
+        except OSError as e:
+            errors.append(e.strerror or str(e) or type(e).__name__)
+    raise InputError(f"{flag} {address}: no Ray cluster answers there ({errors[0]}); start it "
+                     "with `ray start --head` or leave --address out")
 
 
 def start_ray(address: str | None = None, min_cpus: int = 0) -> None:

@@ -13,6 +13,7 @@ Unknown keys, wrong types and out-of-range values raise `InputError` naming
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -26,7 +27,7 @@ except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from . import NUM_CLASSES
-from ._io import valid_name
+from ._io import name_problem
 from .errors import InputError
 
 
@@ -235,8 +236,7 @@ class MemberConfig:
     pseudo_threshold: float = 0.9
 
     def __post_init__(self):
-        _require(valid_name(self.name), "name",
-                 f"{self.name!r} must be letters, digits, '_', '-', '.' (it names a folder)")
+        _require(name_problem(self.name) is None, "name", name_problem(self.name))
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _nonneg(self, "patience", "grad_clip")
@@ -254,7 +254,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
-        _require(valid_name(self.name), "name", f"{self.name!r} is not a valid name")
+        _require(name_problem(self.name) is None, "name", name_problem(self.name))
         _require(len(self.members) > 0, "members", "needs at least one [[members]] entry")
         _require(self.folds >= 2, "folds", f"must be >= 2, got {self.folds}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -316,6 +316,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Bad(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+            raise _Bad(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, bool, str):
         if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
@@ -403,7 +405,7 @@ def name_from_file(path: str | Path) -> str:
     """
     stem = Path(path).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("_.-")
-    if not valid_name(name):
+    if name_problem(name):
         raise InputError(f"{path}: the file name gives no valid recipe name ({stem!r}); "
                          "rename the file or set name = \"...\" in it")
     return name

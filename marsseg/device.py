@@ -27,6 +27,8 @@ def check_device(device: str | None) -> torch.device | None:
         raise InputError(f"--device {device!r}: not a torch device "
                          "(e.g. cpu, cuda, cuda:1, mps)") from None
     if d.type == "cpu":
+        if d.index not in (None, 0):  # torch accepts cpu:7 and runs on the one CPU device
+            raise InputError(f"--device {device}: there is one cpu device; use --device cpu")
         return d
     backend = getattr(torch, d.type, None)  # torch.cuda, torch.mps, torch.xpu ...
     available = getattr(backend, "is_available", None)

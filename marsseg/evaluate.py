@@ -36,7 +36,7 @@ from . import CLASS_NAMES, NUM_CLASSES
 from ._io import write_json_atomic
 from ._progress import pct, progress_bar
 from .backends import stderr_line
-from .data import check_shards, prescan, stream_batches
+from .data import check_shards, prescan, reads_data, stream_batches
 from .device import autocast
 from .ensemble import load_ensemble
 from .errors import InputError
@@ -236,6 +236,7 @@ def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
     return val_ids
 
 
+@reads_data
 def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
              cfg: PredictConfig = PredictConfig(), members: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, split: str | None = None,
@@ -265,12 +266,13 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike, *,
         run.check_writable()
     val_ids = _val_ids(run, data, total) if oof else None
     all_val = np.concatenate(list(val_ids.values())) if oof else None
-    if needs_conversion(ens, cfg):
+    if needs_conversion(ens, cfg, total):
         # bad data must fail before a backend conversion is shown or cached in the run folder
         ids = prescan(data, split, cfg.batch_size, with_masks=True)
         matched = int(np.isin(ids, all_val).sum()) if oof else len(ids)
         _check_scored(run, data, split, matched, total if not oof else len(all_val), matched)
-    pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data)
+    pred = Predictor(ens, cfg, log=stderr_line if progress else None, calib_data=data,
+                     n_images=total)
     scoring = _Pass(ens, pred, cfg, val_ids)
     matched = 0
     t0 = time.perf_counter()

@@ -30,6 +30,8 @@ from .temperature import apply_temperature
 VIEWS_NONE: tuple[tuple[int, ...], ...] = ((),)
 VIEWS_HFLIP: tuple[tuple[int, ...], ...] = ((), (-1,))
 VIEWS_HVFLIP: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+#: largest --batch-size: beyond it one forward pass (x 4 views) asks for tens of GB
+MAX_BATCH_SIZE = 1024
 
 
 def tta_views(tta: bool = True, vflip: bool = False) -> tuple[tuple[int, ...], ...]:
@@ -57,11 +59,13 @@ class PredictConfig:
     def __post_init__(self):
         B.check_name(self.backend)
         if self.precision not in ("auto", "bf16", "fp16", "no"):
-            raise InputError(f"precision must be auto, bf16, fp16 or no, got {self.precision!r}")
+            raise InputError(f"--precision: unknown value {self.precision!r} "
+                             "(valid: auto, bf16, fp16, no)")
         if self.classes not in ("foreground", "all"):
             raise InputError(f"classes must be foreground or all, got {self.classes!r}")
-        if self.batch_size < 1:
-            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise InputError(f"--batch-size {self.batch_size}: must be 1..{MAX_BATCH_SIZE} "
+                             "(each forward pass holds batch x views images' activations)")
         check_device(self.device)
 
     @property
@@ -121,23 +125,26 @@ class BatchResult:
     #                                        label differs from the ensemble's
 
 
-def needs_conversion(ensemble: Ensemble, cfg: PredictConfig) -> bool:
-    """True when building a Predictor for ``cfg`` would convert a fold (and cache it in
-    the run folder, with a progress line): the callers check their data before that."""
+def needs_conversion(ensemble: Ensemble, cfg: PredictConfig, n_images: int | None = None) -> bool:
+    """True when building a Predictor for ``cfg`` (and ``n_images``) would convert a fold
+    (and cache it in the run folder, with a progress line): the callers check their data
+    before that."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     backend = B.resolve(cfg.backend, device, cfg.compile, precision)
-    return not B.converted(ensemble.models, backend, precision=precision,
-                           n=cfg.batch_size * len(cfg.views))
+    n = B.static_batch(cfg.batch_size, n_images) * len(cfg.views)
+    return not B.converted(ensemble.models, backend, precision=precision, n=n)
 
 
 class Predictor:
     """Runs an ensemble on batches of uint8 images. No Ray, no files: pure compute."""
 
     def __init__(self, ensemble: Ensemble, cfg: PredictConfig = PredictConfig(), *,
-                 log: Callable[[str], None] | None = None, calib_data=None):
+                 log: Callable[[str], None] | None = None, calib_data=None,
+                 n_images: int | None = None):
         """``log`` gets one line per backend conversion; ``calib_data`` (shards or npz)
-        gives the int8 backend its calibration images."""
+        gives the int8 backend its calibration images; ``n_images``, the number of images
+        to be predicted when known, caps a converted network's static batch."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -152,7 +159,7 @@ class Predictor:
         self.models = B.prepare(ensemble.models, self.backend, device=self.device,
                                 precision=self.precision, batch_size=cfg.batch_size,
                                 views=self.views, channels_last=cfg.channels_last, log=log,
-                                calib_data=calib_data)
+                                calib_data=calib_data, n_images=n_images)
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
         """Shape: images uint8 (b, H, W) -> float (b, 1, H, W) 0..255 on the device."""

@@ -25,16 +25,17 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
 from .checkpoint import check_workers
+from .cluster import check_address
 from .config import Recipe, check_precision, load_recipe, parse_recipe, with_epochs
 from .confine import check_apart
+from .data import reads_data
 from .dataparallel import check_batch
-from .errors import InputError
+from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
-from .raytrain import check_options, fold_slots
+from .raytrain import check_fits, check_options, fold_slots, submitter
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
 from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
@@ -140,18 +141,8 @@ def _check_resources(opts: RunOptions) -> None:
         return  # a cluster's resources are checked once joined (_run_ray)
     import torch
 
-    _check_fits(opts, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()},
+    check_fits(opts, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()},
                 "this machine")
-
-
-def _check_fits(opts: RunOptions, have: dict, where: str) -> None:
-    """One fold (all its workers) must fit in `have`: Ray would wait forever for it."""
-    n = opts.workers_per_fold
-    each = f" x --workers-per-fold {n}" if n > 1 else ""
-    for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
-                            ("--gpus-per-task", "GPU", opts.gpus_per_task)):
-        if want * n > have.get(key, 0):
-            raise InputError(f"{flag} {want:g}{each}: {where} has {have.get(key, 0):g} {key}s")
 
 
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
@@ -172,6 +163,8 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
                 run.check_state(m.name, f)
                 _check_state_workers(run, m.name, f, opts.workers_per_fold)
     _check_resources(opts)
+    if not opts.sequential:
+        check_address(opts.address)  # before the run folder is written: ray.init would hang
     return split, splits, new, fp, teacher
 
 
@@ -253,31 +246,6 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 # --- Ray ---------------------------------------------------------------------------------------
 
 
-def _fold_task(recipe, member, fold, data, out, kwargs, threads, board, node_cpus):
-    """Body of one Ray task: train one fold, sending progress events to the board actor.
-
-    With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
-    running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
-    takes its share of the CPUs, so folds still running take over the cores of finished ones.
-    """
-    import ray
-
-    progress = None
-    if board is not None:
-        def progress(ev):
-            board.report.remote(ev)
-    ctx = ray.get_runtime_context()
-    with contextlib.ExitStack() as stack:
-        threads_fn = None
-        if node_cpus is not None:
-            share = stack.enter_context(CoreShare(
-                share_folder(ctx.get_job_id()), fold_name(member, fold),
-                node_cpus.get(ctx.get_node_id(), threads), threads))
-            threads_fn = share.threads
-        return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
-                              threads_fn=threads_fn, **kwargs)
-
-
 class ProgressBoard:
     """A tiny Ray actor the tasks report events to; the driver drains it."""
 
@@ -297,6 +265,43 @@ def _unwrap_task_error(e: Exception) -> Exception:
     return cause if isinstance(cause, InputError) else e
 
 
+def lost_fold(e: Exception, member: str, fold: int, out) -> RunError:
+    """The one line for a fold whose worker Ray stopped for good (memory monitor, crash,
+    lost node) after its retries: what happened, and that a rerun resumes it."""
+    import ray
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    what = ("Ray's memory monitor killed its worker (the node ran out of memory)"
+            if isinstance(e, ray.exceptions.OutOfMemoryError)
+            else f"its worker died ({type(e).__name__}: {first[:160]})")
+    return RunError(f"{fold_name(member, fold)}: {what}, and its retries are used up; "
+                    f"finished folds are kept in {out}: run the same command again to resume "
+                    "(with fewer parallel folds or more memory)")
+
+
+class _Board:
+    """The driver's side of the progress actor (restarted when Ray kills it); if it is
+    lost for good, training goes on without the live view (one line says so)."""
+
+    def __init__(self, view):
+        import ray
+
+        self.view = view
+        self.actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+            ProgressBoard).remote()
+
+    def drain(self) -> None:
+        import ray
+
+        try:
+            if self.actor is not None:
+                self.view.update(ray.get(self.actor.drain.remote(), timeout=60))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            self.actor = None
+            self.view.log(f"progress view lost ({type(e).__name__}); the folds keep training, "
+                          "each fold's folder keeps its epochs")
+
+
 def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
     import ray
 
@@ -304,13 +309,13 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
 
     with ray_session(opts.address):
         have = ray.cluster_resources()
-        _check_fits(opts, have, "the Ray cluster")
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        check_fits(opts, have, "the Ray cluster")
+        board = _Board(view)
         node_cpus = None
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
         threads = opts.threads or max(1, int(opts.cpus_per_task))
-        submit = _submitter(recipe, data, out, opts, board, node_cpus, threads)
+        submit = submitter(recipe, data, out, opts, board.actor, node_cpus, threads)
         # Plain tasks queue in Ray; multi-worker folds queue here (raytrain's docstring).
         slots = len(jobs) if opts.workers_per_fold == 1 else fold_slots(opts, have)
         queue, refs = list(jobs), {}
@@ -321,7 +326,7 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                     job = queue.pop(0)
                     refs[submit(*job)] = job
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
-                view.update(ray.get(board.drain.remote()))
+                board.drain()
                 for ref in ready:
                     job = refs.pop(ref)
                     try:
@@ -330,7 +335,11 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
                         err = _unwrap_task_error(e)
                         view.fail(*job, str(err).splitlines()[0])
                         raise err from None
-            view.update(ray.get(board.drain.remote()))
+                    except ray.exceptions.RayError as e:  # the worker, not the fold, failed
+                        err = lost_fold(e, *job, out)
+                        view.fail(*job, str(err))
+                        raise err from None
+            board.drain()
         except BaseException:
             for ref in refs:
                 ray.cancel(ref, force=True)
@@ -338,38 +347,10 @@ def _run_ray(recipe, jobs, data, out, opts: RunOptions, view) -> list[dict]:
         return results
 
 
-def _submitter(recipe, data, out, opts: RunOptions, board, node_cpus, threads):
-    """submit(member, fold) -> ObjectRef: a plain fold task, or a Ray Train launcher (N > 1)."""
-    import ray
-
-    if opts.workers_per_fold == 1:
-        task = ray.remote(_fold_task)
-
-        def submit(member, fold):
-            return task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
-                                max_retries=opts.max_retries, retry_exceptions=False,
-                                name=fold_name(member, fold)).remote(
-                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
-                node_cpus)
-        return submit
-
-    from .raytrain import fit_fold
-
-    # The launcher holds no resources: its trainer's workers reserve theirs.
-    launcher = ray.remote(num_cpus=0, max_retries=0)(fit_fold)
-
-    def submit(member, fold):
-        return launcher.options(name=fold_name(member, fold)).remote(
-            recipe, member, fold, str(data), str(out), workers=opts.workers_per_fold,
-            cpus_per_worker=opts.cpus_per_task, gpu=opts.gpus_per_task >= 1, threads=threads,
-            kwargs=opts.fold_kwargs(), board=board, node_cpus=node_cpus,
-            max_retries=opts.max_retries)
-    return submit
-
-
 # --- the one entry point -------------------------------------------------------------------------
 
 
+@reads_data
 def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                 options: RunOptions = RunOptions(), *, epochs: int | None = None,
                 console=None) -> dict:

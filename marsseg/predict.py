@@ -28,8 +28,9 @@ from . import IMAGE_SHAPE, NUM_CLASSES
 from . import backends as B
 from ._io import atomic_path, check_space, no_space
 from ._progress import progress_bar
+from .cluster import check_address
 from .confine import check_apart
-from .data import count_images, prescan, stream_batches
+from .data import count_images, prescan, reads_data, stream_batches
 from .device import resolve_device, resolve_precision
 from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
@@ -39,7 +40,8 @@ from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
 
 
 def _ray_results(run_dir, members, folds, cfg, batches: Iterable, workers: int,
-                 address: str | None, want_probs: bool, want_dis: bool) -> Iterator[BatchResult]:
+                 address: str | None, want_probs: bool, want_dis: bool,
+                 n_images: int | None) -> Iterator[BatchResult]:
     """Spread batches over ``workers`` Ray actors; yield results in input order."""
     import ray
 
@@ -53,7 +55,8 @@ def _ray_results(run_dir, members, folds, cfg, batches: Iterable, workers: int,
             def __init__(self):
                 threads = cfg.threads or 1
                 self.p = Predictor(load_ensemble(run_dir, members, folds, verify=False),
-                                   PredictConfig(**{**cfg.__dict__, "threads": threads}))
+                                   PredictConfig(**{**cfg.__dict__, "threads": threads}),
+                                   n_images=n_images)
 
             def run(self, ids, images):
                 return self.p(ids, images, want_probs=want_probs, want_disagreement=want_dis)
@@ -156,18 +159,20 @@ _NOT_READY = object()  # iter_predictions: ready_predictor has not run yet
 
 def ready_predictor(ensemble: Ensemble, data: str | os.PathLike, split: str,
                     cfg: PredictConfig, *, workers: int = 0,
-                    log: Callable[[str], None] | None = None) -> Predictor | None:
+                    log: Callable[[str], None] | None = None,
+                    n_images: int | None = None) -> Predictor | None:
     """The in-process Predictor, its backend converted or loaded from the cache; with
     ``workers`` > 1 only the conversion (the workers load it) and None. Before a
     conversion, the data is read once through every check: bad data must fail before
-    a conversion is shown or cached."""
-    convert = needs_conversion(ensemble, cfg)
+    a conversion is shown or cached. ``n_images`` (the split's count) caps the static
+    batch of a converted network."""
+    convert = needs_conversion(ensemble, cfg, n_images)
     if convert:
         prescan(data, split, cfg.batch_size)
     if workers <= 1:
-        return Predictor(ensemble, cfg, log=log, calib_data=data)
-    if convert:
-        Predictor(ensemble, cfg, log=log, calib_data=data)  # the workers load its cache
+        return Predictor(ensemble, cfg, log=log, calib_data=data, n_images=n_images)
+    if convert:  # the workers load its cache
+        Predictor(ensemble, cfg, log=log, calib_data=data, n_images=n_images)
     return None
 
 
@@ -177,23 +182,25 @@ def iter_predictions(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                      address: str | None = None, want_probs: bool = False,
                      want_disagreement: bool = False, ensemble: Ensemble | None = None,
                      log: Callable[[str], None] | None = None,
-                     predictor: Predictor | None | object = _NOT_READY) -> Iterator[BatchResult]:
+                     predictor: Predictor | None | object = _NOT_READY,
+                     n_images: int | None = None) -> Iterator[BatchResult]:
     """Stream BatchResults in id order over ``split`` of ``data`` (shard folder or npz).
 
     ``ensemble``: an already loaded ``load_ensemble(run_dir, members, folds)`` to reuse.
     ``log``: gets one line per backend conversion (seconds included).
     ``predictor``: what ``ready_predictor`` returned for these arguments, None included
-    (then it is not called again).
+    (then it is not called again). ``n_images``: the split's image count, when known.
     """
     workers = workers or 0
     if predictor is _NOT_READY:
         if ensemble is None:  # also validates the folder before Ray starts
             ensemble = load_ensemble(run_dir, members, folds)
-        predictor = ready_predictor(ensemble, data, split, cfg, workers=workers, log=log)
+        predictor = ready_predictor(ensemble, data, split, cfg, workers=workers, log=log,
+                                    n_images=n_images)
     batches = stream_batches(data, split, cfg.batch_size)
     if workers > 1:
         yield from _ray_results(run_dir, members, folds, cfg, batches, workers, address,
-                                want_probs, want_disagreement)
+                                want_probs, want_disagreement, n_images)
         return
     for ids, images in batches:
         yield predictor(ids, images, want_probs=want_probs, want_disagreement=want_disagreement)
@@ -234,6 +241,7 @@ def _calibration(ensemble: Ensemble) -> dict:
             "members": {m.member: m.temperature for m in ensemble.models}}
 
 
+@reads_data
 def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | os.PathLike, *,
             cfg: PredictConfig | None = None, members: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
@@ -258,6 +266,8 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
                              "name (e.g. probs.h5)")
         check_apart(probs_path, "--probs", run=run_dir, data=data)
     total = count_images(data, split)
+    if (workers or 0) > 1:
+        check_address(address)
     ensemble = load_ensemble(run_dir, members, folds)  # fail fast, before any work
     names = ensemble.names
     device = resolve_device(cfg.device)
@@ -266,7 +276,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
     want = probs_path is not None
     t0 = time.perf_counter()
     pred = ready_predictor(ensemble, data, split, cfg, workers=workers or 0,
-                           log=B.stderr_line if progress else None)
+                           log=B.stderr_line if progress else None, n_images=total)
     t_setup = time.perf_counter()
     pw = w = None
     try:
@@ -280,7 +290,7 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
             for r in iter_predictions(run_dir, data, cfg=cfg, members=members, folds=folds,
                                       split=split, workers=workers, address=address,
                                       want_probs=want, want_disagreement=want,
-                                      ensemble=ensemble, predictor=pred):
+                                      ensemble=ensemble, predictor=pred, n_images=total):
                 w.write(r.ids, r.labels)
                 if pw:
                     pw.write(r)

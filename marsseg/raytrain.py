@@ -1,4 +1,5 @@
-"""Multi-worker folds on Ray Train: one (member, fold) as N data-parallel processes.
+"""What runs on Ray for train-folds: a fold as one plain task (`fold_task`), or with
+--workers-per-fold N as N data-parallel processes on Ray Train (`fit_fold`).
 
 `orchestrate` runs a fold with ``--workers-per-fold 1`` as one plain Ray task. With N > 1
 it runs `fit_fold` as a zero-CPU launcher task per (member, fold); the launcher starts
@@ -63,6 +64,68 @@ def fold_slots(opts, have: dict) -> int:
     if opts.gpus_per_task:
         fits.append(have.get("GPU", 0) // (opts.gpus_per_task * n))
     return max(1, int(min(fits)))
+
+
+def check_fits(opts, have: dict, where: str) -> None:
+    """One fold (all its workers) must fit in `have`: Ray would wait forever for it."""
+    n = opts.workers_per_fold
+    each = f" x --workers-per-fold {n}" if n > 1 else ""
+    for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
+                            ("--gpus-per-task", "GPU", opts.gpus_per_task)):
+        if want * n > have.get(key, 0):
+            raise InputError(f"{flag} {want:g}{each}: {where} has {have.get(key, 0):g} {key}s")
+
+
+def fold_task(recipe, member, fold, data, out, kwargs, threads, board, node_cpus):
+    """Body of one Ray task: train one fold, sending progress events to the board actor.
+
+    With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
+    running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
+    takes its share of the CPUs, so folds still running take over the cores of finished ones.
+    """
+    import ray
+
+    progress = None
+    if board is not None:
+        def progress(ev):
+            board.report.remote(ev)
+    ctx = ray.get_runtime_context()
+    with contextlib.ExitStack() as stack:
+        threads_fn = None
+        if node_cpus is not None:
+            share = stack.enter_context(CoreShare(
+                share_folder(ctx.get_job_id()), fold_name(member, fold),
+                node_cpus.get(ctx.get_node_id(), threads), threads))
+            threads_fn = share.threads
+        return train_one_fold(recipe, member, fold, data, out, threads=threads, progress=progress,
+                              threads_fn=threads_fn, **kwargs)
+
+
+def submitter(recipe, data, out, opts, board, node_cpus, threads):
+    """submit(member, fold) -> ObjectRef: a plain fold task, or a Ray Train launcher (N > 1)."""
+    import ray
+
+    if opts.workers_per_fold == 1:
+        task = ray.remote(fold_task)
+
+        def submit(member, fold):
+            return task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
+                                max_retries=opts.max_retries, retry_exceptions=False,
+                                name=fold_name(member, fold)).remote(
+                recipe, member, fold, str(data), str(out), opts.fold_kwargs(), threads, board,
+                node_cpus)
+        return submit
+
+    # The launcher holds no resources: its trainer's workers reserve theirs.
+    launcher = ray.remote(num_cpus=0, max_retries=0)(fit_fold)
+
+    def submit(member, fold):
+        return launcher.options(name=fold_name(member, fold)).remote(
+            recipe, member, fold, str(data), str(out), workers=opts.workers_per_fold,
+            cpus_per_worker=opts.cpus_per_task, gpu=opts.gpus_per_task >= 1, threads=threads,
+            kwargs=opts.fold_kwargs(), board=board, node_cpus=node_cpus,
+            max_retries=opts.max_retries)
+    return submit
 
 
 def _worker(config: dict) -> None:

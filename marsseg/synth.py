@@ -15,6 +15,7 @@ Everything is numpy, deterministic per seed, and fast (hundreds of images per se
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,32 @@ def _alien_mask(rng: np.random.Generator) -> np.ndarray:
     return m
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(n_train: int, n_test: int) -> None:
+    """The whole set is built in memory (images, masks, the stacked copy, the names):
+    refuse with one line a count this machine cannot hold, before allocating any of it."""
+    need = (n_train + n_test) * (4 * H * W + 256)
+    have = _available_memory()
+    if have is not None and need > have:
+        raise InputError(f"--n-train {n_train} --n-test {n_test}: needs about "
+                         f"{need / 2**30:,.1f} GiB of memory, {have / 2**30:,.1f} GiB are "
+                         "available; ask for fewer images")
+
+
 def make_synthetic(
     n_train: int, n_test: int, seed: int = 0, n_outliers: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -222,6 +249,7 @@ def make_synthetic(
         n_outliers = default_n_outliers(n_train)
     if not 0 <= n_outliers <= n_train:
         raise InputError(f"--n-outliers must be between 0 and n-train={n_train} (got {n_outliers})")
+    _check_memory(n_train, n_test)
     rng = np.random.default_rng(seed)
     tr_img, tr_mask, tr_src = _bands(rng, n_train, f"synth{seed}-")
     te_img, te_mask, te_src = _bands(rng, n_test, f"synth{seed}-test-")

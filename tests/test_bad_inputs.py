@@ -661,6 +661,124 @@ ROWS = [
 ]
 
 
+# ----------------------------------------------------------------------------- resources and contracts (issue 19)
+
+
+def _npz_claiming_rows(key: str, rows: int):
+    """The world's npz with `key`'s .npy header edited to claim `rows` rows (data unchanged)."""
+    import zipfile
+
+    def setup(w, tmp):
+        with zipfile.ZipFile(w.npz) as zin, zipfile.ZipFile(tmp / "bad.npz", "w") as zout:
+            for info in zin.infolist():
+                data = zin.read(info)
+                if info.filename == key + ".npy":
+                    with np.load(w.npz) as z:
+                        old = z[key].shape[0]
+                    data = data.replace(f"'shape': ({old},".encode(),
+                                        f"'shape': ({rows},".encode(), 1)
+                zout.writestr(info.filename, data)
+        return {"bad": tmp / "bad.npz"}
+    return setup
+
+
+def _shard_claiming_rows(split: str, dataset: str, rows: int = 10**9):
+    """Shards whose first `split` shard's `dataset` claims `rows` rows (chunked, never
+    allocated: the file stays small), its sha256 in dataset.json updated to match."""
+    def setup(w, tmp):
+        bad = tmp / "shards"
+        shutil.copytree(w.shards, bad)
+        with h5py.File(bad / f"{split}-000.h5", "r+") as f:
+            del f[dataset]
+            f.create_dataset(dataset, shape=(rows, 64, 128), dtype="u1", chunks=(1, 64, 128))
+        info = json.loads((bad / "dataset.json").read_text())
+        for s in info["splits"][split]["shards"]:
+            s["sha256"] = hashlib.sha256((bad / s["file"]).read_bytes()).hexdigest()
+        (bad / "dataset.json").write_text(json.dumps(info))
+        return {"bad": bad, "shard": bad / f"{split}-000.h5"}
+    return setup
+
+
+_HELD: list[int] = []  # folder locks a row's setup holds while the command runs
+
+
+def _shards_locked(shared: bool):
+    """A copy of the shards that another process reads (shared) or replaces (exclusive):
+    the row's setup holds that lock on the folder, as a running command would."""
+    import fcntl
+    import os
+
+    def setup(w, tmp):
+        bad = tmp / "shards"
+        shutil.copytree(w.shards, bad)
+        fd = os.open(bad, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        _HELD.append(fd)
+        return {"bad": bad}
+    return setup
+
+
+def _train(recipe: str = "{bad}", *extra: str, data: str = "{shards}") -> list[str]:
+    return ["train-folds", "--data", data, "--recipe", recipe, "--out", "{tmp}/run", *extra]
+
+
+def _predict(*extra: str, data: str = "{shards}") -> list[str]:
+    return ["predict", "--ensemble", "{run}", "--data", data, "--out", "{tmp}/s.csv", *extra]
+
+
+ROWS += [
+    # recipes: the whole recipe is checked before the run folder is written
+    row("train-member-name-300-chars", _train(),
+        recipe_with(RECIPE.replace('name = "a"', f'name = "{"a" * 300}"')),
+        "members[0].name: 'aaaaaaaaaaaaaaaaaaaa'... is not a valid name: 300 characters"),
+    row("train-member-name-newline", _train(), recipe_with(RECIPE.replace('name = "a"', 'name = "a\\n"')),
+        "members[0].name"),
+    row("train-recipe-name-too-long", _train(), recipe_with(f'name = "{"r" * 101}"\n' + RECIPE),
+        "name: 'rrrrrrrrrrrrrrrrrrrr'... is not a valid name: 101 characters"),
+    row("train-lr-inf", _train(), recipe_with(RECIPE + "[members.optimizer]\nlr = inf\n"),
+        "members[0].optimizer.lr: must be a finite number"),
+    row("train-brightness-nan", _train(), recipe_with(RECIPE + "[members.augment]\nbrightness = nan\n"),
+        "members[0].augment.brightness: must be a finite number"),
+    row("train-address-garbage", _train("{recipe}", "--address", "garbage:1"), None,
+        "--address garbage:1"),
+    row("train-address-no-port", _train("{recipe}", "--address", "somewhere"), None,
+        "--address 'somewhere'"),
+    row("train-shard-claims-1e9-rows", _train("{recipe}", "--sequential", data="{bad}"),
+        _shard_claiming_rows("train", "masks"), "{shard}: dataset 'masks' has 1000000000 rows"),
+    row("train-shards-being-replaced", _train("{recipe}", "--sequential", data="{bad}"),
+        _shards_locked(shared=False), "being replaced by `prepare --force`"),
+    # synth, prepare, inspect: resource bombs are one line
+    row("synth-a-billion-images", ["synth", "--out", "{tmp}/s.npz", "--n-train", "1000000000"],
+        None, "--n-train 1000000000"),
+    row("prepare-npz-claims-1e9-rows", ["prepare", "--data", "{bad}", "--out", "{tmp}/s"],
+        _npz_claiming_rows("training_set", 10**9), "'training_set' is truncated or corrupt"),
+    row("inspect-npz-claims-1e9-rows", ["inspect", "--data", "{bad}"],
+        _npz_claiming_rows("test_masks", 10**9), "'test_masks' is truncated or corrupt"),
+    row("prepare-force-while-read", ["prepare", "--data", "{npz}", "--out", "{bad}", "--force"],
+        _shards_locked(shared=True), "is being read by a running command"),
+    # predict / evaluate / report: options with a sane range
+    row("predict-npz-claims-1e9-rows", _predict(data="{bad}"),
+        _npz_claiming_rows("test_set", 10**9), "'test_set' is truncated or corrupt"),
+    row("predict-batch-size-1e6", _predict("--batch-size", "1000000"), None,
+        "--batch-size 1000000: must be 1..1024"),
+    row("evaluate-batch-size-5000", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
+                                     "--batch-size", "5000"], None, "--batch-size 5000"),
+    row("report-batch-size-5000", ["report", "--ensemble", "{run}", "--out", "{tmp}/r",
+                                   "--batch-size", "5000"], None, "--batch-size 5000"),
+    row("predict-device-cpu-7", _predict("--device", "cpu:7"), None, "--device cpu:7"),
+    row("evaluate-device-cpu-7", ["evaluate", "--ensemble", "{run}", "--data", "{shards}",
+                                  "--device", "cpu:7"], None, "--device cpu:7"),
+    row("predict-precision-unknown", _predict("--precision", "half"), None,
+        "--precision: unknown value 'half'"),
+    row("predict-address-garbage", _predict("--workers", "2", "--address", "garbage:1"), None,
+        "--address garbage:1"),
+    row("predict-shards-being-replaced", _predict(data="{bad}"), _shards_locked(shared=False),
+        "being replaced by `prepare --force`"),
+    row("evaluate-test-masks-claim-1e9-rows", ["evaluate", "--ensemble", "{run}", "--data", "{bad}"],
+        _shard_claiming_rows("test", "masks"), "{shard}: dataset 'masks' has 1000000000 rows"),
+]
+
+
 def snapshot(*roots: Path) -> dict:
     """Every file under `roots` with its size and mtime, and every folder."""
     out = {}

@@ -152,3 +152,16 @@ def test_ray_drivers_sigterm_exit_takes_the_same_path(capsys):
     with pytest.raises(SystemExit) as e2, user_errors():
         sys.exit(3)  # any other exit passes through untouched
     assert e2.value.code == 3
+
+
+def test_sigterm_after_the_command_finished_still_says_terminated(tmp_path):
+    """A SIGTERM that lands once a command's work is done (here at interpreter exit,
+    after `select`-like output) is one line and exit 143, not a silent 143."""
+    code = ("import atexit, os, signal, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))\n"
+            "import sys; sys.argv = ['marsseg-cli', '--version']\n"
+            "from marsseg.cli import main; main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 143, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == ["terminated"], r.stderr
+    assert r.stdout.startswith("marsseg-cli ")

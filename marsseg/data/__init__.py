@@ -26,7 +26,9 @@ from .shards import (
     check_shards,
     iter_batches,
     load_split,
+    pinned,
     read_dataset,
+    reads_data,
     shard_paths,
     verify_shards,
 )
@@ -37,6 +39,6 @@ from .writer import prepare
 
 __all__ = [
     "Split", "as_batches", "check_shards", "class_counts", "count_images", "describe",
-    "duplicate_mask_groups", "iter_batches", "load_npz", "load_split", "open_data", "prepare",
-    "prescan", "read_dataset", "shard_paths", "split_info", "stream_batches", "verify_shards",
+    "duplicate_mask_groups", "iter_batches", "load_npz", "load_split", "open_data", "pinned",
+    "prepare", "prescan", "reads_data", "read_dataset", "shard_paths", "split_info", "stream_batches", "verify_shards",
 ]

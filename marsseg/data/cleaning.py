@@ -35,6 +35,38 @@ def bg_fraction(counts: np.ndarray) -> np.ndarray:
     return (counts[:, 0] / float(np.prod(IMAGE_SHAPE))).astype(np.float32)
 
 
+class _DuplicateMasks:
+    """Masks shared identically by >= min_count images, found chunk by chunk (`add`)."""
+
+    def __init__(self, min_count: int):
+        self.min_count = min_count
+        self.by_hash: dict[bytes, list[int]] = {}
+        self.classes: dict[bytes, list[int]] = {}  # labeled classes of each distinct mask
+        self.n = 0
+
+    def add(self, masks: np.ndarray) -> None:
+        for m in masks:
+            key = hashlib.blake2b(m.tobytes(), digest_size=16).digest()
+            ids = self.by_hash.setdefault(key, [])
+            if not ids:
+                present = np.flatnonzero(np.bincount(m.ravel(), minlength=NUM_CLASSES))
+                self.classes[key] = [int(c) for c in present if c != 0]
+            ids.append(self.n)
+            self.n += 1
+
+    def groups(self) -> tuple[list[dict], list[dict]]:
+        outliers, uniform = [], []
+        for key, ids in self.by_hash.items():
+            if len(ids) < self.min_count:
+                continue
+            labeled = self.classes[key]
+            entry = {"count": len(ids), "ids": ids, "classes": labeled}
+            (outliers if len(labeled) >= 2 else uniform).append(entry)
+        outliers.sort(key=lambda g: (-g["count"], g["ids"][0]))
+        uniform.sort(key=lambda g: (-g["count"], g["ids"][0]))
+        return outliers, uniform
+
+
 def duplicate_mask_groups(
     masks: np.ndarray, min_count: int = DEFAULT_OUTLIER_MIN_COUNT
 ) -> tuple[list[dict], list[dict]]:
@@ -46,19 +78,9 @@ def duplicate_mask_groups(
     class is not: a band that is all soil with the same border occurs naturally (real_mars
     has 24 of them), so those groups are reported but not flagged.
     """
-    by_hash: dict[bytes, list[int]] = {}
-    for i, m in enumerate(masks):
-        by_hash.setdefault(hashlib.blake2b(m.tobytes(), digest_size=16).digest(), []).append(i)
-    outliers, uniform = [], []
-    for ids in by_hash.values():
-        if len(ids) < min_count:
-            continue
-        labeled = sorted(int(c) for c in np.unique(masks[ids[0]]) if c != 0)
-        entry = {"count": len(ids), "ids": ids, "classes": labeled}
-        (outliers if len(labeled) >= 2 else uniform).append(entry)
-    outliers.sort(key=lambda g: (-g["count"], g["ids"][0]))
-    uniform.sort(key=lambda g: (-g["count"], g["ids"][0]))
-    return outliers, uniform
+    dup = _DuplicateMasks(min_count)
+    dup.add(masks)
+    return dup.groups()
 
 
 @dataclass(frozen=True)
@@ -77,15 +99,34 @@ class Flags:
     outlier_min_count: int
 
 
+class FlagBuilder:
+    """`flag_images` over a stream: `add` each chunk of masks in row order, then `flags()`."""
+
+    def __init__(self, outlier_min_count: int = DEFAULT_OUTLIER_MIN_COUNT):
+        self.outlier_min_count = outlier_min_count
+        self._counts: list[np.ndarray] = []
+        self._dup = _DuplicateMasks(outlier_min_count)
+
+    def add(self, masks: np.ndarray) -> None:
+        self._counts.append(class_counts(masks))
+        self._dup.add(masks)
+
+    def flags(self) -> Flags:
+        counts = (np.concatenate(self._counts) if self._counts
+                  else np.zeros((0, NUM_CLASSES), np.int64))
+        groups_out, groups_uniform = self._dup.groups()
+        outlier = np.zeros(len(counts), bool)
+        for g in groups_out:
+            outlier[g["ids"]] = True
+        return Flags(counts, bg_fraction(counts), outlier, groups_out, groups_uniform,
+                     self.outlier_min_count)
+
+
 def flag_images(masks: np.ndarray, outlier_min_count: int = DEFAULT_OUTLIER_MIN_COUNT) -> Flags:
     """Count classes, background and duplicate-mask outliers of masks uint8 (n, H, W)."""
-    counts = class_counts(masks)
-    groups_out, groups_uniform = duplicate_mask_groups(masks, outlier_min_count)
-    outlier = np.zeros(len(counts), bool)
-    for g in groups_out:
-        outlier[g["ids"]] = True
-    return Flags(counts, bg_fraction(counts), outlier, groups_out, groups_uniform,
-                 outlier_min_count)
+    b = FlagBuilder(outlier_min_count)
+    b.add(masks)
+    return b.flags()
 
 
 def bg_histogram(bg: np.ndarray) -> list[int]:

@@ -8,6 +8,7 @@ labeled, `masks`, `class_counts`, `bg_fraction` (and `outlier` for train). `prep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
 from .._io import inside, sha256_file
+from .._lock import folder_lock
 from ..errors import InputError
 from .cleaning import bg_fraction, class_counts
 
@@ -80,6 +82,55 @@ def read_dataset(shard_dir: Path) -> dict:
     return info
 
 
+def pinned(shard_dir: Path):
+    """Context: the shard folder pinned while a command reads it (a shared lock on the
+    folder): `prepare --force` refuses to replace it meanwhile (`replacing`). Anything
+    else (an npz, a missing path) is not pinned."""
+    import contextlib
+
+    from .._lock import folder_lock
+
+    if not Path(shard_dir).is_dir():
+        return contextlib.nullcontext()
+    return folder_lock(Path(shard_dir), True,
+                       f"{shard_dir}: being replaced by `prepare --force` right now; "
+                       "run again when it has finished")
+
+
+def reads_data(fn):
+    """Decorator: the call's ``data`` argument (a shard folder) stays `pinned` while
+    ``fn`` runs, so `prepare --force` cannot swap it under a running command."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        data = sig.bind_partial(*args, **kwargs).arguments.get("data")
+        with pinned(data) if data is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def replacing(shard_dir: Path):
+    """Context: the shard folder held exclusively by `prepare --force`, which replaces it;
+    refused while a predict, evaluate or train-folds reads it (`pinned`)."""
+    return folder_lock(Path(shard_dir), False,
+                       f"{shard_dir}: is being read by a running command (predict, evaluate "
+                       "or train-folds); wait for it to finish, or prepare into "
+                       "another --out")
+
+
+def _identity(shard_dir: Path) -> tuple[int, int]:
+    try:
+        st = (Path(shard_dir) / DATASET_JSON).stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_dev, st.st_ino)
+
+
 def check_split(split: str) -> None:
     """InputError unless `split` is train or test."""
     if split not in SPLITS:
@@ -88,9 +139,32 @@ def check_split(split: str) -> None:
 
 def shard_paths(shard_dir: Path, split: str) -> list[Path]:
     """Shard files of one split in id order."""
+    return [p for p, _ in _listed(shard_dir, split)]
+
+
+def _listed(shard_dir: Path, split: str) -> list[tuple[Path, int]]:
+    """(shard file, row count dataset.json lists for it) of one split in id order."""
     check_split(split)
     info = read_dataset(shard_dir)
-    return [Path(shard_dir) / s["file"] for s in info["splits"][split]["shards"]]
+    try:
+        return [(Path(shard_dir) / s["file"], int(s["count"]))
+                for s in info["splits"][split]["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{Path(shard_dir) / DATASET_JSON}: malformed shard entry ({e})") from None
+
+
+def check_rows(f, path: Path, count: int) -> int:
+    """InputError unless every dataset of the open shard ``f`` has the ``count`` rows
+    dataset.json lists for it (a shard claiming 10^9 rows is refused before a read)."""
+    if "ids" not in f or "images" not in f:
+        raise InputError(f"{path}: not a marsseg shard (no 'images' or 'ids' dataset)")
+    for k in f.keys():
+        shape = f[k].shape
+        if not shape or shape[0] != count:
+            rows = shape[0] if shape else "no"
+            raise InputError(f"{path}: dataset '{k}' has {rows} rows; dataset.json lists "
+                             f"{count} for this shard")
+    return count
 
 
 def check_labels(masks: np.ndarray, where, first_row: int = 0) -> None:
@@ -142,12 +216,10 @@ class Split:
 
 def load_split(shard_dir: Path, split: str) -> Split:
     """Read a whole split of a shard folder into memory (small data: ~45 MB for 2,700 images)."""
-    paths = shard_paths(shard_dir, split)
     parts: dict[str, list] = {}
-    for p in paths:
+    for p, count in _listed(shard_dir, split):
         with _open_h5(p) as f:
-            if "images" not in f or "ids" not in f:
-                raise InputError(f"{p}: not a marsseg shard (no 'images' or 'ids' dataset)")
+            check_rows(f, p, count)
             for k in f.keys():
                 try:
                     a = f[k][()]
@@ -210,14 +282,19 @@ def iter_batches(
     """
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1 (got {batch_size})")
-    paths = shard_paths(shard_dir, split)
+    listed = _listed(shard_dir, split)
     if with_masks and not read_dataset(shard_dir)["splits"][split]["labeled"]:
         raise InputError(f"{shard_dir}: split '{split}' has no masks")
 
+    first = _identity(shard_dir)
+
     def chunks():
-        for p in paths:
+        for p, count in listed:
+            if _identity(shard_dir) != first:  # prepare --force swapped the folder under us
+                raise InputError(f"{shard_dir}: was replaced while being read (by `prepare "
+                                 "--force`?); nothing was written, run again")
             with _open_h5(p) as f:
-                n = f["ids"].shape[0]
+                n = check_rows(f, p, count)
                 for s in range(0, n, batch_size):
                     item = (f["ids"][s : s + batch_size], f["images"][s : s + batch_size])
                     if with_masks:
@@ -231,8 +308,9 @@ def iter_batches(
 def read_flags(shard_dir: Path, split: str) -> dict[str, np.ndarray]:
     """The small per-image datasets of a split (no images or masks are read)."""
     parts: dict[str, list] = {}
-    for p in shard_paths(shard_dir, split):
+    for p, count in _listed(shard_dir, split):
         with _open_h5(p) as f:
+            check_rows(f, p, count)
             for k in ("class_counts", "bg_fraction", "outlier", "groups"):
                 if k in f:
                     parts.setdefault(k, []).append(f[k][()])

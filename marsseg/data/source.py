@@ -14,8 +14,9 @@ import numpy as np
 
 from ..errors import InputError
 from . import shards
-from .cleaning import DEFAULT_OUTLIER_MIN_COUNT, Flags, class_counts, flag_images
-from .npz import NpzData, load_npz
+from .cleaning import DEFAULT_OUTLIER_MIN_COUNT, FlagBuilder, Flags, class_counts
+from .npz import NpzReader
+from .shards import rebatch
 
 
 class _Source:
@@ -26,43 +27,48 @@ class _Source:
 
 
 class NpzSource(_Source):
-    """An npz, validated and held in memory on first use."""
+    """An npz, its headers checked on first use and its rows streamed (`NpzReader`)."""
 
     kind = "npz"
 
     @cached_property
-    def data(self) -> NpzData:
-        return load_npz(self.path)
+    def reader(self) -> NpzReader:
+        # The zip stays open for the source's life: streams reopen members from it.
+        return NpzReader(self.path)
 
     def split_info(self, split: str) -> dict:
-        images, masks, _ = self.data.arrays(split)
-        return {"count": len(images), "labeled": masks is not None}
+        return {"count": self.reader.count(split), "labeled": self.reader.labeled(split)}
 
     def batches(self, split: str, batch_size: int, with_masks: bool) -> Iterator[tuple]:
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1 (got {batch_size})")
-        images, masks, _ = self.data.arrays(split)
-        if with_masks and masks is None:
+        reader = self.reader
+        if with_masks and not reader.labeled(split):
             raise InputError(f"{self.path}: split '{split}' has no masks (no 'test_masks' key)")
 
         def gen():
-            for s in range(0, len(images), batch_size):
-                ids = np.arange(s, min(s + batch_size, len(images)), dtype=np.int64)
-                yield (ids, images[s : s + batch_size]) + (
-                    (masks[s : s + batch_size],) if with_masks else ()
-                )
+            for s, images, *masks in reader.chunks(split, with_masks=with_masks):
+                yield (np.arange(s, s + len(images), dtype=np.int64), images, *masks)
 
-        return gen()
+        return rebatch(gen(), batch_size)
+
+    def _flags(self, split: str, outlier_min_count: int) -> Flags:
+        b = FlagBuilder(outlier_min_count)
+        for _, _, masks in self.reader.chunks(split, with_masks=True):
+            b.add(masks)
+        return b.flags()
 
     def train_flags(self, outlier_min_count: int = DEFAULT_OUTLIER_MIN_COUNT) -> Flags:
-        return flag_images(self.data.train_masks, outlier_min_count)
+        return self._flags("train", outlier_min_count)
 
     def test_counts(self) -> np.ndarray | None:
-        masks = self.data.test_masks
-        return None if masks is None else class_counts(masks)
+        if not self.reader.labeled("test"):
+            return None
+        counts = [class_counts(m) for _, _, m in self.reader.chunks("test", with_masks=True)]
+        return np.concatenate(counts)
 
     def n_groups(self) -> int | None:
-        groups = self.data.train_groups
+        groups = self.reader.groups("train")
         return None if groups is None else len(set(groups))
 
 
@@ -118,7 +124,8 @@ def as_batches(
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Stream (ids int64 (b,), images uint8 (b, 64, 128)[, masks]) from a shard folder or npz.
 
-    A shard folder streams shard by shard (`shards.iter_batches`); an npz is read into memory.
+    A shard folder streams shard by shard (`shards.iter_batches`), an npz member by member
+    in chunks (`NpzReader`): memory does not grow with the data.
     """
     shards.check_split(split)
     return open_data(data).batches(split, batch_size, with_masks)

@@ -39,8 +39,8 @@ def checked_batches(stream: Iterable[tuple], where: str) -> Iterator[tuple]:
         ids = np.asarray(ids, dtype=np.int64)
         images = check_images(np.asarray(images), where)
         if masks and np.shape(masks[0]) != np.shape(images):
-            raise InputError(f"{where}: masks have shape {np.shape(masks[0])[1:]}, images "
-                             f"{np.shape(images)[1:]}")
+            raise InputError(f"{where}: masks have shape {np.shape(masks[0])}, images "
+                             f"{np.shape(images)} (rows, height, width)")
         if len(ids) == 0:
             continue
         if np.any(np.diff(ids) <= 0) or (last is not None and ids[0] <= last):

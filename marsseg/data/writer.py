@@ -21,15 +21,16 @@ from .cleaning import (
     DEFAULT_MAX_BACKGROUND,
     DEFAULT_OUTLIER_MIN_COUNT,
     HIST_EDGES,
+    FlagBuilder,
     Flags,
     bg_fraction,
     bg_histogram,
     check_max_background,
     class_counts,
     clean_keep,
-    flag_images,
 )
-from .npz import NpzData, load_npz
+from .npz import NpzReader
+from .shards import rebatch
 
 
 def prepare(
@@ -42,26 +43,35 @@ def prepare(
 ) -> dict:
     """Validate `src` (npz) and write HDF5 shards + dataset.json to `out_dir`; return the json.
 
+    The npz is streamed twice (check, then write): memory holds one shard, not the file.
     Built in a hidden temp folder beside `out_dir` and renamed into place; with `force` an
-    old `out_dir` is replaced only after the new one is complete. Nothing is left at
+    old `out_dir` is replaced only after the new one is complete, and not while another
+    command reads it (refused). A symlink `out_dir` stays: the folder it names is replaced. Nothing is left at
     `out_dir` on failure. Flags (never drops) duplicate-mask outliers and stores each
     image's background fraction; `max_background` only sets the `train_clean` counts.
     """
     src, out_dir = Path(src), Path(out_dir)
+    if out_dir.is_symlink():  # write into the folder the link names; the link stays
+        out_dir = out_dir.resolve()
     _check_options(out_dir, shard_size, outlier_min_count, max_background)
     _check_out_dir(out_dir, force)
     if out_dir.exists() and src.resolve().is_relative_to(out_dir.resolve()):
         raise InputError(f"{src}: is inside {out_dir}, which --force would replace")
-    data = load_npz(src)
-    flags = flag_images(data.train_masks, outlier_min_count)
-    train, test = _train_arrays(data, flags), _test_arrays(data)
-    check_space(out_dir, sum(a.nbytes for arrays in (train, test) for a in arrays.values()))
-    with _new_folder(out_dir) as tmp:
-        written = {"train": _write_split(tmp, "train", train, shard_size),
-                   "test": _write_split(tmp, "test", test, shard_size)}
-        info = _dataset_json(src, data, flags, test.get("class_counts"), written, max_background)
-        with open(tmp / shards.DATASET_JSON, "w") as f:
-            json.dump(info, f, indent=1)
+    # A folder a running command reads is pinned (shards.pinned): refuse to swap it.
+    held = shards.replacing(out_dir) if out_dir.is_dir() else contextlib.nullcontext()
+    with held, NpzReader(src) as data:
+        # Pass 1 checks every value and gathers the flags; pass 2 writes: bad data leaves
+        # nothing, and only one shard's rows are in memory at a time.
+        flags = _train_flags(data, outlier_min_count)
+        test_counts = _test_counts(data)
+        check_space(out_dir, _shard_bytes(data))
+        with _new_folder(out_dir) as tmp:
+            written = {"train": _write_split(tmp, "train", _train_shards(data, flags, shard_size)),
+                       "test": _write_split(tmp, "test",
+                                            _test_shards(data, test_counts, shard_size))}
+            info = _dataset_json(src, data, flags, test_counts, written, max_background)
+            with open(tmp / shards.DATASET_JSON, "w") as f:
+                json.dump(info, f, indent=1)
     return info
 
 
@@ -89,59 +99,88 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             )
 
 
-def _train_arrays(data: NpzData, flags: Flags) -> dict[str, np.ndarray]:
-    """The train split's shard datasets, in the order they are written."""
-    n = len(data.train_images)
-    return {
-        "images": data.train_images,
-        "masks": data.train_masks,
-        "ids": np.arange(n, dtype=np.int64),
-        "groups": np.array(data.train_groups or [str(i) for i in range(n)], dtype=str),
-        "bg_fraction": flags.bg_fraction,
-        "outlier": flags.outlier.astype(np.uint8),
-        "class_counts": flags.class_counts.astype(np.int32),
-    }
+def _shard_bytes(data: NpzReader) -> int:
+    """About the bytes the shard folder takes: images and masks, plus the per-image flags."""
+    pixels = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+    return sum(data.count(split) * ((2 if data.labeled(split) else 1) * pixels + 64)
+               for split in ("train", "test"))
 
 
-def _test_arrays(data: NpzData) -> dict[str, np.ndarray]:
+def _train_flags(data: NpzReader, outlier_min_count: int) -> Flags:
+    b = FlagBuilder(outlier_min_count)
+    for _, _, masks in data.chunks("train"):
+        b.add(masks)
+    return b.flags()
+
+
+def _test_counts(data: NpzReader) -> np.ndarray | None:
+    """Class counts of the test masks (None when unlabeled); checks the test images too."""
+    counts = [class_counts(c[2]) if len(c) > 2 else None
+              for c in data.chunks("test", with_masks=data.labeled("test"))]
+    return np.concatenate(counts) if data.labeled("test") else None
+
+
+def _shard_rows(data: NpzReader, split: str, shard_size: int) -> Iterator[tuple]:
+    """(first row, images[, masks]) of each shard: the stream regrouped to ``shard_size``."""
+    chunks = data.chunks(split, with_masks=data.labeled(split))
+    rows = ((np.arange(s, s + len(c[0]), dtype=np.int64), *c) for s, *c in chunks)
+    for ids, *arrays in rebatch(rows, shard_size):
+        yield int(ids[0]), *arrays
+
+
+def _train_shards(data: NpzReader, flags: Flags, shard_size: int) -> Iterator[dict]:
+    """The train split's shard datasets, shard by shard, in the order they are written."""
+    groups = data.groups("train")
+    for s, images, masks in _shard_rows(data, "train", shard_size):
+        e = s + len(images)
+        yield {
+            "images": images,
+            "masks": masks,
+            "ids": np.arange(s, e, dtype=np.int64),
+            "groups": np.array(groups[s:e] if groups else [str(i) for i in range(s, e)],
+                               dtype=str),
+            "bg_fraction": flags.bg_fraction[s:e],
+            "outlier": flags.outlier[s:e].astype(np.uint8),
+            "class_counts": flags.class_counts[s:e].astype(np.int32),
+        }
+
+
+def _test_shards(data: NpzReader, counts: np.ndarray | None, shard_size: int
+                 ) -> Iterator[dict]:
     """The test split's shard datasets (masks and their counts only when labeled)."""
-    test = {"images": data.test_images, "ids": np.arange(len(data.test_images), dtype=np.int64)}
-    if data.test_masks is not None:
-        counts = class_counts(data.test_masks)
-        test["masks"] = data.test_masks
-        test["bg_fraction"] = bg_fraction(counts)
-        test["class_counts"] = counts.astype(np.int32)
-    if data.test_groups is not None:
-        test["groups"] = np.array(data.test_groups, dtype=str)
-    return test
+    groups = data.groups("test")
+    for s, images, *masks in _shard_rows(data, "test", shard_size):
+        e = s + len(images)
+        test = {"images": images, "ids": np.arange(s, e, dtype=np.int64)}
+        if counts is not None:
+            test["masks"] = masks[0]
+            test["bg_fraction"] = bg_fraction(counts[s:e])
+            test["class_counts"] = counts[s:e].astype(np.int32)
+        if groups is not None:
+            test["groups"] = np.array(groups[s:e], dtype=str)
+        yield test
 
 
-def _write_split(
-    tmp: Path, split: str, arrays: dict[str, np.ndarray], shard_size: int
-) -> list[dict]:
-    n = len(arrays["ids"])
+def _write_split(tmp: Path, split: str, shard_arrays: Iterator[dict]) -> list[dict]:
     written = []
-    for k, start in enumerate(range(0, n, shard_size)):
+    for k, arrays in enumerate(shard_arrays):
         name = shards.shard_name(split, k)
-        shards.write_shard(
-            tmp / name, split, {key: a[start : start + shard_size] for key, a in arrays.items()}
-        )
+        shards.write_shard(tmp / name, split, arrays)
         written.append(
-            {"file": name, "count": min(shard_size, n - start), "sha256": sha256_file(tmp / name)}
+            {"file": name, "count": len(arrays["ids"]), "sha256": sha256_file(tmp / name)}
         )
     return written
 
 
-def _dataset_json(src: Path, data: NpzData, flags: Flags, test_counts: np.ndarray | None,
+def _dataset_json(src: Path, data: NpzReader, flags: Flags, test_counts: np.ndarray | None,
                   written: dict[str, list[dict]], max_background: float) -> dict:
     """The folder's dataset.json: source, splits and their shards, class counts, cleaning."""
     counts, bg = flags.class_counts, flags.bg_fraction
     keep = clean_keep(flags.outlier, bg, max_background)
     splits = {}
-    for split, labeled in (("train", True), ("test", data.test_masks is not None)):
-        images, _, groups = data.arrays(split)
-        splits[split] = {"count": len(images), "labeled": labeled,
-                         "grouped": groups is not None, "shards": written[split]}
+    for split in ("train", "test"):
+        splits[split] = {"count": data.count(split), "labeled": data.labeled(split),
+                         "grouped": data.groups(split) is not None, "shards": written[split]}
     return {
         "format_version": shards.FORMAT_VERSION,
         "source": {"path": str(src.resolve()), "sha256": sha256_file(src)},
