@@ -10,7 +10,7 @@ DEMO        ?= demo
 PIP_C       := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The GPU path end to end (bench/gpu_check.py, a few minutes on one GPU): uses .venv when
+# its torch sees CUDA, else a .venv-gpu over the machine's own CUDA torch (.ci/gpu-check).
+gpu-check:
+	PYTHON=$(PYTHON) VENV=$(VENV) .ci/gpu-check $(ARGS)
 
 # ruff, then .ci/sizes.py: no file in marsseg/ or cli/ over 450 lines, no function over 80
 lint: install

@@ -46,18 +46,31 @@ def write_zeros_npz(path: Path, n_train: int, n_test: int, block: int = 1024) ->
     return path
 
 
+# The child's ru_maxrss starts from the memory of the process it was forked from (Linux
+# keeps the pre-exec address space's high-water mark), so a big parent (pytest after
+# hundreds of tests) would be counted. A small Python in between forks the command itself
+# and reports that grandchild's own peak.
+_MEASURE = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def peak_rss_mb(argv: list[str]) -> float:
-    """Run ``argv`` to its end; its own peak resident memory in MB (``ru_maxrss``).
-    A failed command raises CalledProcessError with its stderr."""
+    """Run ``argv`` to its end; its own peak resident memory in MB (``ru_maxrss``), measured
+    through a small intermediate process. A failed command raises CalledProcessError with
+    its stderr."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    with tempfile.TemporaryFile() as err:
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "maxrss"
+        p = subprocess.run([sys.executable, "-c", _MEASURE, str(out), *argv],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         if p.returncode != 0:
-            err.seek(0)
-            raise subprocess.CalledProcessError(p.returncode, argv, stderr=err.read().decode())
-    return usage.ru_maxrss / 1024  # KiB on Linux
+            raise subprocess.CalledProcessError(p.returncode, argv, stderr=p.stderr.decode())
+        return int(out.read_text()) / 1024  # KiB on Linux
 
 
 def cli() -> list[str]:

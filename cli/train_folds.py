@@ -20,7 +20,8 @@ def train_folds(
     out: Annotated[Path, typer.Option(help="run folder, e.g. runs/<name>; re-running resumes it")],
     precision: Annotated[str, typer.Option(help="auto (GPU: bf16 if supported, else fp16; CPU: bf16 only with native bf16 matmul, else fp32) | bf16 | fp16 (GPU only) | no (fp32)")] = "auto",
     cpus_per_task: Annotated[float, typer.Option(help="CPUs Ray reserves per (member, fold) task")] = 1.0,
-    gpus_per_task: Annotated[float, typer.Option(help="GPUs per task; fractions share a GPU, e.g. 0.5")] = 0.0,
+    gpus_per_task: Annotated[float, typer.Option(help="GPUs per task (per worker with --workers-per-fold): 0, a fraction that shares a GPU (e.g. 0.5) or 1")] = 0.0,
+    workers_per_fold: Annotated[int, typer.Option(help="data-parallel workers per (member, fold) on Ray Train: one GPU each with --gpus-per-task 1, else CPU processes (gloo); batch_size stays the global batch")] = 1,
     threads: Annotated[int | None, typer.Option(help="torch threads per task (default: int(cpus-per-task); --sequential: torch's default)")] = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster (e.g. auto or head:6379) instead of starting a local one")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="train in this process one fold after another, without Ray")] = False,
@@ -42,7 +43,8 @@ def train_folds(
                           gpus_per_task=gpus_per_task, threads=threads, address=address,
                           sequential=sequential, members=parse_list(members, "--members"),
                           folds=parse_list(folds, "--folds", int), max_retries=max_retries,
-                          progress=progress, log_with=parse_list(log_with, "--log-with") or (),
+                          progress=progress, workers_per_fold=workers_per_fold,
+                          log_with=parse_list(log_with, "--log-with") or (),
                           time_budget=parse_duration(time_budget) if time_budget is not None else None,
                           teacher=str(teacher) if teacher is not None else None)
         run(recipe, data, out, opts, epochs=epochs)

@@ -21,12 +21,15 @@ Module map, lowest layer first; each module imports only from the ones above it
     augment folds   training augmentation; seeded grouped k-fold splits and fold rows
     optim           a fold's optimizer and learning-rate schedule
     checkpoint      TrainerState: what a fold saves after every epoch and resumes from
+    dataparallel    a fold as N torch.distributed processes: global-batch BatchNorm, rank seeds
     budget          --time-budget: a fold's epochs from a timing probe
     student         student recipes (distill): one member plus the [distill] table
     teaching        a fold taught by a teacher: the targets file, its streaming loaders, the loss
     tracking        --log-with: accelerate's trackers, one tracked run per fold, grouped per run
+    validation      a fold's validation confusion matrix (sharded loaders too), out-of-fold softmax
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
+    raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
     temperature     calibration: temperatures fitted on the out-of-fold files (calibrate),
                     the ensemble file's calibration block, softmax(ln p / T)

@@ -77,15 +77,30 @@ def load_state(accelerator, state: Path) -> None:
 def resume(fold_dir: Path, accelerator) -> TrainerState | None:
     """The saved state (accelerate's restored too, metrics cut back to it), or None: a new fold."""
     metrics = fold_dir / METRICS
+    main = accelerator.is_main_process  # every rank loads the state; rank 0 alone writes
     state_dir = find_state(fold_dir)
     if state_dir is None:
-        metrics.unlink(missing_ok=True)  # metrics from a run that never saved a state
+        if main:
+            metrics.unlink(missing_ok=True)  # metrics from a run that never saved a state
         return None
     try:
-        state = TrainerState.from_json(read_trainer(state_dir))
+        saved = read_trainer(state_dir)
+        state = TrainerState.from_json(saved)
     except ValueError as e:
         raise InputError(f"{state_dir / TRAINER_STATE}: unreadable saved training state ({e}); "
                          f"delete {state_dir} to train the fold from epoch 0") from None
+    check_workers(state_dir, saved, accelerator.num_processes)
     load_state(accelerator, state_dir)
-    truncate_metrics(metrics, state.epoch)
+    if main:
+        truncate_metrics(metrics, state.epoch)
     return state
+
+
+def check_workers(state_dir: Path, trainer: dict, workers: int) -> None:
+    """A state saved by N data-parallel workers (its trainer.json says N; none: 1) resumes only
+    with N: the saved model carries DDP's parameter names."""
+    was = trainer.get("workers", 1)
+    if was != workers:
+        raise InputError(f"{state_dir}: saved by {was} worker(s) per fold; resume it with "
+                         f"--workers-per-fold {was} (now {workers}) or delete it to restart "
+                         f"the fold")

@@ -147,10 +147,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_accelerator(precision: str, cpu: bool, log_with=None, project_dir=None):
+def make_accelerator(precision: str, cpu: bool, log_with=None, project_dir=None,
+                     split_batches: bool = False):
     """A fold's Accelerator, which owns its device and precision; with `log_with` (accelerate
-    trackers, `tracking`) its project_dir is the run folder."""
-    from accelerate import Accelerator
+    trackers, `tracking`) its project_dir is the run folder. split_batches (a data-parallel
+    fold, `dataparallel`): each loader batch is the global batch, every process takes 1/N."""
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, PartialState
 
     # One process may train several folds (--sequential, tests); accelerate keeps a
@@ -158,4 +160,6 @@ def make_accelerator(precision: str, cpu: bool, log_with=None, project_dir=None)
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     extra = {"log_with": log_with, "project_dir": str(project_dir)} if log_with else {}
+    if split_batches:
+        extra["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
     return Accelerator(mixed_precision=precision, cpu=cpu, **extra)

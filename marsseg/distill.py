@@ -31,6 +31,7 @@ import numpy as np
 
 from ._io import atomic_path, write_json_atomic
 from .config import Recipe, with_epochs
+from .device import Resolved
 from .errors import InputError
 from .folds import ALL, fold_rows, load_train
 from .runfolder import RunFolder, data_fingerprint, fold_name
@@ -81,7 +82,7 @@ class _Plan:
     recipe: Recipe
     distill: DistillConfig
     unlabeled: str
-    precision: str
+    rt: Resolved  # device and precision of the teacher's forward and the student's training
     fp: dict
     dataset_sha256: str
 
@@ -121,10 +122,8 @@ def _check_run(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> No
 
 
 def _plan(teacher: Path, data: Path, recipe_path: Path, opts: DistillOptions, split) -> _Plan:
-    import torch
-
     from ._io import sha256_file
-    from .device import resolve_precision
+    from .device import resolve
 
     fp = data_fingerprint(data)  # verifies the train shards
     t = open_teacher(teacher, fp)
@@ -135,8 +134,7 @@ def _plan(teacher: Path, data: Path, recipe_path: Path, opts: DistillOptions, sp
                                  split_seed=int(t.splits["seed"]))
     fold_rows(split, t.splits, 0, recipe.members[0])  # filters that leave nothing to train
     unlabeled = _unlabeled(data, opts.unlabeled)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return _Plan(t, recipe, dcfg, unlabeled, resolve_precision(opts.precision, device), fp,
+    return _Plan(t, recipe, dcfg, unlabeled, resolve(None, opts.precision), fp,
                  sha256_file(data / "dataset.json"))
 
 
@@ -264,7 +262,7 @@ def _targets(run: RunFolder, plan: _Plan, data: Path, split, say) -> None:
         return
     t = time.perf_counter()
     rec = write_targets(plan.teacher, data, split, path, unlabeled=plan.unlabeled,
-                        precision=plan.precision, dataset_sha256=plan.dataset_sha256, log=say)
+                        rt=plan.rt, dataset_sha256=plan.dataset_sha256, log=say)
     say(f"targets -> {path}: {rec.n_labeled - rec.n_without_target} labeled (out-of-fold), "
         f"{rec.n_without_target} without, {rec.n_unlabeled} unlabeled "
         f"({time.perf_counter() - t:.1f} s)")
@@ -278,7 +276,7 @@ def _train(run: RunFolder, plan: _Plan, split, opts: DistillOptions, jobs, conso
 
     m = plan.recipe.members[0]
     teaching = Teaching(run.path / TARGETS, plan.distill)
-    kw = {"precision": plan.precision, "threads": opts.threads, "teaching": teaching}
+    kw = {"rt": plan.rt, "threads": opts.threads, "teaching": teaching}
     view = ProgressView([(m.name, f, 0 if opts.time_budget else m.epochs) for f in jobs],
                         mode=opts.progress, console=console)
     with view:

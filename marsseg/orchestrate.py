@@ -25,17 +25,19 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ._cores import CoreShare, share_folder
 from ._io import atomic_path, write_json_atomic
+from .checkpoint import check_workers
 from .cluster import check_address
 from .config import Recipe, load_recipe, parse_recipe, with_epochs
 from .confine import check_apart
 from .data import open_data, reads_data
+from .dataparallel import check_batch
 from .device import Resolved, resolve_training
 from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
-from .runfolder import RunFolder, data_fingerprint, fold_name
+from .raytrain import check_fits, check_options, fold_slots, submitter
+from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
 from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
 
@@ -57,6 +59,7 @@ class RunOptions:
     max_retries: int = 3  # Ray retries of a task whose worker process died
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
+    workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
     teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
     log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
     tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
@@ -66,6 +69,7 @@ class RunOptions:
             raise InputError(f"--cpus-per-task must be > 0, got {self.cpus_per_task}")
         if self.gpus_per_task < 0:
             raise InputError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        check_options(self)
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
         if self.max_retries < 0:
@@ -132,11 +136,8 @@ def _check_resources(opts: RunOptions) -> None:
         return  # a cluster's resources are checked once joined (_run_ray)
     import torch
 
-    have = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
-    for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
-                            ("--gpus-per-task", "GPU", opts.gpus_per_task)):
-        if want > have[key]:
-            raise InputError(f"{flag} {want:g}: this machine has {have[key]:g} {key}s")
+    check_fits(opts, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()},
+                "this machine")
 
 
 def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOptions):
@@ -152,12 +153,14 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     _check_recipe(run, recipe, opts.time_budget, opts.teacher)
     teacher = _check_teacher(recipe, data, run, opts, fp)
     splits, new = plan_splits(recipe, split, run)
-    for m, f in selected:  # filters that leave no training image
+    for m, f in selected:  # filters that leave no training image; the global batch's split
         fold_rows(split, splits, f, recipe.member(m))
+        check_batch(recipe.member(m).batch_size, opts.workers_per_fold, m)
     for m in recipe.members:  # collect reads every finished fold, selected or not
         for f in range(recipe.folds):
             if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
                 run.check_state(m.name, f)
+                _check_state_workers(run, m.name, f, opts.workers_per_fold)
     _check_resources(opts)
     if not opts.sequential:
         check_address(opts.address)  # before the run folder is written: ray.init would hang
@@ -199,8 +202,15 @@ def _write_pseudo(run: RunFolder, teacher, data: Path, split, rt: Resolved) -> N
     if teacher is None or (run.path / TARGETS).exists():
         return
     write_targets(teacher, data, split, run.path / TARGETS, unlabeled="test", labeled=False,
-                  precision=rt.precision,
+                  rt=rt,
                   dataset_sha256=sha256_file(data / "dataset.json"))
+
+
+def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -> None:
+    """A saved state resumes only with the worker count that saved it (before Ray starts)."""
+    state = run.fold_dir(member, fold) / STATE
+    if (state / TRAINER_STATE).is_file():
+        check_workers(state, read_trainer(state), workers)
 
 
 def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, new_splits: bool,
@@ -229,32 +239,6 @@ def _start_run(recipe_path: Path, recipe: Recipe, run: RunFolder, splits: dict, 
 
 
 # --- Ray ---------------------------------------------------------------------------------------
-
-
-def _fold_task(recipe, member, fold, split, out, kwargs, threads, board, node_cpus):
-    """Body of one Ray task: train one fold (``split``, from Ray's object store; ``kwargs``:
-    the driver's ``rt``, splits, ...), sending progress events to the board actor.
-
-    With `node_cpus` ({node id: CPUs}; no --threads given) the fold counts the job's folds
-    running on its node at every epoch start (marker files, no Ray call: see _cores.py) and
-    takes its share of the CPUs, so folds still running take over the cores of finished ones.
-    """
-    import ray
-
-    progress = None
-    if board is not None:
-        def progress(ev):
-            board.report.remote(ev)
-    ctx = ray.get_runtime_context()
-    with contextlib.ExitStack() as stack:
-        threads_fn = None
-        if node_cpus is not None:
-            share = stack.enter_context(CoreShare(
-                share_folder(ctx.get_job_id()), fold_name(member, fold),
-                node_cpus.get(ctx.get_node_id(), threads), threads))
-            threads_fn = share.threads
-        return train_one_fold(recipe, member, fold, split, out, threads=threads, progress=progress,
-                              threads_fn=threads_fn, **kwargs)
 
 
 class ProgressBoard:
@@ -320,45 +304,41 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
 
     with ray_session(opts.address):
         have = ray.cluster_resources()
-        for flag, key, want in (("--cpus-per-task", "CPU", opts.cpus_per_task),
-                                ("--gpus-per-task", "GPU", opts.gpus_per_task)):
-            if want > have.get(key, 0):  # Ray would wait forever for such a task
-                raise InputError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0):g} {key}s")
+        check_fits(opts, have, "the Ray cluster")
         board = _Board(view)
         node_cpus = None
         if opts.threads is None:  # --threads pins the count
             node_cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-        task = ray.remote(_fold_task)
-        split_ref = ray.put(split)  # once: every task reads it from the object store
         threads = opts.threads or max(1, int(opts.cpus_per_task))
-        refs = {}
-        for member, fold in jobs:
-            ref = task.options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
-                               max_retries=opts.max_retries, retry_exceptions=False,
-                               name=fold_name(member, fold)).remote(
-                recipe, member, fold, split_ref, str(out), fold_kwargs, threads,
-                board.actor, node_cpus)
-            refs[ref] = (member, fold)
-        pending = list(refs)
+        split_ref = ray.put(split)  # once: every fold reads it from the object store
+        submit = submitter(recipe, split_ref, out, opts, fold_kwargs, board.actor, node_cpus,
+                           threads)
+        # Plain tasks queue in Ray; multi-worker folds queue here (raytrain's docstring).
+        slots = len(jobs) if opts.workers_per_fold == 1 else fold_slots(opts, have)
+        queue, refs = list(jobs), {}
         results = []
         try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            while queue or refs:
+                while queue and len(refs) < slots:
+                    job = queue.pop(0)
+                    refs[submit(*job)] = job
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
                 board.drain()
                 for ref in ready:
+                    job = refs.pop(ref)
                     try:
                         results.append(ray.get(ref))
                     except ray.exceptions.RayTaskError as e:
                         err = _unwrap_task_error(e)
-                        view.fail(*refs[ref], str(err).splitlines()[0])
+                        view.fail(*job, str(err).splitlines()[0])
                         raise err from None
                     except ray.exceptions.RayError as e:  # the worker, not the fold, failed
-                        err = lost_fold(e, *refs[ref], out)
-                        view.fail(*refs[ref], str(err))
+                        err = lost_fold(e, *job, out)
+                        view.fail(*job, str(err))
                         raise err from None
             board.drain()
         except BaseException:
-            for ref in pending:
+            for ref in refs:
                 ray.cancel(ref, force=True)
             raise
         return results

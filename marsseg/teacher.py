@@ -22,6 +22,7 @@ import numpy as np
 
 from ._io import atomic_path
 from .config import ModelConfig
+from .device import Resolved
 from .errors import InputError
 from .runfolder import OOF, RunFolder, read_oof
 from .teaching import TargetsRecord, write_targets_file
@@ -138,20 +139,21 @@ def _unlabeled_images(data: Path, split: str, batch_size: int) -> tuple[np.ndarr
 
 
 def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled: str,
-                  precision: str, dataset_sha256: str, batch_size: int = 32, labeled: bool = True,
+                  rt: Resolved, dataset_sha256: str, batch_size: int = 32, labeled: bool = True,
                   log: Callable[[str], None] | None = None) -> TargetsRecord:
     """Compute the teacher's targets for the train `split` of `data` (not with `labeled`
     False: pseudo-labels need the unlabeled ones only) and its `unlabeled` split ("test" |
-    "none"), and store them at `path` (written whole, then renamed)."""
+    "none"), and store them at `path` (written whole, then renamed). rt: the command's
+    device and precision, the teacher's forward runs on."""
     from .ensemble import load_ensemble
     from .inference import PredictConfig, Predictor
 
     ids_u, images_u = (_unlabeled_images(data, unlabeled, batch_size) if unlabeled != "none"
                        else (np.zeros(0, np.int64), np.zeros((0, 64, 128), np.uint8)))
-    cfg = PredictConfig(tta=True, precision=precision, backend="eager", batch_size=batch_size)
+    cfg = PredictConfig(tta=True, backend="eager", batch_size=batch_size)
     with atomic_path(path) as tmp:
         rec = TargetsRecord(str(teacher.run.path), teacher.sha256, dataset_sha256, unlabeled,
-                            len(cfg.views), precision, len(split.ids), 0, len(ids_u),
+                            len(cfg.views), rt.precision, len(split.ids), 0, len(ids_u),
                             teacher.oof_miou)
         f = write_targets_file(tmp, rec, split.ids, ids_u, images_u)
         try:
@@ -159,7 +161,7 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
             if len(ids_u):
                 # raw softmax, like the out-of-fold targets (a calibration is not in the
                 # teacher's sha256, so calibrated targets could also go stale)
-                pred = Predictor(load_ensemble(teacher.run.path, calibrated=False), cfg)
+                pred = Predictor(load_ensemble(teacher.run.path, calibrated=False), cfg, rt)
                 if log:
                     log(f"teacher: {len(pred.models)} models x {len(cfg.views)} views on "
                         f"{len(ids_u)} {unlabeled} images")

@@ -49,11 +49,10 @@ from .config import MemberConfig, Recipe
 from .data import Split
 from .data.loaders import make_loaders
 from .data.sampling import RareClassSampler, holds_class
+from .dataparallel import check_batch, rank_seed, sync_batchnorm, world
 from .device import Resolved, make_accelerator, resolve
-from .ensemble import load_ensemble
 from .errors import InputError
 from .folds import ensure_splits, fold_rows, load_train
-from .inference import PredictConfig, Predictor
 from .losses import make_loss
 from .metrics import labeled_argmax, round_score
 from .models.registry import to_model_input
@@ -61,6 +60,7 @@ from .optim import lr_at, make_optimizer
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
 from .tracking import TrackingSpec, fold_run
+from .validation import predict_oof, validate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -71,8 +71,6 @@ Progress = Callable[[dict], None]
 # --- small pure helpers -----------------------------------------------------------------------
 
 
-
-
 def poll_threads(threads_fn: Callable[[], int] | None) -> None:
     """Apply the thread count `threads_fn` asks for now (e.g. a share of idle cores)."""
     n = threads_fn() if threads_fn is not None else None
@@ -80,52 +78,10 @@ def poll_threads(threads_fn: Callable[[], int] | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def predict_oof(f: FoldSetup, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Softmax (n,5,H,W) f16 of the saved best weights (reloaded from the fold folder) on
-    ``images``, through the Predictor's one forward path (no TTA, the fold's precision)."""
-    rt = Resolved(f.accelerator.device, f.precision)
-    best = load_ensemble(f.fold_dir, verify=False)  # this fold's own unfinished weights
-    pred = Predictor(best, PredictConfig(tta=False, batch_size=batch_size), rt)
-    out = np.empty((len(images), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
-    for s in range(0, len(images), batch_size):
-        ((_, (p,)),) = pred.member_views(images[s:s + batch_size])
-        out[s:s + len(p)] = p.half().cpu().numpy()
-    return out
-
-
 def fold_seed(seed: int, member: str, fold: int, epoch: int = -1) -> int:
     """A stable 31-bit seed per (recipe seed, member, fold, epoch); -1 = initialisation."""
     key = f"{seed}/{member}/{fold}/{epoch}".encode()
     return zlib.crc32(key) & 0x7FFFFFFF
-
-
-# --- validation -------------------------------------------------------------------------------
-
-
-def validate(model, loader, accelerator, probs_out: np.ndarray | None = None) -> np.ndarray:
-    """Course confusion matrix (truth 0 dropped) of `labeled_argmax` over `loader`.
-
-    The matrix is accumulated on the device with bincount; predictions and masks
-    go through `gather_for_metrics`, so several processes count each pixel once.
-    With `probs_out` (n,5,H,W) f16 the softmax of every image is stored there too
-    (kept for the out-of-fold file when this epoch turns out best).
-    """
-    model.eval()
-    cm = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=accelerator.device)
-    n = 0
-    with torch.no_grad():
-        for images, masks in loader:
-            logits = model(to_model_input(images))
-            pred, truth = accelerator.gather_for_metrics((labeled_argmax(logits), masks.long()))
-            cm += torch.bincount((truth * NUM_CLASSES + pred).reshape(-1),
-                                 minlength=NUM_CLASSES * NUM_CLASSES)
-            if probs_out is not None:
-                p = accelerator.gather_for_metrics(torch.softmax(logits.float(), dim=1).half())
-                probs_out[n:n + len(p)] = p.cpu().numpy()
-            n += len(pred)
-    cm = cm.reshape(NUM_CLASSES, NUM_CLASSES).cpu().numpy()
-    cm[0, :] = 0
-    return cm
 
 
 # --- the loop's state and phases --------------------------------------------------------------
@@ -186,12 +142,18 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
     train_rows, val_rows, n_filtered = fold_rows(split, splits, fold, m)
     fold_dir = RunFolder(out).fold_dir(m.name, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(prec, cpu=rt.device.type != "cuda", log_with=log_with,
-                                   project_dir=out)
+    use_cuda = rt.device.type == "cuda"
+    workers = world()[1]  # > 1: one of the data-parallel processes of this fold
+    check_batch(m.batch_size, workers, m.name)
+    accelerator = make_accelerator(prec, cpu=not use_cuda, split_batches=workers > 1,
+                                   log_with=log_with, project_dir=out)
     device = accelerator.device
 
     torch.manual_seed(fold_seed(recipe.seed, m.name, fold))
-    model = build_model(m.model.name, **m.model.args).to(memory_format=torch.channels_last)
+    model = build_model(m.model.name, **m.model.args)
+    if workers > 1:  # BatchNorm statistics of the global batch, not of each worker's slice
+        model = sync_batchnorm(model, cuda=use_cuda)
+    model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: parameter names, state dicts and saved weights stay the same
     optimizer = make_optimizer(m.optimizer, model)
@@ -222,6 +184,9 @@ def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -
     """The member with the epochs --time-budget decided for this fold (`budget`), else as is."""
     from . import budget
 
+    if time_budget is not None and f.accelerator.num_processes > 1:
+        raise InputError("--time-budget: not with --workers-per-fold > 1 (each worker would "
+                         "time its own steps); give --epochs instead")
     bs = f.member.batch_size
     images, masks = f.split.images, f.split.masks
     epochs = budget.fold_epochs(
@@ -237,9 +202,10 @@ def _fit_time_budget(f: FoldSetup, time_budget: float | None, has_state: bool) -
 def _seed_epoch(f: FoldSetup, epoch: int) -> None:
     """Every draw of epoch `epoch` (shuffle, augmentation, dropout) from its own seed."""
     seed = fold_seed(f.recipe.seed, f.member.name, f.fold, epoch)
-    f.shuffle_gen.manual_seed(seed)
-    f.aug_gen.manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and anything else drawing from the global RNG
+    f.shuffle_gen.manual_seed(seed)  # the same on every rank: one shuffle of the global batches
+    own = rank_seed(seed, f.accelerator.process_index)  # each rank augments its own slice
+    f.aug_gen.manual_seed(own)
+    torch.manual_seed(own)  # dropout and anything else drawing from the global RNG
     if f.taught is not None:
         f.taught.start_epoch(seed)
 
@@ -307,10 +273,11 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     score = miou if math.isfinite(miou) else -1.0
     if state.best_miou is None or score > state.best_miou or not len(f.val_rows):  # all: last
         state.best_miou, state.best_epoch, state.bad_epochs, state.plateau_bad = score, epoch, 0, 0
-        save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
-                        extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
-                               "epoch": epoch, "val_miou": round_score(miou),
-                               "val_iou": [round_score(v) for v in iou]})
+        if f.accelerator.is_main_process:
+            save_pretrained(f.accelerator.unwrap_model(f.model), f.fold_dir,
+                            extra={"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
+                                   "epoch": epoch, "val_miou": round_score(miou),
+                                   "val_iou": [round_score(v) for v in iou]})
         return miou, iou, True
     state.bad_epochs += 1
     state.plateau_bad += 1
@@ -322,12 +289,23 @@ def _validate_epoch(f: FoldSetup, state: TrainerState, epoch: int,
     return miou, iou, False
 
 
+def _trainer_record(f: FoldSetup, state: TrainerState) -> dict:
+    """trainer.json: the state, and with N > 1 workers the N (its weights' names depend on it)."""
+    n = f.accelerator.num_processes
+    return state.to_json() if n == 1 else {**state.to_json(), "workers": n}
+
+
 def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, run: RunFolder,
             t_start: float) -> dict:
-    """Write the out-of-fold file, then done.json (last: the fold is finished); returns done."""
+    """Write the out-of-fold file, then done.json (last: the fold is finished); returns done.
+    Rank 0 writes; the other ranks of a data-parallel fold wait and return what it wrote."""
     m, val_images = f.member, f.split.images[f.val_rows]
+    if not f.accelerator.is_main_process:
+        f.accelerator.wait_for_everyone()
+        return run.read_done(m.name, f.fold)
     if best_probs is None and len(val_images):  # best epoch trained by an earlier attempt
-        best_probs = predict_oof(f, val_images, 2 * m.batch_size)
+        rt = Resolved(f.accelerator.device, f.precision)
+        best_probs = predict_oof(f.fold_dir, rt, val_images, 2 * m.batch_size)
     if len(val_images):  # fold "all" has no held-out images
         write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
@@ -339,6 +317,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
             "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
             "n_pseudo": f.n_pseudo,
             "precision": f.precision, "device": str(f.accelerator.device),
+            **({"workers": f.accelerator.num_processes} if f.accelerator.num_processes > 1 else {}),
             "train_seconds": round(state.train_seconds, 3),
             "sha256": sha256_file(f.fold_dir / WEIGHTS),
             "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
@@ -346,6 +325,7 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
         done["sampling"] = {**dataclasses.asdict(m.sampling),
                             "n_train_rare": int(f.sampler.rare.sum())}
     run.write_done(m.name, f.fold, done)
+    f.accelerator.wait_for_everyone()
     return done
 
 
@@ -431,9 +411,12 @@ def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report:
                "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
         if resumed_from is not None and epoch == resumed_from + 1:
             row["resumed"] = True
-        append_metrics(f.fold_dir / METRICS, row)
         state.epoch = epoch
-        save_state(f.accelerator, f.fold_dir, state.to_json())
+        if f.accelerator.num_processes > 1:
+            row["workers"] = f.accelerator.num_processes
+        if f.accelerator.is_main_process:
+            append_metrics(f.fold_dir / METRICS, row)
+            save_state(f.accelerator, f.fold_dir, _trainer_record(f, state))
         track.epoch(row)  # after the state: a resumed fold never logs an epoch twice
         report("epoch", epoch=epoch, loss=row["loss"], val_miou=row["val_miou"],
                best_miou=state.best_miou if len(f.val_rows) else None, img_s=row["img_s"],

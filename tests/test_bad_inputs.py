@@ -454,6 +454,13 @@ ROWS = [
     row("train-out-is-a-file", ["train-folds", "--data", "{shards}", "--recipe", "{recipe}",
                                 "--out", "{recipe}", "--sequential"],
         None, "{recipe}: exists and is not a folder"),
+    row("train-workers-batch-does-not-split", ["train-folds", "--data", "{shards}", "--recipe",
+                                               "{recipe}", "--out", "{tmp}/run",
+                                               "--workers-per-fold", "3"],
+        None, "batch_size 4 does not split over --workers-per-fold 3"),
+    row("train-gpus-per-task-above-1", ["train-folds", "--data", "{shards}", "--recipe",
+                                        "{recipe}", "--out", "{tmp}/run", "--gpus-per-task", "2"],
+        None, "--gpus-per-task 2: a fold's worker trains on one GPU"),
     # predict
     row("predict-no-run-folder", ["predict", "--ensemble", "{tmp}/none", "--data", "{shards}",
                                   "--out", "{tmp}/s.csv"], None, "{tmp}/none"),

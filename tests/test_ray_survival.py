@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from marsseg import orchestrate as O
+from marsseg import raytrain
 from marsseg.cli import app
 from marsseg.cluster import start_ray
 
@@ -67,7 +68,7 @@ def test_a_fold_whose_worker_dies_for_good_is_one_line_and_a_rerun_resumes(
 
         os.kill(os.getpid(), signal.SIGKILL)
 
-    monkeypatch.setattr(O, "_fold_task", dies)
+    monkeypatch.setattr(raytrain, "fold_task", dies)
     res = runner.invoke(app, _cli(shards, recipe, out) + ["--max-retries", "0"])
     assert res.exit_code == 1, (res.output, res.exception)
     assert "Traceback" not in res.output
@@ -89,12 +90,12 @@ def test_a_killed_progress_actor_does_not_end_the_run(shards, tmp_path, local_ra
     def kill_board_then_train(recipe, member, fold, data, out, kwargs, threads, board, cpus):
         import ray
 
-        from marsseg.orchestrate import _fold_task  # the real one (a fresh import here)
+        from marsseg.raytrain import fold_task  # the real one (a fresh import here)
 
         ray.kill(board, no_restart=True)
-        return _fold_task(recipe, member, fold, data, out, kwargs, threads, None, cpus)
+        return fold_task(recipe, member, fold, data, out, kwargs, threads, None, cpus)
 
-    monkeypatch.setattr(O, "_fold_task", kill_board_then_train)
+    monkeypatch.setattr(raytrain, "fold_task", kill_board_then_train)
     res = runner.invoke(app, _cli(shards, recipe, out))
     assert res.exit_code == 0, (res.output, res.exception)
     assert "progress view lost" in res.output and "Traceback" not in res.output
