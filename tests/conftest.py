@@ -45,3 +45,21 @@ def synth_arrays(synth_npz):
     """The raw arrays of `synth_npz` as a dict."""
     with np.load(synth_npz) as z:
         return {k: z[k] for k in z.files}
+
+
+@pytest.fixture
+def ray_start_fails(monkeypatch):
+    """ray.init raises what Ray raises when a local node times out on a loaded machine;
+    this process looks as if it joined no Ray, and nothing real is shut down."""
+    ray = pytest.importorskip("ray")
+    calls = []
+
+    def init(*args, **kwargs):
+        calls.append(kwargs.get("address"))
+        raise Exception("The current node timed out during startup. This could happen because "
+                        "some of the raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    return calls
