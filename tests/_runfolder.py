@@ -125,6 +125,33 @@ def make_teacher(run: Path, shards: Path, k: int = 2, members=("a", "b"), weight
     return run
 
 
+def make_oof_run(root: Path, shards: Path, members: dict, k: int = 2,
+                 n: int | None = None) -> Path:
+    """A run folder of ensemble.json and oof.h5 files only (no weights): members maps a name
+    to fn(masks, seed) -> probs (b, 5, H, W), over the first ``n`` train images (default:
+    all) cut into ``k`` folds; the seed is 10 x the member's index + the fold."""
+    import h5py
+
+    from marsseg.data import load_split
+
+    split = load_split(shards, "train")
+    parts = np.array_split(np.arange(min(n or len(split.ids), len(split.ids))), k)
+    ens = {"format_version": 1, "name": "t", "k": k, "data": str(shards), "members": [],
+           "selected": sorted(members)}
+    for j, (name, fn) in enumerate(members.items()):
+        folds = []
+        for f, rows in enumerate(parts):
+            d = root / name / f"fold_{f}"
+            d.mkdir(parents=True)
+            with h5py.File(d / "oof.h5", "w") as h:
+                h["ids"] = split.ids[rows]
+                h["probs"] = np.asarray(fn(split.masks[rows], 10 * j + f), np.float16)
+            folds.append({"fold": f, "path": f"{name}/fold_{f}"})
+        ens["members"].append({"name": name, "weight": 1.0, "folds": folds})
+    (root / "ensemble.json").write_text(json.dumps(ens))
+    return root
+
+
 STUDENT = """seed = 1
 [[members]]
 name = "student"

@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _runfolder import make_oof_run
 from typer.testing import CliRunner
 
 from marsseg.cli import app
-from marsseg.data import load_split
 from marsseg.errors import InputError
 from marsseg.metrics import PROB_FLOOR, CalibrationMeter, labeled_argmax
 from marsseg.temperature import (
@@ -176,27 +176,6 @@ def test_bad_calibration_blocks_name_the_key(block, names):
 # --------------------------------------------------------------------------- a run folder
 
 
-def write_oof_run(root, shards, members: dict, k: int = 2, n: int = 48):
-    """A run folder whose oof.h5 files hold members: name -> fn(masks, seed) -> probs, on the
-    first ``n`` train images (calibration needs no full cover of the split)."""
-    split = load_split(shards, "train")
-    parts = np.array_split(np.arange(min(n, len(split.ids))), k)
-    ens = {"format_version": 1, "name": "t", "k": k, "data": str(shards), "members": [],
-           "selected": sorted(members)}
-    for j, (name, fn) in enumerate(members.items()):
-        folds = []
-        for f, rows in enumerate(parts):
-            d = root / name / f"fold_{f}"
-            d.mkdir(parents=True)
-            with h5py.File(d / "oof.h5", "w") as h:
-                h["ids"] = split.ids[rows]
-                h["probs"] = np.asarray(fn(split.masks[rows], 10 * j + f), np.float16)
-            folds.append({"fold": f, "path": f"{name}/fold_{f}"})
-        ens["members"].append({"name": name, "weight": 1.0, "folds": folds})
-    (root / "ensemble.json").write_text(json.dumps(ens))
-    return root
-
-
 def overconfident(sharpness: float):
     """Probabilities whose labels follow softmax(z) while they state softmax(sharpness * z):
     the masks are re-drawn from the data's own masks (truth 0 kept) so every T is known."""
@@ -210,8 +189,8 @@ def overconfident(sharpness: float):
 
 
 def test_calibrate_cli_fits_stores_and_predict_side_reads_it(tmp_path, shards):
-    run = write_oof_run(tmp_path / "run", shards, {"a": overconfident(2.0),
-                                                   "b": overconfident(3.0)})
+    run = make_oof_run(tmp_path / "run", shards, {"a": overconfident(2.0),
+                                                  "b": overconfident(3.0)}, n=48)
     res = runner.invoke(app, ["calibrate", "--run", str(run)])
     assert res.exit_code == 0, res.output
     spec = json.loads((run / "ensemble.json").read_text())
@@ -231,7 +210,7 @@ def test_calibrate_cli_fits_stores_and_predict_side_reads_it(tmp_path, shards):
 def test_calibrate_cli_bad_inputs_are_one_line_exit_2(tmp_path, shards):
     res = runner.invoke(app, ["calibrate", "--run", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "run folder does not exist" in res.output
-    run = write_oof_run(tmp_path / "run", shards, {"a": overconfident(2.0)})
+    run = make_oof_run(tmp_path / "run", shards, {"a": overconfident(2.0)}, n=48)
     (run / "a" / "fold_1" / "oof.h5").write_bytes(b"not hdf5")
     before = (run / "ensemble.json").read_bytes()
     res = runner.invoke(app, ["calibrate", "--run", str(run)])

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
+from _runfolder import make_oof_run
 from typer.testing import CliRunner
 
 from marsseg.cli import app
-from marsseg.data import load_split
 from marsseg.select import select_members
 
 
@@ -49,25 +48,6 @@ def test_a_useless_member_gets_no_weight():
     assert sel.oof_miou == pytest.approx(1.0)
 
 
-def _write_run(root, shards, members):
-    """A run folder with ensemble.json and oof.h5 files; members: name -> fn(masks) -> probs."""
-    split = load_split(shards, "train")
-    halves = np.array_split(np.arange(len(split.ids)), 2)
-    ens = {"format_version": 1, "name": "t", "k": 2, "data": str(shards), "members": [],
-           "selected": sorted(members)}
-    for name, fn in members.items():
-        folds = []
-        for k, rows in enumerate(halves):
-            d = root / name / f"fold_{k}"
-            d.mkdir(parents=True)
-            with h5py.File(d / "oof.h5", "w") as f:
-                f["ids"] = split.ids[rows]
-                f["probs"] = fn(split.masks[rows]).astype(np.float16)
-            folds.append({"fold": k, "path": f"{name}/fold_{k}"})
-        ens["members"].append({"name": name, "weight": 1.0, "folds": folds})
-    (root / "ensemble.json").write_text(json.dumps(ens))
-
-
 def _one_hot(masks):
     p = np.zeros((len(masks), 5, *masks.shape[1:]), np.float32)
     for c in range(1, 5):
@@ -78,9 +58,9 @@ def _one_hot(masks):
 
 def test_select_cli_writes_weights_into_ensemble_json(tmp_path, shards):
     rng = np.random.default_rng(1)
-    _write_run(tmp_path, shards, {
-        "oracle": _one_hot,
-        "noise": lambda m: rng.random((len(m), 5, *m.shape[1:])),
+    make_oof_run(tmp_path, shards, {
+        "oracle": lambda m, _: _one_hot(m),
+        "noise": lambda m, _: rng.random((len(m), 5, *m.shape[1:])),
     })
     res = CliRunner().invoke(app, ["select", "--run", str(tmp_path)])
     assert res.exit_code == 0, res.output
