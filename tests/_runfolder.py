@@ -152,6 +152,18 @@ def make_oof_run(root: Path, shards: Path, members: dict, k: int = 2,
     return root
 
 
+#: a valid one-member recipe (2 folds, 1 epoch, the tiniest U-Net)
+TINY_RECIPE = """folds = 2
+seed = 1
+[[members]]
+name = "a"
+epochs = 1
+batch_size = 4
+[members.model]
+name = "unet"
+args = { base_width = 4, depth = 2 }
+"""
+
 STUDENT = """seed = 1
 [[members]]
 name = "student"

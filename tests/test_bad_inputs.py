@@ -25,23 +25,13 @@ import numpy as np
 import pytest
 import torch
 from _runfolder import STUDENT, make_npz, make_run, make_teacher
+from _runfolder import TINY_RECIPE as RECIPE
 from typer.testing import CliRunner
 
 from marsseg.cli import app
 from marsseg.data import prepare
 
 runner = CliRunner()
-
-RECIPE = """folds = 2
-seed = 1
-[[members]]
-name = "a"
-epochs = 1
-batch_size = 4
-[members.model]
-name = "unet"
-args = { base_width = 4, depth = 2 }
-"""
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _runfolder import TINY_RECIPE as RECIPE
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
@@ -24,17 +25,6 @@ runner = CliRunner()
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                                 reason="mounting a small tmpfs needs root")
-
-RECIPE = """folds = 2
-seed = 1
-[[members]]
-name = "a"
-epochs = 1
-batch_size = 4
-[members.model]
-name = "unet"
-args = { base_width = 4, depth = 2 }
-"""
 
 
 @pytest.fixture
