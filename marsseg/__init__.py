@@ -11,7 +11,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
                     batch streams with their checks, in-memory training loaders and the
                     rare-class sampler (which training images an epoch draws)
-    _records        checks of ensemble.json's keys (names, fold paths, weights' sha256)
+    records         done.json as a frozen record; checks of ensemble.json and splits.json
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML

@@ -73,7 +73,7 @@ def test_decided_epochs_are_recorded_and_reused_on_resume(shards, tmp_path, monk
     spe = record["steps_per_epoch"]
     epochs = 30 // spe  # 1 s per step, nothing else: whole epochs of `spe` seconds in 30 s
     assert record["epochs"] == epochs >= 3 and record["time_budget_s"] == 30.0
-    assert events[0]["event"] == "start" and events[0]["epochs"] == epochs
+    assert events[0].event == "start" and events[0].epochs == epochs
 
     def no_probe(*a, **kw):
         raise AssertionError("a resumed fold must not measure again")
@@ -86,7 +86,7 @@ def test_decided_epochs_are_recorded_and_reused_on_resume(shards, tmp_path, monk
     done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no", time_budget=30.0)
     rows = metrics(d)
     assert [x["epoch"] for x in rows] == list(range(epochs)) and rows[1].get("resumed") is True
-    assert done["epochs"] == done["epochs_run"] == epochs
+    assert done.epochs == done.epochs_run == epochs
     # the cosine schedule was built on the decided count: its last step is at the low end
     sched = r.members[0].schedule
     for e, row in enumerate(rows):
