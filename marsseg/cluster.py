@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from .errors import InputError
+from .errors import InputError, RunError
 
 #: seconds a cluster address gets to answer a TCP connect before the command gives up
 CONNECT_TIMEOUT = 5.0
@@ -55,8 +55,12 @@ def check_address(address: str | None, flag: str = "--address") -> None:
                      "with `ray start --head` or leave --address out")
 
 
-def start_ray(address: str | None = None, min_cpus: int = 0) -> None:
-    """Join the Ray cluster at ``address``, or start a private one (module docstring)."""
+def start_ray(address: str | None = None, min_cpus: int = 0, fallback: str = "") -> None:
+    """Join the Ray cluster at ``address``, or start a private one (module docstring).
+
+    A start that fails (a local node that times out on a loaded machine, a cluster that
+    does not answer) raises ``RunError``: one line naming what failed, then ``fallback``
+    (what to do instead, e.g. "give --sequential")."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -64,28 +68,49 @@ def start_ray(address: str | None = None, min_cpus: int = 0) -> None:
               configure_logging=True)
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus),
+                     _system_config={"worker_niceness": 0}, **kw)
+    except Exception as e:  # Ray raises a bare Exception when a local node times out
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # whatever part of the node did start
+        raise RunError(_start_failed(address, e, fallback)) from None
+    finally:
+        if callable(before):
+            # ray.init replaces the driver's SIGTERM handler (and Ray's C++ core adds a
+            # crash handler that dumps a stack and exits 1): put the caller's back, so
+            # the CLI's SIGTERM still unwinds (temp files removed, Ray shut down, exit 143).
+            signal.signal(signal.SIGTERM, before)
+
+
+def _start_failed(address: str | None, e: Exception, fallback: str) -> str:
+    """The one line for a Ray start-up that failed: what, Ray's first line, what to do."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    why = f"{type(e).__name__}: {first}" if first else type(e).__name__
     if address:
-        ray.init(address=address, **kw)
+        what = (f"Ray could not join the cluster at {address} ({why}): check that it runs "
+                "(`ray status` on its head node) or leave --address out")
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus),
-                 _system_config={"worker_niceness": 0}, **kw)
-    if callable(before):
-        # ray.init replaces the driver's SIGTERM handler (and Ray's C++ core adds a
-        # crash handler that dumps a stack and exits 1): put the caller's back, so
-        # the CLI's SIGTERM still unwinds (temp files removed, Ray shut down, exit 143).
-        signal.signal(signal.SIGTERM, before)
+        what = (f"Ray could not start a local node ({why}): the machine may be overloaded; "
+                "retry when it is less busy")
+    return f"{what}, or {fallback}" if fallback else what
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, min_cpus: int = 0) -> Iterator[None]:
-    """Use the Ray this process already joined, else start or join one (`start_ray`) and
-    shut it down on the way out."""
+def ray_session(address: str | None = None, min_cpus: int = 0,
+                fallback: str = "") -> Iterator[None]:
+    """Use the Ray this process already joined, else start or join one (`start_ray`; a
+    failed start is a ``RunError`` that ends with ``fallback``) and shut it down on the
+    way out."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    start_ray(address, min_cpus)
+    start_ray(address, min_cpus, fallback)
     try:
         yield
     finally:

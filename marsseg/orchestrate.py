@@ -303,7 +303,9 @@ def _run_ray(recipe, jobs, split, out, opts: RunOptions, fold_kwargs: dict, view
 
     from .cluster import ray_session
 
-    with ray_session(opts.address):
+    fallback = "give --sequential to train in this process" + (
+        " (with --workers-per-fold 1)" if opts.workers_per_fold > 1 else "")
+    with ray_session(opts.address, fallback=fallback):
         have = ray.cluster_resources()
         check_fits(opts, have, "the Ray cluster")
         board = _Board(view)

@@ -51,7 +51,8 @@ def _ray_results(run_dir, members, folds, cfg: PredictConfig, rt: Resolved, batc
     from .cluster import ray_session
 
     rt = rt.with_threads(rt.threads or 1)
-    with ray_session(address, min_cpus=workers):
+    with ray_session(address, min_cpus=workers,
+                     fallback="give --workers 1 to predict in this process"):
         gpu = rt.device.type == "cuda"
 
         @ray.remote(num_cpus=1, num_gpus=(1.0 / workers) if gpu else 0)

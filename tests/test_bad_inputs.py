@@ -825,15 +825,11 @@ def test_the_table_covers_every_command():
     assert len(ROWS) >= 40
 
 
-def test_the_installed_entry_point_gives_the_same_one_line(tmp_path):
+def test_the_installed_entry_point_gives_the_same_one_line(tmp_path, real_cli):
     """The same contract through a real process (no CliRunner): a usage error and --version."""
-    import subprocess
-    import sys
-
-    cli = [sys.executable, "-m", "marsseg.cli"]
-    r = subprocess.run(cli + ["predict", "--data", str(tmp_path)], capture_output=True, text=True)
+    r = real_cli.run(["predict", "--data", tmp_path])
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     (line,) = r.stderr.splitlines()
     assert line.startswith("error: ") and "Missing option '--ensemble'" in line, line
-    r = subprocess.run(cli + ["--version"], capture_output=True, text=True)
+    r = real_cli.run(["--version"])
     assert r.returncode == 0 and r.stdout.startswith("marsseg-cli ") and r.stderr == ""

@@ -301,29 +301,18 @@ def test_student_recipe_checks(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_then_rerun_resumes(world, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def test_sigterm_then_rerun_resumes(world, tmp_path, real_cli):
     from marsseg.cli import app
 
     out = tmp_path / "s"
     args = ["distill", "--ensemble", str(world["teacher"]), "--data", str(world["shards"]),
             "--out", str(out), "--recipe", str(world["recipe"]), "--epochs", "8",
             "--threads", "1", "--progress", "plain", "--precision", "no"]
-    proc = subprocess.Popen([sys.executable, "-m", "marsseg.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(args)
     state = out / "student" / "fold_0" / "state" / "trainer.json"
-    t = time.monotonic()
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() - t < 300, "no epoch saved"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and err.splitlines()[-1:] == ["terminated"], err
+    real_cli.wait_for(proc, state.exists, "an epoch saved", timeout=300)
+    rc, err = real_cli.terminate(proc)
+    assert rc == 143 and err.splitlines()[-1:] == ["terminated"], err
     assert not (out / "student" / "fold_0" / "done.json").exists()
     assert (out / "targets.h5").exists() and not list(out.glob("targets.h5.tmp*"))
     res = runner.invoke(app, args)

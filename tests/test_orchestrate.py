@@ -15,12 +15,10 @@ from typer.testing import CliRunner
 
 from marsseg._cores import CoreShare, share_threads
 from marsseg.cli import app
-from marsseg.cluster import start_ray
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
 from marsseg.orchestrate import RunOptions, train_folds
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
 
 RECIPE = """
@@ -126,6 +124,23 @@ def test_cli_fp16_on_cpu_exits_2(shards, tmp_path):
     assert res.exit_code == 2 and "GPU-only" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("extra, words", [
+    ([], "Ray could not start a local node (Exception: The current node timed out during "
+         "startup."),
+    (["--address", "auto"], "Ray could not join the cluster at auto (Exception:"),
+])
+def test_cli_ray_start_failure_is_one_line_exit_1(shards, tmp_path, ray_start_fails, extra,
+                                                  words):
+    res = runner.invoke(app, ["train-folds", "--data", str(shards), "--recipe",
+                              str(write_recipe(tmp_path)), "--out", str(tmp_path / "run"),
+                              "--progress", "none", *extra])
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+    assert lines[0].endswith("or give --sequential to train in this process"), lines[0]
+    assert "Traceback" not in res.output and ray_start_fails == [extra[-1] if extra else "local"]
+
+
 def test_share_threads_gives_idle_cores_to_running_folds():
     assert [share_threads(2, n, 1) for n in (0, 1, 2, 3)] == [2, 2, 1, 1]
     assert [share_threads(16, n, 2) for n in (1, 3, 8, 16)] == [16, 5, 2, 2]
@@ -153,15 +168,6 @@ def test_core_share_counts_live_folds_of_its_folder(tmp_path):
 # --- Ray -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # another test module's cluster: reuse it, leave it running
-        yield ray
-        return
-    start_ray()  # the private embedded instance train-folds starts
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -181,12 +181,23 @@ def test_probs_file(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_give_byte_identical_csv(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def test_workers_give_byte_identical_csv(world, tmp_path):
     cfg = PR.PredictConfig(**FP32)
     P.predict(world["run"], world["shards"], tmp_path / "one.csv", cfg=cfg)
     P.predict(world["run"], world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+
+
+def test_cli_predict_ray_start_failure_is_one_line_exit_1(world, tmp_path, ray_start_fails):
+    out = tmp_path / "s.csv"
+    r = runner.invoke(app, ["predict", "--ensemble", str(world["run"]), "--data",
+                            str(world["shards"]), "--out", str(out), "--workers", "2", "-q"])
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Ray could not start a local node" in lines[0], r.stderr
+    assert lines[0].endswith("or give --workers 1 to predict in this process"), lines[0]
+    assert "Traceback" not in r.output and ray_start_fails == ["local"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_cli_predict(world, tmp_path):
