@@ -111,7 +111,7 @@ def test_probe_leaves_no_trace(shards, tmp_path):
     timed = train_one_fold(r, "tiny", 0, shards, tmp_path / "a", time_budget=3.0, **kw)
     record = json.loads((tmp_path / "a" / "tiny" / "fold_0" / "budget.json").read_text())
     assert set(record["measured"]) == {"train_step_s", "val_s", "checkpoint_s", "probe_s"}
-    assert record["measured"]["train_step_s"] > 0 and timed["epochs"] == record["epochs"]
+    assert record["measured"]["train_step_s"] > 0 and timed.epochs == record["epochs"]
     assert not list((tmp_path / "a" / "tiny" / "fold_0").glob("budget-probe*"))
     plain = train_one_fold(tiny_recipe(epochs=record["epochs"], schedule={"name": "cosine"}),
                            "tiny", 0, shards, tmp_path / "b", **kw)
@@ -119,7 +119,7 @@ def test_probe_leaves_no_trace(shards, tmp_path):
     b = load_file(str(tmp_path / "b" / "tiny" / "fold_0" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert timed["val_miou"] == plain["val_miou"]
+    assert timed.val_miou == plain.val_miou
 
 
 def test_cli_time_budget_errors_and_pin(shards, tmp_path, monkeypatch):
