@@ -1,12 +1,16 @@
-"""Shared fixtures: one small synthetic npz and its prepared shard folder per test session.
-
-Teammates reuse these (`synth_npz`, `shards`); both are read-only for tests, so copy
-before modifying.
+"""Shared fixtures: one small synthetic npz and its prepared shard folder per test session
+(`synth_npz`, `shards`; both read-only for tests, so copy before modifying), marsseg-cli in
+a real process (`real_cli`), an embedded Ray (`local_ray`) and a Ray that fails to start
+(`ray_start_fails`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +21,8 @@ from marsseg.synth import write_synthetic
 # trackers in tests (test_tracking): local stores only, nothing sent anywhere
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Ray in tests (in this process or a CLI subprocess) runs without token authentication
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 SYNTH_N_TRAIN = 160
 SYNTH_N_TEST = 40
@@ -63,3 +69,66 @@ def ray_start_fails(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
     return calls
+
+
+class RealCli:
+    """marsseg-cli in a real process (``python -m marsseg.cli``), not CliRunner: signals,
+    exit codes and a crash at interpreter exit (a segfault, 139) show only there."""
+
+    command = (sys.executable, "-m", "marsseg.cli")
+
+    def _kw(self, kw: dict) -> dict:
+        return {"text": True, "env": {**os.environ, "RAY_AUTH_MODE": "disabled"}, **kw}
+
+    def run(self, args, **kw) -> subprocess.CompletedProcess:
+        """Run to the end; stdout and stderr captured as text."""
+        return subprocess.run([*self.command, *map(str, args)],
+                              **self._kw({"capture_output": True, **kw}))
+
+    def start(self, args, **kw) -> subprocess.Popen:
+        """Start it; stdout and stderr are text pipes unless ``kw`` says otherwise."""
+        return subprocess.Popen([*self.command, *map(str, args)],
+                                **self._kw({"stdout": subprocess.PIPE,
+                                            "stderr": subprocess.PIPE, **kw}))
+
+    @staticmethod
+    def wait_for(proc: subprocess.Popen, cond, what: str, timeout: float = 180.0) -> None:
+        """Poll ``cond()`` until true; fail (with its stderr) if ``proc`` ends first, and
+        kill it after ``timeout`` seconds."""
+        t = time.monotonic()
+        while not cond():
+            if proc.poll() is not None:
+                raise AssertionError(f"finished (rc {proc.returncode}) before {what}: "
+                                     f"{proc.stderr.read() if proc.stderr else ''}")
+            if time.monotonic() - t > timeout:
+                proc.kill()
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def terminate(proc: subprocess.Popen) -> tuple[int, str]:
+        """SIGTERM (what scancel, timeout and kill send); its exit code and stderr."""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
+
+@pytest.fixture(scope="session")
+def real_cli() -> RealCli:
+    """marsseg-cli in a real process: ``real_cli.run(args)``, ``real_cli.start(args)``."""
+    return RealCli()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The private embedded Ray train-folds starts; one another module started is reused
+    and left running."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    from marsseg.cluster import start_ray
+
+    start_ray()
+    yield ray
+    ray.shutdown()

@@ -208,9 +208,8 @@ def test_compile_csv_matches_eager_and_is_cached(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_load_the_drivers_conversion(world, tmp_path, monkeypatch):
+def test_workers_load_the_drivers_conversion(world, tmp_path):
     pytest.importorskip("openvino")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     run = make_run(tmp_path / "r", members=("a",), k=2)
     cfg = PR.PredictConfig(batch_size=BATCH, precision="no", backend="openvino")
     P.predict(run, world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)

@@ -204,6 +204,18 @@ def _fold_path(value: str):
     return _spec_edit(edit)
 
 
+def _fold_all(run: Path) -> None:
+    """Member a as `distill --all` leaves it: one model, fold "all" (numbered k), no held-out
+    images."""
+    (run / "a" / "fold_1").rename(run / "a" / "fold_all")
+    spec = json.loads((run / "ensemble.json").read_text())
+    (entry,) = [f for f in spec["members"][0]["folds"] if f["fold"] == 1]
+    spec["members"] = [{**spec["members"][0], "folds": [
+        {**entry, "fold": 2, "path": "a/fold_all", "trained_on": "all"}]}]
+    spec["selected"] = ["a"]
+    (run / "ensemble.json").write_text(json.dumps(spec))
+
+
 def _no_sha(spec):
     for m in spec["members"]:
         for f in m["folds"]:
@@ -510,6 +522,9 @@ ROWS = [
     row("evaluate-no-splits-json", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
                                     "--split", "train"],
         run_with(lambda r: (r / "splits.json").unlink()), "splits.json"),
+    row("evaluate-oof-of-fold-all", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
+                                     "--split", "train"], run_with(_fold_all),
+        "{bad}: a/fold_all was trained on every image"),
     # report
     row("report-out-parent-missing", ["report", "--ensemble", "{run}", "--out", "{tmp}/a/b"], None,
         "{tmp}/a"),
@@ -817,15 +832,11 @@ def test_the_table_covers_every_command():
     assert len(ROWS) >= 40
 
 
-def test_the_installed_entry_point_gives_the_same_one_line(tmp_path):
+def test_the_installed_entry_point_gives_the_same_one_line(tmp_path, real_cli):
     """The same contract through a real process (no CliRunner): a usage error and --version."""
-    import subprocess
-    import sys
-
-    cli = [sys.executable, "-m", "marsseg.cli"]
-    r = subprocess.run(cli + ["predict", "--data", str(tmp_path)], capture_output=True, text=True)
+    r = real_cli.run(["predict", "--data", tmp_path])
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
     (line,) = r.stderr.splitlines()
     assert line.startswith("error: ") and "Missing option '--ensemble'" in line, line
-    r = subprocess.run(cli + ["--version"], capture_output=True, text=True)
+    r = real_cli.run(["--version"])
     assert r.returncode == 0 and r.stdout.startswith("marsseg-cli ") and r.stderr == ""

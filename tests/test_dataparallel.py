@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -35,7 +33,6 @@ from marsseg.orchestrate import RunOptions
 from marsseg.train import train_one_fold
 from marsseg.validation import validate
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
 
 # No augmentation, plain cross entropy, no clipping: one worker's loss on 16 images is the
@@ -329,11 +326,8 @@ def test_one_worker_keeps_the_plain_task():
 # --- on Ray Train --------------------------------------------------------------------------
 
 
-CLI = [sys.executable, "-m", "marsseg.cli"]
-
-
 @pytest.fixture(scope="module")
-def ray_two_worker_run(shards, tmp_path_factory):
+def ray_two_worker_run(shards, tmp_path_factory, real_cli):
     """`train-folds --workers-per-fold 2` on Ray, fold 0's rank-0 worker killed mid-epoch
     after an epoch was saved: (run folder, pid killed, epoch it was in)."""
     tmp = tmp_path_factory.mktemp("ray-dp")
@@ -358,10 +352,9 @@ def ray_two_worker_run(shards, tmp_path_factory):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    res = subprocess.run(CLI + ["train-folds", "--data", str(shards), "--recipe", str(recipe),
-                                "--out", str(out), "--workers-per-fold", "2",
-                                "--progress", "plain", "--max-retries", "2"],
-                         capture_output=True, text=True, timeout=900)
+    res = real_cli.run(["train-folds", "--data", shards, "--recipe", recipe, "--out", out,
+                        "--workers-per-fold", "2", "--progress", "plain", "--max-retries", "2"],
+                       timeout=900)
     t.join(5)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, killed, res
@@ -398,27 +391,22 @@ def test_e_two_worker_run_loads_in_predict_and_evaluate(ray_two_worker_run, shar
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_two_worker_fold_exits_143_and_resumes(shards, tmp_path):
+def test_sigterm_during_a_two_worker_fold_exits_143_and_resumes(shards, tmp_path, real_cli):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(epochs=4))
     run = tmp_path / "run"
     args = ["train-folds", "--data", str(shards), "--recipe", str(recipe), "--out", str(run),
             "--progress", "plain", "--folds", "0", "--workers-per-fold", "2"]
-    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(args)
     state = run / "a" / "fold_0" / "state" / "trainer.json"
-    t0 = time.monotonic()
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() - t0 < 400, "no epoch saved"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    real_cli.wait_for(proc, state.exists, "fold 0 saves an epoch", timeout=400)
+    rc, err = real_cli.terminate(proc)
+    assert rc == 143, err
     assert err.splitlines()[-1:] == ["terminated"] and "Traceback" not in err, err
     # another worker count is refused before Ray starts; the same one resumes and finishes
     res = runner.invoke(app, args[:-2] + ["--workers-per-fold", "1"])
     assert res.exit_code == 2 and "resume it with --workers-per-fold 2" in res.output, res.output
-    res = subprocess.run(CLI + args, capture_output=True, text=True, timeout=900)
+    res = real_cli.run(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "a" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(4)) and any(r.get("resumed") for r in rows)

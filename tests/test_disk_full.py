@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +76,6 @@ def world(tmp_path_factory):
             "base": base}
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    """A real process: a crash at exit (a segfault, exit 139) shows here, not in CliRunner."""
-    return subprocess.run([sys.executable, "-m", "marsseg.cli", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ,
-                                                               "RAY_AUTH_MODE": "disabled"})
-
-
 def one_line(r, *names):
     out = r.stderr if isinstance(r, subprocess.CompletedProcess) else r.stderr
     code = r.returncode if isinstance(r, subprocess.CompletedProcess) else r.exit_code
@@ -100,11 +92,11 @@ def _entries(d: Path) -> list[str]:
 
 
 @pytest.mark.slow  # a real process (a crash at exit shows only there)
-def test_predict_probs_on_a_full_disk_leaves_neither_file(world, disk):
+def test_predict_probs_on_a_full_disk_leaves_neither_file(world, disk, real_cli):
     """Item 8: the CSV was renamed into --out, then a traceback and a segfault (139)."""
     d = disk("600k")  # the CSV (~180 kB) fits, the probabilities (~1 MB) do not
-    r = _cli(["predict", "--ensemble", world["run"], "--data", world["shards"], "--out",
-              d / "s.csv", "--probs", d / "p.h5", "--backend", "eager", "--quiet"])
+    r = real_cli.run(["predict", "--ensemble", world["run"], "--data", world["shards"], "--out",
+                      d / "s.csv", "--probs", d / "p.h5", "--backend", "eager", "--quiet"])
     one_line(r, d / "p.h5")
     assert _entries(d) == []
 
@@ -128,22 +120,22 @@ def test_oof_cut_short_is_never_renamed_into_place(disk):
 
 
 @pytest.mark.slow  # a real process (a crash at exit shows only there)
-def test_train_folds_on_a_full_disk_leaves_no_run_folder(world, disk):
+def test_train_folds_on_a_full_disk_leaves_no_run_folder(world, disk, real_cli):
     """Item 11: a traceback in the lock's pwrite, and newrun/.lock left behind."""
     d = disk("256k", fill=True)
-    r = _cli(["train-folds", "--data", world["shards"], "--recipe", world["recipe"],
-              "--out", d / "newrun", "--sequential", "--progress", "none"])
+    r = real_cli.run(["train-folds", "--data", world["shards"], "--recipe", world["recipe"],
+                      "--out", d / "newrun", "--sequential", "--progress", "none"])
     one_line(r)
     assert _entries(d) == []
 
 
 @pytest.mark.slow  # a real process (a crash at exit shows only there)
-def test_train_folds_whose_disk_fills_while_training(world, disk):
+def test_train_folds_whose_disk_fills_while_training(world, disk, real_cli):
     """The disk fills while folds train (weights, state, oof.h5): one line, exit 2, and
     no half-written file under its final name."""
     d = disk("400k")
-    r = _cli(["train-folds", "--data", world["shards"], "--recipe", world["recipe"],
-              "--out", d / "run", "--sequential", "--progress", "none"])
+    r = real_cli.run(["train-folds", "--data", world["shards"], "--recipe", world["recipe"],
+                      "--out", d / "run", "--sequential", "--progress", "none"])
     one_line(r)
     for oof in d.rglob("oof.h5"):  # any oof.h5 there is whole
         import h5py

@@ -157,6 +157,8 @@ def test_student_run_folder_is_an_ordinary_run(world, tmp_path):
 
 
 def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
+    from marsseg.cli import app
+
     ens = run_distill(world, tmp_path / "s", epochs=2, all=True)
     (entry,) = ens["members"][0]["folds"]
     assert entry["path"] == "student/fold_all" and entry["trained_on"] == "all"
@@ -164,6 +166,12 @@ def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
     done = json.loads((tmp_path / "s/student/fold_all/done.json").read_text())
     assert done["epochs"] == done0["best_epoch"] + 1 and done["n_val"] == 0
     assert done["n_train"] == 16 and done["best_epoch"] == done["epochs"] - 1  # the last kept
+    # no image is held out from fold "all": out-of-fold scoring says so in one line, exit 2
+    res = runner.invoke(app, ["evaluate", "--ensemble", str(tmp_path / "s"), "--data",
+                              str(world["shards"]), "--split", "train"])
+    assert res.exit_code == 2, res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert "student/fold_all was trained on every image" in line and "--split test" in line, line
     with pytest.raises(InputError, match="--all"):  # the options are the run folder's
         run_distill(world, tmp_path / "s", epochs=2)
 
@@ -301,29 +309,18 @@ def test_student_recipe_checks(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_then_rerun_resumes(world, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def test_sigterm_then_rerun_resumes(world, tmp_path, real_cli):
     from marsseg.cli import app
 
     out = tmp_path / "s"
     args = ["distill", "--ensemble", str(world["teacher"]), "--data", str(world["shards"]),
             "--out", str(out), "--recipe", str(world["recipe"]), "--epochs", "8",
             "--threads", "1", "--progress", "plain", "--precision", "no"]
-    proc = subprocess.Popen([sys.executable, "-m", "marsseg.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(args)
     state = out / "student" / "fold_0" / "state" / "trainer.json"
-    t = time.monotonic()
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() - t < 300, "no epoch saved"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and err.splitlines()[-1:] == ["terminated"], err
+    real_cli.wait_for(proc, state.exists, "an epoch saved", timeout=300)
+    rc, err = real_cli.terminate(proc)
+    assert rc == 143 and err.splitlines()[-1:] == ["terminated"], err
     assert not (out / "student" / "fold_0" / "done.json").exists()
     assert (out / "targets.h5").exists() and not list(out.glob("targets.h5.tmp*"))
     res = runner.invoke(app, args)

@@ -15,12 +15,10 @@ from typer.testing import CliRunner
 
 from marsseg._cores import CoreShare, share_threads
 from marsseg.cli import app
-from marsseg.cluster import start_ray
 from marsseg.errors import InputError
 from marsseg.models.registry import load_pretrained
 from marsseg.orchestrate import RunOptions, train_folds
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
 
 RECIPE = """
@@ -170,15 +168,6 @@ def test_core_share_counts_live_folds_of_its_folder(tmp_path):
 # --- Ray -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # another test module's cluster: reuse it, leave it running
-        yield ray
-        return
-    start_ray()  # the private embedded instance train-folds starts
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

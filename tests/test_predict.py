@@ -181,8 +181,7 @@ def test_probs_file(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_give_byte_identical_csv(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def test_workers_give_byte_identical_csv(world, tmp_path):
     cfg = PR.PredictConfig(**FP32)
     P.predict(world["run"], world["shards"], tmp_path / "one.csv", cfg=cfg)
     P.predict(world["run"], world["shards"], tmp_path / "two.csv", cfg=cfg, workers=2)

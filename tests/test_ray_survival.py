@@ -12,9 +12,7 @@ from typer.testing import CliRunner
 from marsseg import orchestrate as O
 from marsseg import raytrain
 from marsseg.cli import app
-from marsseg.cluster import start_ray
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
 
 RECIPE = """folds = 2
@@ -29,15 +27,6 @@ args = { base_width = 4, depth = 2 }
 """
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # another module's cluster: reuse it, leave it running
-        yield ray
-        return
-    start_ray()
-    yield ray
-    ray.shutdown()
 
 
 def test_the_line_for_a_fold_lost_to_the_memory_monitor():

@@ -28,7 +28,6 @@ from marsseg.orchestrate import RunOptions, train_folds
 from marsseg.runfolder import RunFolder
 from marsseg.synth import write_synthetic
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,17 +247,18 @@ def test_read_only_places(read_only, shards):
 # --- 4. the lock ------------------------------------------------------------------------------
 
 
-def test_second_train_folds_stops_at_once_and_a_dead_holders_lock_is_taken_over(shards, tmp_path):
+def test_second_train_folds_stops_at_once_and_a_dead_holders_lock_is_taken_over(shards, tmp_path,
+                                                                                real_cli):
     recipe = recipe_file(tmp_path, epochs=200)
     out = tmp_path / "run"
-    cli = [sys.executable, "-m", "marsseg.cli", "train-folds", "--data", str(shards), "--recipe",
-           str(recipe), "--out", str(out), "--sequential", "--threads", "1", "--progress", "none"]
-    first = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = real_cli.start(["train-folds", "--data", shards, "--recipe", recipe, "--out", out,
+                            "--sequential", "--threads", "1", "--progress", "none"],
+                           stdout=subprocess.DEVNULL)
     lock = out / "a" / "fold_0" / ".lock"
     try:
         end = time.monotonic() + 120
         while not (lock.is_file() and lock.read_text()):
-            assert first.poll() is None, first.stderr.read().decode()
+            assert first.poll() is None, first.stderr.read()
             assert time.monotonic() < end, "the first train-folds never locked its fold"
             time.sleep(0.1)
         t0 = time.monotonic()

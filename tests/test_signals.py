@@ -20,9 +20,6 @@ from typer.testing import CliRunner
 from marsseg.cli import app
 from marsseg.cli._app import user_errors
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-CLI = [sys.executable, "-m", "marsseg.cli"]
-
 RECIPE = """folds = 2
 seed = 3
 [[members]]
@@ -35,56 +32,37 @@ args = { base_width = 4, depth = 2 }
 """
 
 
-def wait_for(cond, proc, what: str, timeout: float = 180.0) -> None:
-    t = time.monotonic()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"finished (rc {proc.returncode}) before {what}: "
-                                 f"{proc.stderr.read()}")
-        if time.monotonic() - t > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def terminate(proc) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
-
-
-def test_sigterm_during_predict_leaves_no_temp_files(tmp_path):
+def test_sigterm_during_predict_leaves_no_temp_files(tmp_path, real_cli):
     run = make_run(tmp_path / "run")
     npz = make_npz(tmp_path / "d.npz", n_train=2, n_test=2000)
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.Popen(CLI + ["predict", "--ensemble", str(run), "--data", str(npz),
-                                   "--out", str(out / "s.csv"), "--probs", str(out / "p.h5"),
-                                   "--batch-size", "1", "--tta-vflip", "--precision", "no", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(["predict", "--ensemble", run, "--data", npz, "--out", out / "s.csv",
+                           "--probs", out / "p.h5", "--batch-size", "1", "--tta-vflip",
+                           "--precision", "no", "-q"])
     tmps = [out / f"s.csv.tmp-{proc.pid}", out / f"p.h5.tmp-{proc.pid}"]
-    wait_for(lambda: all(p.exists() for p in tmps), proc, "the temp files appear")
+    real_cli.wait_for(proc, lambda: all(p.exists() for p in tmps), "the temp files appear")
     time.sleep(0.3)  # well inside the batch loop
-    rc, err = terminate(proc)
+    rc, err = real_cli.terminate(proc)
     assert rc == 143, err
     assert err.splitlines() == ["terminated"], err
     assert list(out.iterdir()) == []
 
 
-def test_sigterm_during_train_folds_then_rerun_resumes(shards, tmp_path):
+def test_sigterm_during_train_folds_then_rerun_resumes(shards, tmp_path, real_cli):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE)
     run = tmp_path / "run"
     args = ["train-folds", "--data", str(shards), "--recipe", str(recipe), "--out", str(run),
             "--sequential", "--threads", "1", "--progress", "plain"]
-    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(args)
     metrics = run / "a" / "fold_0" / "metrics.jsonl"
     # An epoch counts as kept once its state is saved (the metrics line is written just
     # before save_state; a kill between the two retrains that epoch, by design).
     state = run / "a" / "fold_0" / "state" / "trainer.json"
-    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1 and state.exists(),
-             proc, "fold 0 finishes and saves an epoch")
-    rc, err = terminate(proc)
+    real_cli.wait_for(proc, lambda: metrics.exists() and metrics.read_text().count("\n") >= 1
+                      and state.exists(), "fold 0 finishes and saves an epoch")
+    rc, err = real_cli.terminate(proc)
     assert rc == 143, err
     assert err.splitlines()[-1:] == ["terminated"] and "Traceback" not in err, err
     assert not (run / "a" / "fold_0" / "done.json").exists()
@@ -105,7 +83,7 @@ def test_sigterm_during_train_folds_then_rerun_resumes(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_during_train_folds_on_ray_exits_143_and_resumes(shards, tmp_path):
+def test_sigterm_during_train_folds_on_ray_exits_143_and_resumes(shards, tmp_path, real_cli):
     # ray.init puts its own SIGTERM handlers in the driver (Python's sys.exit and a C++
     # crash handler that dumps a stack and exits 1); the CLI's must win.
     recipe = tmp_path / "r.toml"
@@ -113,10 +91,10 @@ def test_sigterm_during_train_folds_on_ray_exits_143_and_resumes(shards, tmp_pat
     run = tmp_path / "run"
     args = ["train-folds", "--data", str(shards), "--recipe", str(recipe), "--out", str(run),
             "--progress", "plain", "--folds", "0"]
-    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = real_cli.start(args)
     state = run / "a" / "fold_0" / "state" / "trainer.json"
-    wait_for(state.exists, proc, "fold 0 saves an epoch")
-    rc, err = terminate(proc)
+    real_cli.wait_for(proc, state.exists, "fold 0 saves an epoch")
+    rc, err = real_cli.terminate(proc)
     assert rc == 143, err
     assert err.splitlines()[-1:] == ["terminated"], err
     assert "SIGTERM received" not in err and "Traceback" not in err, err
