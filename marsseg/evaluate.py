@@ -40,9 +40,10 @@ from .data.source import ShardSource, Source
 from .device import Resolved
 from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
+from .folds import ALL
 from .inference import PredictConfig, Predictor, mean_views, needs_conversion, to_labels
 from .metrics import CalibrationMeter, ConfusionMeter, confusion_matrix, course_miou, round_score
-from .runfolder import RunFolder, data_fingerprint
+from .runfolder import RunFolder, data_fingerprint, fold_name
 from .temperature import apply_temperature
 from .tracking import log_group, score_values
 
@@ -201,6 +202,21 @@ class _Pass:
                 "after": {**self.cal_after.to_json(), "miou": row["miou"]}}
 
 
+def _check_held_out(run: RunFolder, ens: Ensemble, val_ids: dict) -> None:
+    """Out-of-fold mode scores each fold model on its own validation part: refuse a model
+    that has none (a fold "all", trained on every image) or a fold the splits lack."""
+    for m in ens.models:
+        if m.fold in val_ids:
+            continue
+        if m.path.name == run.fold_dir(m.member, ALL).name:
+            raise InputError(f"{run.path}: {fold_name(m.member, ALL)} was trained on every "
+                             "image (fold 'all'), so none is held out from it and --split train "
+                             "(out-of-fold) cannot score it; use --split test (needs masks), or "
+                             "evaluate the run it was distilled from for out-of-fold scores")
+        raise InputError(f"{run.splits}: no fold {m.fold} (the splits have folds "
+                         f"{sorted(val_ids)}), so {m.name} has no out-of-fold images")
+
+
 def _val_ids(run: RunFolder, data: Path, total: int) -> dict[int, np.ndarray]:
     """Fold -> validation ids of the run's splits, checked against the train split's size."""
     val_ids = {k: np.asarray(v, np.int64) for k, v in run.val_ids().items()}
@@ -239,6 +255,8 @@ def evaluate(run_dir: str | os.PathLike, data: str | os.PathLike | Source, *,
     if write:
         run.check_writable()
     val_ids = _val_ids(run, data, total) if oof else None
+    if oof:
+        _check_held_out(run, ens, val_ids)
     all_val = np.concatenate(list(val_ids.values())) if oof else None
     if needs_conversion(ens, cfg, rt, total):
         # bad data must fail before a backend conversion is shown or cached in the run folder

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ._io import atomic_path, write_json_atomic
+from ._io import atomic_path, sha256_file, write_json_atomic
 from .checkpoint import check_state, check_workers, read_trainer
 from .cluster import check_address
 from .config import Recipe, load_recipe, parse_recipe, with_epochs
 from .confine import check_apart
-from .data import open_data, reads_data
+from .data import count_images, open_data, reads_data
 from .dataparallel import check_batch
 from .device import Resolved, resolve_training
 from .errors import InputError, RunError
@@ -39,6 +39,8 @@ from .oof import collect, same_folds, summary_table
 from .raytrain import check_fits, check_options, fold_slots, submitter
 from .records import Done
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name
+from .teacher import open_teacher, write_targets
+from .teaching import TARGETS, check_record
 from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
 
@@ -173,11 +175,6 @@ def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions,
     that ignore the pixels it leaves unlabeled, stored pseudo-labels of this very teacher."""
     if opts.teacher is None:
         return None
-    from ._io import sha256_file
-    from .data import count_images
-    from .teacher import open_teacher
-    from .teaching import TARGETS, check_record
-
     teacher = open_teacher(opts.teacher, fp, need_oof=False)
     for i, m in enumerate(recipe.members):
         if not m.loss.ignore_background:
@@ -196,10 +193,6 @@ def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions,
 def _write_pseudo(run: RunFolder, teacher, data: Path, split, rt: Resolved) -> None:
     """The teacher's TTA probabilities of the test images, once, in the run's targets file
     (at the precision train-folds resolved for its folds)."""
-    from ._io import sha256_file
-    from .teacher import write_targets
-    from .teaching import TARGETS
-
     if teacher is None or (run.path / TARGETS).exists():
         return
     write_targets(teacher, data, split, run.path / TARGETS, unlabeled="test", labeled=False,

@@ -204,6 +204,18 @@ def _fold_path(value: str):
     return _spec_edit(edit)
 
 
+def _fold_all(run: Path) -> None:
+    """Member a as `distill --all` leaves it: one model, fold "all" (numbered k), no held-out
+    images."""
+    (run / "a" / "fold_1").rename(run / "a" / "fold_all")
+    spec = json.loads((run / "ensemble.json").read_text())
+    (entry,) = [f for f in spec["members"][0]["folds"] if f["fold"] == 1]
+    spec["members"] = [{**spec["members"][0], "folds": [
+        {**entry, "fold": 2, "path": "a/fold_all", "trained_on": "all"}]}]
+    spec["selected"] = ["a"]
+    (run / "ensemble.json").write_text(json.dumps(spec))
+
+
 def _no_sha(spec):
     for m in spec["members"]:
         for f in m["folds"]:
@@ -515,6 +527,9 @@ ROWS = [
     row("evaluate-no-splits-json", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
                                     "--split", "train"],
         run_with(lambda r: (r / "splits.json").unlink()), "splits.json"),
+    row("evaluate-oof-of-fold-all", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}",
+                                     "--split", "train"], run_with(_fold_all),
+        "{bad}: a/fold_all was trained on every image"),
     # report
     row("report-out-parent-missing", ["report", "--ensemble", "{run}", "--out", "{tmp}/a/b"], None,
         "{tmp}/a"),

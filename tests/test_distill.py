@@ -157,6 +157,8 @@ def test_student_run_folder_is_an_ordinary_run(world, tmp_path):
 
 
 def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
+    from marsseg.cli import app
+
     ens = run_distill(world, tmp_path / "s", epochs=2, all=True)
     (entry,) = ens["members"][0]["folds"]
     assert entry["path"] == "student/fold_all" and entry["trained_on"] == "all"
@@ -164,6 +166,12 @@ def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
     done = json.loads((tmp_path / "s/student/fold_all/done.json").read_text())
     assert done["epochs"] == done0["best_epoch"] + 1 and done["n_val"] == 0
     assert done["n_train"] == 16 and done["best_epoch"] == done["epochs"] - 1  # the last kept
+    # no image is held out from fold "all": out-of-fold scoring says so in one line, exit 2
+    res = runner.invoke(app, ["evaluate", "--ensemble", str(tmp_path / "s"), "--data",
+                              str(world["shards"]), "--split", "train"])
+    assert res.exit_code == 2, res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert "student/fold_all was trained on every image" in line and "--split test" in line, line
     with pytest.raises(InputError, match="--all"):  # the options are the run folder's
         run_distill(world, tmp_path / "s", epochs=2)
 
