@@ -32,7 +32,7 @@ demo: install
 	@echo "demo outputs: $(DEMO)/submission.csv  $(DEMO)/runs/demo/scores.json  $(DEMO)/report/"
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm"

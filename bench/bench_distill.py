@@ -80,23 +80,23 @@ def run(quick: bool = False) -> dict:
         for _ in range(ROUNDS):
             for name, run_dir in (("teacher", teacher), ("student", student)):
                 s = predict(run_dir, data, d / f"{name}.csv", tta=True, backend="auto")
-                rows[name].append(s["images_per_s"])
+                rows[name].append(s.images_per_s)
                 summaries[name] = s
     best = {k: max(v) for k, v in rows.items()}
     return {
         "what": "predict --tta images/s, default backend (auto), teacher ensemble vs student",
         "trained_runs": all(given),
         "teacher": {"run": str(given[0] or "synthetic marsseg-best 2x5"),
-                    "models": len(summaries["teacher"]["models"]),
+                    "models": len(summaries["teacher"].models),
                     "images_per_s": best["teacher"], "rounds": rows["teacher"],
-                    "backend": summaries["teacher"]["backend"],
-                    "precision": summaries["teacher"]["precision"]},
+                    "backend": summaries["teacher"].backend,
+                    "precision": summaries["teacher"].precision},
         "student": {"run": str(given[1] or "synthetic one res-ds network"),
-                    "models": len(summaries["student"]["models"]),
+                    "models": len(summaries["student"].models),
                     "images_per_s": best["student"], "rounds": rows["student"],
-                    "backend": summaries["student"]["backend"],
-                    "precision": summaries["student"]["precision"]},
+                    "backend": summaries["student"].backend,
+                    "precision": summaries["student"].precision},
         "student_speedup": round(best["student"] / max(best["teacher"], 1e-9), 2),
-        "images": summaries["student"]["rows"],
+        "images": summaries["student"].rows,
         "threads": torch.get_num_threads(),
     }

@@ -131,7 +131,7 @@ from marsseg.predict import predict
 from marsseg.inference import PredictConfig
 run, data, out, probs = sys.argv[1:5]
 r = predict(run, data, out, cfg=PredictConfig(batch_size=64), probs_path=probs)
-print(json.dumps({"rows": r["rows"], "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"rows": r.rows, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -199,12 +199,12 @@ def run(quick: bool = False) -> dict:
         r = predict(run_dir, shards, d / "sub.csv", cfg=PredictConfig(batch_size=batch))
         e2e = time.perf_counter() - t0
         out["end_to_end"] = {"images": n_fast, "seconds_incl_loading": round(e2e, 2),
-                             "images_per_s": r["images_per_s"], "precision": r["precision"]}
+                             "images_per_s": r.images_per_s, "precision": r.precision}
         best_ips = max(v.get("images_per_s", 0) for v in ladder.values())
         out["speedup_best_vs_naive"] = round(best_ips / naive_ips, 1)
-        out["speedup_end_to_end_vs_naive"] = round(r["images_per_s"] / naive_ips, 1)
+        out["speedup_end_to_end_vs_naive"] = round(r.images_per_s / naive_ips, 1)
         out["goal_speedup"] = 8
-        out["projected_minutes_10022x5x2"] = round(N_FULL / r["images_per_s"] / 60, 1)
+        out["projected_minutes_10022x5x2"] = round(N_FULL / r.images_per_s / 60, 1)
         out["projected_minutes_10022x5x2_naive"] = round(N_FULL / naive_ips / 60, 1)
         out["goal_minutes"] = 6
 

@@ -200,7 +200,7 @@ def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -
     n_img = bare[0]["images"]  # both drop the last partial batch: the same images per epoch
     bare_train = min(b["train_s"] for b in bare)
     bare_wall = min(b["train_s"] + b["val_s"] for b in bare)
-    fold_train = min(d["train_seconds"] for d in fold)
+    fold_train = min(d.train_seconds for d in fold)
     plain_train = min(_plain_train_s(p) for p in plain)
     plain_img = (plain[0]["n_train"] // 32) * 32 * epochs
     return {
@@ -217,7 +217,7 @@ def _fold_vs_bare(tmp: Path, split, recipe, member, epochs: int, repeats: int) -
         "bare_train_plus_val_s": [round(b["train_s"] + b["val_s"], 3) for b in bare],
         "bare_val_s_per_epoch": round(min(b["val_s"] for b in bare) / epochs, 3),
         "train_one_fold_wall_s": [round(s, 3) for s in fold_wall],
-        "train_one_fold_train_s": [round(d["train_seconds"], 3) for d in fold],
+        "train_one_fold_train_s": [round(d.train_seconds, 3) for d in fold],
         "ratio_wall": round(bare_wall / min(fold_wall), 3),
     }
 

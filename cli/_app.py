@@ -17,6 +17,7 @@ folder) runs before the process exits.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -97,6 +98,17 @@ def _root(
 
 
 _sigterm_seen = threading.Event()  # Ray's waits re-raise a plain KeyboardInterrupt
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (a DataLoader worker, a library's helper process) dies quietly on
+    SIGTERM: it must not inherit the command's handler and raise ``Terminated`` (with a
+    traceback on stderr) when its parent stops it."""
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def _on_sigterm(signum, frame):

@@ -46,8 +46,8 @@ def predict(
         r = run_predict(ensemble, data, out, cfg=cfg, members=parse_list(members, "--members"),
                         folds=parse_list(folds, "--folds", int), probs_path=probs, workers=workers,
                         address=address, split=split, progress=not quiet)
-        print(f"wrote {r['rows']} rows to {r['csv']} ({len(r['models'])} models x {r['views']} "
-              f"views, {r['backend']} {r['precision']} on {r['device']}, {r['images_per_s']:.0f} img/s"
-              + (f" after {r['setup_seconds']:.1f} s backend setup" if r["setup_seconds"] >= 1 else "")
+        print(f"wrote {r.rows} rows to {r.csv} ({len(r.models)} models x {r.views} "
+              f"views, {r.backend} {r.precision} on {r.device}, {r.images_per_s:.0f} img/s"
+              + (f" after {r.setup_seconds:.1f} s backend setup" if r.setup_seconds >= 1 else "")
               + ")"
-              + (f"; probabilities in {r['probs']}" if r["probs"] else ""))
+              + (f"; probabilities in {r.probs}" if r.probs else ""))

@@ -11,7 +11,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
                     batch streams with their checks, in-memory training loaders and the
                     rare-class sampler (which training images an epoch draws)
-    _records        checks of ensemble.json's keys (names, fold paths, weights' sha256)
+    records         done.json as a frozen record (records.Done); checks of ensemble.json, splits.json
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
@@ -20,7 +20,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     losses metrics  losses (and a member's loss); the course metric and confusion matrices
     augment folds   training augmentation; seeded grouped k-fold splits and fold rows
     optim           a fold's optimizer and learning-rate schedule
-    checkpoint      TrainerState: what a fold saves after every epoch and resumes from
+    checkpoint      TrainerState and a fold's state/: what it saves every epoch, checks, resumes from
     dataparallel    a fold as N torch.distributed processes: global-batch BatchNorm, rank seeds
     budget          --time-budget: a fold's epochs from a timing probe
     student         student recipes (distill): one member plus the [distill] table

@@ -1,10 +1,10 @@
 """Progress on the terminal: the training board, the prediction bar, and score cells.
 
 Training: one line per (member, fold), fed by train_one_fold's events.
-`ProgressView.update(events)` takes the dicts train_one_fold reports ("start",
-"batch", "epoch", "done"). On a terminal it renders a rich Live table; when
-stdout is not a terminal (SLURM logs, CI) it prints one plain line per event
-worth keeping (start, epoch end, done).
+`ProgressView.update(events)` takes the `Event` records train_one_fold reports ("start",
+"batch", "epoch", "done"; Ray workers send them to the driver's board). On a terminal it
+renders a rich Live table; when stdout is not a terminal (SLURM logs, CI) it prints one
+plain line per event worth keeping (start, epoch end, done).
 
 Prediction and evaluation: `progress_bar`, a rich bar with images/s on stderr.
 Tables of scores: `pct`, a fraction shown x100 with two decimals.
@@ -13,6 +13,7 @@ Tables of scores: `pct`, a fraction shown x100 with two decimals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,68 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+#: the keys each kind of event carries after the common ones, in the order they are sent
+EVENT_KEYS = {"start": ("epoch", "resumed_from", "n_train", "n_val", "precision", "device"),
+              "batch": ("epoch", "batch", "batches", "img_s"),
+              "epoch": ("epoch", "loss", "val_miou", "best_miou", "img_s", "seconds"),
+              "done": ("epoch", "val_miou")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One progress event of a (member, fold): "start", "batch", "epoch" or "done".
+
+    `to_json` gives the dict of the common keys and the kind's own (`EVENT_KEYS`); keys
+    that are not the kind's stay None.
+    """
+
+    event: str
+    member: str
+    fold: int | str
+    epochs: int
+    pid: int
+    time: float
+    epoch: int = 0  # start: the first epoch to train; else the epoch reported
+    resumed_from: int | None = None  # start: the saved epoch it resumed after
+    n_train: int | None = None
+    n_val: int | None = None
+    precision: str | None = None
+    device: str | None = None
+    batch: int | None = None  # batch: batches done of `batches` in this epoch
+    batches: int | None = None
+    img_s: float | None = None
+    loss: float | None = None  # epoch: training loss
+    val_miou: float | None = None  # epoch, done: validation course mIoU
+    best_miou: float | None = None
+    seconds: float | None = None  # epoch: its wall seconds
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("event", "member", "fold", "epochs", "pid", "time",
+                                              *EVENT_KEYS[self.event])}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Event:
+        """From `to_json`'s dict; an unknown kind or key, or a value of the wrong type, is a
+        ValueError naming the key."""
+        if not isinstance(d, dict) or d.get("event") not in EVENT_KEYS:
+            raise ValueError(f"not a progress event: {d!r}")
+        for k, v in d.items():
+            kinds = _EVENT_TYPES.get(k)
+            if kinds is None:
+                raise ValueError(f"progress event: unknown key {k!r}")
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                raise ValueError(f"progress event: {k!r} is {v!r}, expected "
+                                 f"{' or '.join(t.__name__ for t in kinds)}")
+        return cls(**d)
+
+
+_I, _F, _S, _N = (int,), (int, float), (str,), (type(None),)
+_EVENT_TYPES = {"event": _S, "member": _S, "fold": _I + _S, "epochs": _I, "pid": _I, "time": _F,
+                "epoch": _I, "resumed_from": _I + _N, "n_train": _I + _N, "n_val": _I + _N,
+                "precision": _S + _N, "device": _S + _N, "batch": _I + _N, "batches": _I + _N,
+                "img_s": _F + _N, "loss": _F + _N, "val_miou": _F + _N, "best_miou": _F + _N,
+                "seconds": _F + _N}
 
 
 def _fmt_s(s: float | None) -> str:
@@ -100,7 +163,7 @@ class ProgressView:
         else:
             self.console.print(text, highlight=False, soft_wrap=True)
 
-    def update(self, events: list[dict]) -> None:
+    def update(self, events: list[Event]) -> None:
         for ev in events:
             self._apply(ev)
         if self._live is not None:
@@ -112,45 +175,44 @@ class ProgressView:
             row.status, row.note = "failed", why
         self.log(f"{member} fold {fold}: failed: {why}")
 
-    def _apply(self, ev: dict) -> None:
-        key = (ev.get("member"), ev.get("fold"))
+    def _apply(self, ev: Event) -> None:
+        key = (ev.member, ev.fold)
         row = self.rows.get(key)
         if row is None:
-            row = self.rows[key] = _Row(key[0], key[1], ev.get("epochs", 0), "queued")
-        row.epochs = ev.get("epochs", row.epochs)
-        kind = ev.get("event")
+            row = self.rows[key] = _Row(key[0], key[1], ev.epochs, "queued")
+        row.epochs = ev.epochs
         name = f"{row.member} fold {row.fold}"
-        if kind == "start":
+        if ev.event == "start":
             row.attempts += 1
             row.status = "running"
-            row.epoch = ev.get("epoch", 0) - 1
-            row.epoch_t0 = ev.get("time", time.time())
-            resumed = ev.get("resumed_from")
+            row.epoch = ev.epoch - 1
+            row.epoch_t0 = ev.time
+            resumed = ev.resumed_from
             row.note = f"resumed after epoch {resumed}" if resumed is not None else ""
             if row.attempts > 1:
                 row.note = f"attempt {row.attempts}, " + (row.note or "from scratch")
             if self.mode == "plain":
-                self.log(f"{name}: start ({ev.get('n_train')} train / {ev.get('n_val')} val images,"
-                         f" {ev.get('precision')} on {ev.get('device')}, pid {ev.get('pid')})"
+                self.log(f"{name}: start ({ev.n_train} train / {ev.n_val} val images,"
+                         f" {ev.precision} on {ev.device}, pid {ev.pid})"
                          + (f" {row.note}" if row.note else ""))
-        elif kind == "batch":
-            row.batch, row.batches = ev.get("batch", 0), ev.get("batches", 0)
-            row.img_s = ev.get("img_s", row.img_s)
-        elif kind == "epoch":
-            row.epoch = ev["epoch"]
-            row.loss, row.val_miou = ev.get("loss"), ev.get("val_miou")
-            row.best, row.img_s = ev.get("best_miou"), ev.get("img_s")
-            row.epoch_s.append(ev.get("seconds") or 0.0)
-            row.epoch_t0 = ev.get("time", time.time())
+        elif ev.event == "batch":
+            row.batch, row.batches = ev.batch or 0, ev.batches or 0
+            row.img_s = ev.img_s if ev.img_s is not None else row.img_s
+        elif ev.event == "epoch":
+            row.epoch = ev.epoch
+            row.loss, row.val_miou = ev.loss, ev.val_miou
+            row.best, row.img_s = ev.best_miou, ev.img_s
+            row.epoch_s.append(ev.seconds or 0.0)
+            row.epoch_t0 = ev.time
             row.batch = 0
             if self.mode == "plain":
                 self.log(f"{name}: epoch {row.epoch + 1}/{row.epochs} loss {row.loss:.4f} "
                          f"val mIoU {pct(row.val_miou)} (best {pct(row.best)}) "
                          f"{row.img_s:.0f} img/s ETA {_fmt_s(row.eta())}")
-        elif kind == "done":
+        elif ev.event == "done":
             row.status = "done"
             if self.mode == "plain":
-                self.log(f"{name}: done, best val mIoU {pct(ev.get('val_miou'))}")
+                self.log(f"{name}: done, best val mIoU {pct(ev.val_miou)}")
 
     def _table(self) -> Table:
         t = Table(box=None, pad_edge=False, header_style="bold")
@@ -209,15 +271,14 @@ def progress_bar(total: int, description: str, enabled: bool = True):
 class Report:
     """Progress events of one fold: "start", "epoch", "done" as they come, "batch" every 2 s."""
 
-    def __init__(self, progress: Callable[[dict], None] | None, member, fold: int):
+    def __init__(self, progress: Callable[[Event], None] | None, member, fold: int):
         self.progress, self.member, self.fold = progress, member, fold
         self.last_batch = time.perf_counter()
 
     def __call__(self, event: str, **kw) -> None:
         if self.progress is not None:
-            self.progress({"event": event, "member": self.member.name, "fold": self.fold,
-                           "epochs": self.member.epochs, "pid": os.getpid(), "time": time.time(),
-                           **kw})
+            self.progress(Event(event, self.member.name, self.fold, self.member.epochs,
+                                os.getpid(), time.time(), **kw))
 
     def batch(self, epoch: int, batch: int, batches: int, n_img: int, t_epoch: float) -> None:
         if self.progress is not None and time.perf_counter() - self.last_batch > 2.0:

@@ -42,7 +42,7 @@ from . import cache as C
 from ._io import no_space, sha256_file
 from .errors import InputError
 from .quantize import calibration
-from .runfolder import WEIGHTS
+from .runfolder import WEIGHTS, cache_key
 
 BACKENDS = ("auto", "eager", "compile", "openvino", "openvino-int8")
 #: optional package of each backend that needs one, and the extra that installs it
@@ -159,11 +159,10 @@ class _Traceable(nn.Module):
 
 
 def cache_path(fold_dir: Path, backend: str, precision: str, sha: str, n: int) -> Path:
-    """Where the converted fold lives (without extension)."""
-    prec = "f32" if precision == "no" else precision
-    # no dot in the key: its files are <key>.pt2, <key>.json (cache.NAME_RE)
-    tag = f"-torch{torch.__version__.split('+')[0].replace('.', '_')}" if backend == "compile" else ""
-    return Path(fold_dir) / "cache" / f"{backend}-{prec}-{sha[:16]}-b{n}{tag}"
+    """Where the converted fold lives (without extension; `runfolder.cache_key`): a compiled
+    program depends on torch's version too."""
+    return cache_key(fold_dir, backend, precision, sha, n,
+                     torch.__version__ if backend == "compile" else None)
 
 
 def _fold_sha(fm) -> str:

@@ -15,18 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from pathlib import Path
 
 from ._io import pid_alive, sha256_file, write_json_atomic
+from .runfolder import CACHE_NAME_RE
 
 MANIFEST = ".json"
 FORMAT_VERSION = 1
-#: exactly the names a conversion writes: ``<backend>-<prec>-<sha16>-b<n>[-torch<v>]``, an
-#: optional ``.tmp-<pid>`` while it is written, and one of the cache's extensions
-NAME_RE = re.compile(r"(?P<backend>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<prec>bf16|fp16|f32)-"
-                     r"(?P<sha>[0-9a-f]{16})-b[0-9]+(?:-torch[0-9][0-9_]*)?"
-                     r"(?:\.tmp-(?P<pid>[0-9]+))?\.(?P<ext>xml|bin|pt2|json)")
 
 
 def versions(backend: str) -> dict:
@@ -79,7 +74,7 @@ def expected(key: Path, *, backend: str, precision: str, batch: int,
               and m.get("precision") == precision and m.get("batch") == batch
               and m.get("weights_sha256") == weights_sha256 and m.get("versions") == versions(backend)
               and isinstance(files, dict) and files
-              and all(isinstance(v, str) and NAME_RE.fullmatch(k) and k.startswith(key.name)
+              and all(isinstance(v, str) and CACHE_NAME_RE.fullmatch(k) and k.startswith(key.name)
                       for k, v in files.items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, f"unreadable {path.name}"
@@ -106,7 +101,7 @@ def read_verified(path: Path, sha256: str) -> bytes | None:
 def remove(key: Path) -> None:
     """Remove every file of the conversion at `key` (a failed or untrusted one)."""
     for p in key.parent.glob(f"{key.name}.*"):
-        m = NAME_RE.fullmatch(p.name)
+        m = CACHE_NAME_RE.fullmatch(p.name)
         if m and p.name.startswith(key.name) and not p.is_dir():
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -114,12 +109,12 @@ def remove(key: Path) -> None:
 
 def prune(cache_dir: Path, backend: str, sha: str) -> None:
     """Drop this backend's conversions of other weights (the fold was retrained) and the
-    temporary files of dead processes: only names `NAME_RE` matches in full, only in a real
+    temporary files of dead processes: only names `CACHE_NAME_RE` matches in full, only in a real
     folder (a symbolic link is never followed)."""
     if not cache_dir.is_dir() or cache_dir.is_symlink():
         return
     for p in cache_dir.iterdir():
-        m = NAME_RE.fullmatch(p.name)
+        m = CACHE_NAME_RE.fullmatch(p.name)
         if not m or p.is_dir():
             continue
         stale = m["backend"] == backend and m["sha"] != sha[:16] and m["pid"] is None

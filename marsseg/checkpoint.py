@@ -2,26 +2,22 @@
 
 `TrainerState` is the loop's own state (saved as ``state/trainer.json``); `save_state`
 writes it with accelerate's state (model, optimizer, RNGs) into a temp folder swapped in
-as ``state/``; `resume` restores both and cuts the metrics back to the saved epoch. The
-file names and readers belong to `runfolder`.
+as ``state/``; `resume` restores both and cuts the metrics back to the saved epoch;
+`check_state` tells before training starts whether a saved state can resume. This module
+reads and writes a fold's ``state/`` folder; the file names belong to `runfolder`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 from pathlib import Path
 
 from ._io import atomic_path
 from .errors import InputError
-from .runfolder import (
-    METRICS,
-    STATE,
-    TRAINER_STATE,
-    find_state,
-    read_trainer,
-    truncate_metrics,
-    write_trainer,
-)
+from .runfolder import METRICS, STATE, TRAINER_STATE, WEIGHTS, truncate_metrics
 
 
 @dataclasses.dataclass
@@ -56,6 +52,75 @@ class TrainerState:
                 raise ValueError(f"{f.name!r} is {v!r}, expected {kind.__name__}")
             values[f.name] = kind(v) if v is not None else None
         return cls(**values)
+
+
+def _load_state_file(p: Path) -> None:
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            f.keys()
+    else:
+        import torch
+
+        # accelerate's own training state, loaded the way accelerate's load_state loads it
+        torch.load(p, map_location="cpu", weights_only=False)
+
+
+def _state_candidates(fold_dir: Path) -> list[Path]:
+    # state/, then a state folder moved aside by an interrupted swap (atomic_path's .old-<pid>)
+    return [fold_dir / STATE, *sorted(fold_dir.glob(f"{STATE}.old*"))]
+
+
+def find_state(fold_dir: Path) -> Path | None:
+    """The last complete saved state of a fold (``state/``, put back from ``state.old-*`` if
+    a swap was interrupted); half-written ``state.tmp-*`` folders are removed."""
+    for p in fold_dir.glob(f"{STATE}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in _state_candidates(fold_dir):
+        if (p / TRAINER_STATE).is_file():
+            if p.name != STATE:
+                shutil.rmtree(fold_dir / STATE, ignore_errors=True)
+                os.replace(p, fold_dir / STATE)
+            return fold_dir / STATE
+    return None
+
+
+def read_trainer(state: Path) -> dict:
+    path = state / TRAINER_STATE
+    try:
+        t = json.loads(path.read_text())
+        if not isinstance(t, dict) or not isinstance(t.get("epoch"), int):
+            raise ValueError("no integer 'epoch'")
+        return t
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: unreadable saved training state ({e}); delete {state} to "
+                         f"train the fold from epoch 0") from None
+
+
+def write_trainer(state: Path, trainer: dict) -> None:
+    (state / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
+
+
+def check_state(fold_dir: Path, name: str) -> None:
+    """An unfinished fold's saved state must load; its best weights must be there
+    (`name`: the fold's display name, ``member/fold_k``)."""
+    d = Path(fold_dir)
+    state = next((p for p in _state_candidates(d) if (p / TRAINER_STATE).is_file()), None)
+    if state is None:
+        return
+    hint = f"delete {state} to train {name} from epoch 0"
+    trainer = read_trainer(state)
+    best = trainer.get("best_epoch", -1)
+    if (not isinstance(best, int) or best >= 0) and not (d / WEIGHTS).is_file():
+        raise InputError(f"{d / WEIGHTS}: missing, but {state} needs it to resume; {hint}")
+    for p in sorted(state.iterdir()):
+        if p.suffix in (".bin", ".pkl", ".safetensors"):
+            try:
+                _load_state_file(p)
+            except Exception as e:  # noqa: BLE001 - any failure means "cannot resume"
+                raise InputError(f"{p}: unreadable saved training state "
+                                 f"({type(e).__name__}); {hint}") from None
 
 
 def save_state(accelerator, fold_dir: Path, trainer: dict) -> None:

@@ -11,10 +11,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError
-from .runfolder import CONFIG, DATA, ENSEMBLE, LOCK, OVERRIDES, RECIPE, SCORES, SPLITS, RunFolder
+from .runfolder import (
+    BUDGET,
+    CACHE,
+    CONFIG,
+    DATA,
+    ENSEMBLE,
+    LOCK,
+    OVERRIDES,
+    RECIPE,
+    SCORES,
+    SPLITS,
+    RunFolder,
+)
 
 #: the run folder's own files at its top level (never an output of predict or report)
-_RUN_FILES = (RECIPE, OVERRIDES, DATA, SPLITS, ENSEMBLE, SCORES, LOCK, "budget.json")
+_RUN_FILES = (RECIPE, OVERRIDES, DATA, SPLITS, ENSEMBLE, SCORES, LOCK, BUDGET)
 
 
 def _within(target: Path, root: Path) -> tuple[str, ...] | None:
@@ -53,5 +65,5 @@ def check_apart(out: str | os.PathLike, flag: str, *, run: str | os.PathLike | N
         refuse(f"the run folder {run}")
     top = Path(run).resolve() / rel[0]
     member = top.is_dir() and any(top.glob(f"*/{CONFIG}"))  # it holds fold folders
-    if rel[0] in _RUN_FILES or member or rel[0] == "cache":
+    if rel[0] in _RUN_FILES or member or rel[0] == CACHE:
         refuse(f"{Path(run) / rel[0]} of the run folder")

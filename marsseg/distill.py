@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from ._io import atomic_path, write_json_atomic
+from .checkpoint import check_state
 from .config import Recipe, with_epochs
 from .device import Resolved
 from .errors import InputError
 from .folds import ALL, fold_rows, load_train
+from .records import Done
 from .runfolder import RunFolder, data_fingerprint, fold_name
 from .student import DistillConfig, load_student
 from .teacher import Teacher, open_teacher, write_targets
@@ -118,7 +120,8 @@ def _check_run(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> No
         check_record(run.path / TARGETS, plan.teacher.sha256, plan.dataset_sha256, plan.unlabeled)
     for fold in (0, ALL):
         if run.verify_fold(plan.recipe.members[0].name, fold) is None:
-            run.check_state(plan.recipe.members[0].name, fold)
+            name = plan.recipe.members[0].name
+            check_state(run.fold_dir(name, fold), fold_name(name, fold))
 
 
 def _plan(teacher: Path, data: Path, recipe_path: Path, opts: DistillOptions, split) -> _Plan:
@@ -154,7 +157,7 @@ def _start(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> None:
         run.write_splits(plan.teacher.splits)
 
 
-def _heldout(split, splits: dict, targets: Path, student: dict) -> dict:
+def _heldout(split, splits: dict, targets: Path, student: Done) -> dict:
     """The student's and the teacher's (out-of-fold) mIoU on the teacher's fold 0
     validation part (no TTA either)."""
     import h5py
@@ -171,12 +174,12 @@ def _heldout(split, splits: dict, targets: Path, student: dict) -> dict:
             if len(r):
                 cm += confusion_matrix(labeled_argmax(f["labeled/probs"][r]), split.masks[r])
     teacher = round_score(course_miou(cm)) if has.any() else None
-    return {"fold": 0, "images": int(len(rows)), "student_miou": student.get("val_miou"),
-            "student_iou": student.get("val_iou"), "teacher_oof_miou": teacher,
+    return {"fold": 0, "images": int(len(rows)), "student_miou": student.val_miou,
+            "student_iou": None if student.val_iou is None else list(student.val_iou), "teacher_oof_miou": teacher,
             "teacher_oof_iou": [round_score(v) for v in class_iou(cm)] if has.any() else None}
 
 
-def _ensemble(run: RunFolder, plan: _Plan, data: Path, done0: dict, done_all: dict | None,
+def _ensemble(run: RunFolder, plan: _Plan, data: Path, done0: Done, done_all: Done | None,
               split) -> dict:
     """The student's ensemble file: one member, one model, plus distilled_from and heldout."""
     m = plan.recipe.members[0]
@@ -184,9 +187,8 @@ def _ensemble(run: RunFolder, plan: _Plan, data: Path, done0: dict, done_all: di
     done = done_all or done0
     k = int(plan.teacher.splits["k"])
     entry = {"fold": k if done_all else 0, "path": fold_name(m.name, ALL if done_all else 0),
-             "sha256": done["sha256"], "val_miou": done.get("val_miou"),
-             "best_epoch": done.get("best_epoch"), "epochs": done.get("epochs"),
-             "epochs_run": done.get("epochs_run")}
+             "sha256": done.sha256, "val_miou": done.val_miou, "best_epoch": done.best_epoch,
+             "epochs": done.epochs, "epochs_run": done.epochs_run}
     if done_all:
         entry["trained_on"] = "all"  # no held-out images: its fold number is none of the splits'
     heldout = _heldout(split, plan.teacher.splits, run.path / TARGETS, done0)
@@ -287,7 +289,7 @@ def _train(run: RunFolder, plan: _Plan, split, opts: DistillOptions, jobs, conso
                                time_budget=opts.time_budget, **kw)
         if not opts.all:
             return done0, None
-        chosen = fit_member(m, int(done0["best_epoch"]) + 1)
+        chosen = fit_member(m, done0.best_epoch + 1)
         done_all = train_one_fold(dataclasses.replace(plan.recipe, members=(chosen,)), chosen,
                                   ALL, split, run.path, progress=progress, **kw)
     return done0, done_all

@@ -71,9 +71,9 @@ def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | No
         for k in range(recipe.folds):
             done = run.verify_fold(m.name, k)
             if done is not None:
-                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done["sha256"],
-                              "val_miou": done.get("val_miou"), "best_epoch": done.get("best_epoch"),
-                              "epochs": done.get("epochs"), "epochs_run": done.get("epochs_run")})
+                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done.sha256,
+                              "val_miou": done.val_miou, "best_epoch": done.best_epoch,
+                              "epochs": done.epochs, "epochs_run": done.epochs_run})
         if folds:
             members.append({"name": m.name, "weight": 1.0, "folds": folds,
                             "oof_miou": None, "oof_iou": None})

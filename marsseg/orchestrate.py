@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._io import atomic_path, sha256_file, write_json_atomic
-from .checkpoint import check_workers
+from .checkpoint import check_state, check_workers, read_trainer
 from .cluster import check_address
 from .config import Recipe, load_recipe, parse_recipe, with_epochs
 from .confine import check_apart
@@ -37,7 +37,8 @@ from .errors import InputError, RunError
 from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .raytrain import check_fits, check_options, fold_slots, submitter
-from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name, read_trainer
+from .records import Done
+from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name
 from .teacher import open_teacher, write_targets
 from .teaching import TARGETS, check_record
 from .tracking import TrackingSpec, check_trackers, open_group
@@ -161,7 +162,7 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     for m in recipe.members:  # collect reads every finished fold, selected or not
         for f in range(recipe.folds):
             if run.verify_fold(m.name, f) is None and (m.name, f) in selected:
-                run.check_state(m.name, f)
+                check_state(run.fold_dir(m.name, f), fold_name(m.name, f))
                 _check_state_workers(run, m.name, f, opts.workers_per_fold)
     _check_resources(opts)
     if not opts.sequential:
@@ -405,7 +406,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
 
 
 def _train(recipe: Recipe, jobs, skipped, split, run: RunFolder, options: RunOptions,
-           fold_kwargs: dict, console) -> list[dict]:
+           fold_kwargs: dict, console) -> list[Done]:
     """Train `jobs` in this process or on Ray, with the progress view; their done records."""
     from ._progress import ProgressView
 

@@ -35,6 +35,7 @@ from .device import Resolved
 from .ensemble import Ensemble, load_ensemble
 from .errors import InputError
 from .inference import BatchResult, PredictConfig, Predictor, needs_conversion
+from .records import typed
 from .submission import SubmissionWriter, check_out_path
 
 # --------------------------------------------------------------------------- Ray at the edge
@@ -184,6 +185,46 @@ def _config(cfg: PredictConfig | None, overrides: dict) -> PredictConfig:
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictSummary:
+    """What one `predict` call did (the CLI prints it; benches record it)."""
+
+    rows: int  # images predicted, one CSV row each
+    seconds: float  # the whole call after the checks, conversion or cache load included
+    setup_seconds: float  # backend conversion or cache load
+    images_per_s: float  # after the set-up
+    models: tuple[str, ...]  # the ensemble's fold models, member/fold_k
+    views: int  # test-time augmentation views
+    precision: str
+    backend: str
+    device: str
+    csv: str
+    probs: str | None = None  # the probabilities file, when asked for
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "models": list(self.models)}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "predict summary") -> PredictSummary:
+        """From `to_json`'s dict; a missing key or a wrong type is an InputError naming it."""
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: not a JSON object")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING and f.name not in d:
+                raise InputError(f"{where}: no {f.name!r}")
+            values[f.name] = typed(d, f.name, _SUMMARY_TYPES[f.name], f.default, where, "summary")
+        if not all(isinstance(m, str) for m in values["models"]):
+            raise InputError(f"{where}: malformed summary ('models' must be a list of names)")
+        return cls(**{**values, "models": tuple(values["models"])})
+
+
+_SUMMARY_TYPES = {"rows": (int,), "seconds": (float,), "setup_seconds": (float,),
+                  "images_per_s": (float,), "models": (list,), "views": (int,),
+                  "precision": (str,), "backend": (str,), "device": (str,), "csv": (str,),
+                  "probs": (str, type(None))}
+
+
 def _calibration(ensemble: Ensemble) -> dict:
     """Which temperatures the probabilities carry (the probs file's "calibration" attribute)."""
     return {"applied": ensemble.calibration, "temperature": ensemble.temperature,
@@ -196,11 +237,11 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
             folds: Sequence[int] | None = None, probs_path: str | os.PathLike | None = None,
             workers: int = 0, address: str | None = None, split: str = "test",
             progress: bool = False,
-            on_batch: Callable[[BatchResult], None] | None = None, **options) -> dict:
+            on_batch: Callable[[BatchResult], None] | None = None, **options) -> PredictSummary:
     """Predict ``split`` of ``data`` with the run folder's ensemble and write the submission CSV.
 
     ``options`` override fields of ``cfg`` (e.g. ``tta=False, precision="no"``).
-    Returns a summary dict (rows, seconds, images/s, models, views, precision, paths).
+    Returns its `PredictSummary` (rows, seconds, images/s, models, views, precision, paths).
     Any failure (bad input, Ctrl-C) leaves neither CSV nor probs file behind.
     Configure once: the output paths, the data (opened once), the ensemble (loaded and its
     weights checked once) and device, precision and backend (`PredictConfig.resolve`) are
@@ -261,9 +302,9 @@ def predict(run_dir: str | os.PathLike, data: str | os.PathLike, out_csv: str | 
         pw.commit()
     w.commit()
     t_end = time.perf_counter()
-    return {"rows": total, "seconds": round(t_end - t0, 3),
-            "setup_seconds": round(t_setup - t0, 3),  # backend conversion or cache load
-            "images_per_s": round(total / max(t_end - t_setup, 1e-9), 1),
-            "models": ensemble.names, "views": len(cfg.views), "precision": rt.precision,
-            "backend": rt.backend, "device": str(rt.device), "csv": str(out_csv),
-            "probs": str(probs_path) if probs_path else None}
+    return PredictSummary(rows=total, seconds=round(t_end - t0, 3),
+                          setup_seconds=round(t_setup - t0, 3),
+                          images_per_s=round(total / max(t_end - t_setup, 1e-9), 1),
+                          models=tuple(ensemble.names), views=len(cfg.views),
+                          precision=rt.precision, backend=rt.backend, device=str(rt.device),
+                          csv=str(out_csv), probs=str(probs_path) if probs_path else None)

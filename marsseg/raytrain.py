@@ -31,6 +31,7 @@ import tempfile
 
 from ._cores import CoreShare, share_folder
 from .errors import InputError
+from .records import Done
 from .runfolder import RunFolder, fold_name
 from .train import train_one_fold
 
@@ -174,8 +175,8 @@ def input_error(e: BaseException, seen: set | None = None) -> InputError | None:
 
 def fit_fold(recipe, member: str, fold: int, data, out: str, *, workers: int,
              cpus_per_worker: float, gpu: bool, threads: int, kwargs: dict, board=None,
-             node_cpus: dict | None = None, max_retries: int = 3) -> dict:
-    """Train one (member, fold) with `workers` Ray Train workers; returns its done dict.
+             node_cpus: dict | None = None, max_retries: int = 3) -> Done:
+    """Train one (member, fold) with `workers` Ray Train workers; returns its `Done`.
 
     Body of the launcher task; ``data``: the train split (or its shard folder), handed to
     every worker. A failed fit (a worker died, a collective broke) is fitted

@@ -7,8 +7,10 @@ Only this module spells the layout out; every stage asks it::
                                 done.json .lock
 
 ``data.json`` records the shards the run was made from (the ``dataset.json`` sha256
-and every train shard's sha256); other data is refused. ``done.json`` holds the
-sha256 of the fold's weights; a finished fold whose weights differ is an error.
+and every train shard's sha256); other data is refused. ``done.json`` (a `records.Done`)
+holds the sha256 of the fold's weights; a finished fold whose weights differ is an error.
+``cache/`` holds backend conversions named by `cache_key`. The records' types and checks
+live in `records`; a fold's ``state/`` is saved, checked and resumed by `checkpoint`.
 
 The run folder's lock (`_lock.file_lock`) guards the shared files (recipe, data
 record, splits, ensemble.json) while they are read and written; each fold's lock is
@@ -21,16 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._io import atomic_path, check_space, check_writable, inside, sha256_file, write_json_atomic
 from ._lock import file_lock
-from ._records import check_ensemble, check_splits
 from .data import read_dataset, verify_shards
 from .data.source import ShardSource
 from .errors import InputError
+from .records import Done, check_ensemble, check_splits
 
 RECIPE = "recipe.toml"
 OVERRIDES = "overrides.json"
@@ -48,6 +51,12 @@ TRAINER_STATE = "trainer.json"
 OOF = "oof.h5"
 DONE = "done.json"
 BUDGET = "budget.json"  # with --time-budget: the fold's epochs, decided before epoch 0
+CACHE = "cache"  # backend conversions of the fold's weights (`cache_key` names them)
+#: exactly the names a conversion writes: ``<backend>-<prec>-<sha16>-b<n>[-torch<v>]``, an
+#: optional ``.tmp-<pid>`` while it is written, and one of the cache's extensions
+CACHE_NAME_RE = re.compile(r"(?P<backend>[a-z0-9]+(?:-[a-z0-9]+)*?)-(?P<prec>bf16|fp16|f32)-"
+                           r"(?P<sha>[0-9a-f]{16})-b[0-9]+(?:-torch[0-9][0-9_]*)?"
+                           r"(?:\.tmp-(?P<pid>[0-9]+))?\.(?P<ext>xml|bin|pt2|json)")
 METRICS_BOOKKEEPING = frozenset({"epoch", "step", "fold", "time", "seconds", "wall_s", "pid", "img_s",
                                  "images_per_s", "best_epoch", "threads", "worker"})  # not curves
 
@@ -58,6 +67,17 @@ LOCK_WAIT = 120.0
 def fold_name(member: str, fold: int) -> str:
     """``member/fold_k``: a fold's path inside the run folder and its display name."""
     return f"{member}/fold_{fold}"
+
+
+def cache_key(fold_dir: Path, backend: str, precision: str, sha: str, n: int,
+              torch_version: str | None = None) -> Path:
+    """A conversion's name in the fold's cache folder, without extension: backend,
+    precision, the weights' sha256 (16 digits), static batch ``n`` and, for a conversion
+    that depends on it (compile), the torch version."""
+    prec = "f32" if precision == "no" else precision
+    # no dot in the key: its files are <key>.pt2, <key>.json (CACHE_NAME_RE)
+    tag = f"-torch{torch_version.split('+')[0].replace('.', '_')}" if torch_version else ""
+    return Path(fold_dir) / CACHE / f"{backend}-{prec}-{sha[:16]}-b{n}{tag}"
 
 
 # --- data fingerprint -------------------------------------------------------------------------
@@ -85,7 +105,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._verified: dict[tuple[str, int], dict] = {}  # weights hashed once per command
+        self._verified: dict[tuple[str, int], Done] = {}  # weights hashed once per command
 
     recipe = property(lambda self: self.path / RECIPE)
     overrides = property(lambda self: self.path / OVERRIDES)
@@ -177,16 +197,8 @@ class RunFolder:
 
     # --- small JSON files ---------------------------------------------------------------------
 
-    def _read_json(self, path: Path, what: str):
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise InputError(f"{path}: unreadable {what} ({e})") from None
-
     def read_data(self) -> dict | None:
-        d = self._read_json(self.data, "data record")
+        d = _read_json(self.data, "data record")
         if d is not None and (not isinstance(d, dict) or not isinstance(d.get("train_shards"), list)):
             raise InputError(f"{self.data}: malformed data record (no 'train_shards' list)")
         return d
@@ -195,7 +207,7 @@ class RunFolder:
         write_json_atomic(self.data, fp)
 
     def read_overrides(self) -> dict:
-        d = self._read_json(self.overrides, "overrides")
+        d = _read_json(self.overrides, "overrides")
         return d if isinstance(d, dict) else {}
 
     # --- ensemble.json ------------------------------------------------------------------------
@@ -206,7 +218,7 @@ class RunFolder:
             raise InputError(f"{self.path}: run folder does not exist")
         if not self.ensemble.is_file():
             raise InputError(f"{self.ensemble}: missing (not a finished train-folds run folder)")
-        spec = self._read_json(self.ensemble, "ensemble file")
+        spec = _read_json(self.ensemble, "ensemble file")
         check_ensemble(spec, self.ensemble)
         for m in spec["members"]:  # every fold folder stays inside the run folder
             for f in m.get("folds", []):
@@ -233,11 +245,11 @@ class RunFolder:
 
     # --- a fold's files -----------------------------------------------------------------------
 
-    def read_done(self, member: str, fold: int) -> dict | None:
+    def read_done(self, member: str, fold: int) -> Done | None:
         """done.json of a fold (None while unfinished); corrupt = InputError naming it."""
         return read_done(self.fold_dir(member, fold), fold_name(member, fold))
 
-    def verify_fold(self, member: str, fold: int) -> dict | None:
+    def verify_fold(self, member: str, fold: int) -> Done | None:
         """done.json of a finished fold after checking its weights against its sha256 (once
         per RunFolder: a command hashes each fold's weights once)."""
         if (member, fold) not in self._verified:
@@ -247,49 +259,32 @@ class RunFolder:
             self._verified[(member, fold)] = done
         return self._verified[(member, fold)]
 
-    def remember_done(self, records: Sequence[dict]) -> None:
+    def remember_done(self, records: Sequence[Done]) -> None:
         """Done records of folds this command trained (their sha256 hashed as they finished)."""
-        self._verified.update({(d["member"], int(d["fold"])): d for d in records})
+        self._verified.update({(d.member, int(d.fold)): d for d in records})
 
-    def write_done(self, member: str, fold: int, done: dict) -> None:
-        write_json_atomic(self.fold_dir(member, fold) / DONE, done)
-
-    def check_state(self, member: str, fold: int) -> None:
-        """An unfinished fold's saved state must load; its best weights must be there."""
-        d = self.fold_dir(member, fold)
-        state = next((p for p in _state_candidates(d) if (p / TRAINER_STATE).is_file()), None)
-        if state is None:
-            return
-        hint = f"delete {state} to train {fold_name(member, fold)} from epoch 0"
-        trainer = read_trainer(state)
-        best = trainer.get("best_epoch", -1)
-        if (not isinstance(best, int) or best >= 0) and not (d / WEIGHTS).is_file():
-            raise InputError(f"{d / WEIGHTS}: missing, but {state} needs it to resume; {hint}")
-        for p in sorted(state.iterdir()):
-            if p.suffix in (".bin", ".pkl", ".safetensors"):
-                try:
-                    _load_state_file(p)
-                except Exception as e:  # noqa: BLE001 - any failure means "cannot resume"
-                    raise InputError(f"{p}: unreadable saved training state "
-                                     f"({type(e).__name__}); {hint}") from None
+    def write_done(self, done: Done) -> None:
+        write_json_atomic(self.fold_dir(done.member, done.fold) / DONE, done.to_json())
 
 
-def read_done(folder: Path, name: str) -> dict | None:
-    """done.json of the fold folder `folder` (None while unfinished); corrupt = InputError."""
-    path = Path(folder) / DONE
+def _read_json(path: Path, what: str):
+    """The JSON in `path`, None when it does not exist; unreadable = InputError naming it."""
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: unreadable done file ({e})") from None
-    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str):
-        raise InputError(f"{path}: malformed done file (no 'sha256'); delete "
-                         f"{path.parent} to train {name} again")
-    return d
+        raise InputError(f"{path}: unreadable {what} ({e})") from None
 
 
-def verify_fold_folder(folder: Path, name: str) -> dict | None:
+def read_done(folder: Path, name: str) -> Done | None:
+    """done.json of the fold folder `folder` (None while unfinished); corrupt = InputError."""
+    path = Path(folder) / DONE
+    d = _read_json(path, "done file")
+    return None if d is None else Done.from_json(d, path, f"delete {path.parent} to train {name} again")
+
+
+def verify_fold_folder(folder: Path, name: str) -> Done | None:
     """done.json of a finished fold folder after checking its weights against its sha256
     (None while unfinished)."""
     done = read_done(folder, name)
@@ -299,58 +294,10 @@ def verify_fold_folder(folder: Path, name: str) -> dict | None:
     if not weights.is_file():
         raise InputError(f"{weights}: missing, but {folder / DONE} says the fold is finished; "
                          f"{hint}")
-    if sha256_file(weights) != done["sha256"]:
+    if sha256_file(weights) != done.sha256:
         raise InputError(f"{weights}: sha256 differs from {folder / DONE} (replaced or "
                          f"corrupted); {hint}")
     return done
-
-
-def _load_state_file(p: Path) -> None:
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), "pt") as f:
-            f.keys()
-    else:
-        import torch
-
-        # accelerate's own training state, loaded the way accelerate's load_state loads it
-        torch.load(p, map_location="cpu", weights_only=False)
-
-
-def _state_candidates(fold_dir: Path) -> list[Path]:
-    # state/, then a state folder moved aside by an interrupted swap (atomic_path's .old-<pid>)
-    return [fold_dir / STATE, *sorted(fold_dir.glob(f"{STATE}.old*"))]
-
-
-def find_state(fold_dir: Path) -> Path | None:
-    """The last complete saved state of a fold (``state/``, put back from ``state.old-*`` if
-    a swap was interrupted); half-written ``state.tmp-*`` folders are removed."""
-    for p in fold_dir.glob(f"{STATE}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in _state_candidates(fold_dir):
-        if (p / TRAINER_STATE).is_file():
-            if p.name != STATE:
-                shutil.rmtree(fold_dir / STATE, ignore_errors=True)
-                os.replace(p, fold_dir / STATE)
-            return fold_dir / STATE
-    return None
-
-
-def read_trainer(state: Path) -> dict:
-    path = state / TRAINER_STATE
-    try:
-        t = json.loads(path.read_text())
-        if not isinstance(t, dict) or not isinstance(t.get("epoch"), int):
-            raise ValueError("no integer 'epoch'")
-        return t
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: unreadable saved training state ({e}); delete {state} to "
-                         f"train the fold from epoch 0") from None
-
-
-def write_trainer(state: Path, trainer: dict) -> None:
-    (state / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
 
 
 # --- splits.json ------------------------------------------------------------------------------

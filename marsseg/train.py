@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from . import IMAGE_SHAPE, NUM_CLASSES
 from ._io import sha256_file
-from ._progress import Report
+from ._progress import Event, Report
 from .augment import RockBank, RockImages
 from .checkpoint import TrainerState, resume, save_state
 from .config import MemberConfig, Recipe
@@ -57,6 +57,7 @@ from .losses import make_loss
 from .metrics import labeled_argmax, round_score
 from .models.registry import to_model_input
 from .optim import lr_at, make_optimizer
+from .records import Done
 from .runfolder import METRICS, OOF, WEIGHTS, RunFolder, append_metrics, read_metrics, write_oof
 from .teaching import TARGETS, Taught, Teaching, with_pseudo_labels
 from .tracking import TrackingSpec, fold_run
@@ -65,7 +66,7 @@ from .validation import predict_oof, validate
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-Progress = Callable[[dict], None]
+Progress = Callable[[Event], None]
 
 
 # --- small pure helpers -----------------------------------------------------------------------
@@ -296,7 +297,7 @@ def _trainer_record(f: FoldSetup, state: TrainerState) -> dict:
 
 
 def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, run: RunFolder,
-            t_start: float) -> dict:
+            t_start: float) -> Done:
     """Write the out-of-fold file, then done.json (last: the fold is finished); returns done.
     Rank 0 writes; the other ranks of a data-parallel fold wait and return what it wrote."""
     m, val_images = f.member, f.split.images[f.val_rows]
@@ -310,21 +311,19 @@ def _finish(f: FoldSetup, state: TrainerState, best_probs: np.ndarray | None, ru
         write_oof(f.fold_dir / OOF, f.split.ids[f.val_rows], best_probs)
     rows = read_metrics(f.fold_dir / METRICS)
     best_row = next((r for r in rows if r["epoch"] == state.best_epoch), {})
-    done = {"member": m.name, "fold": f.fold, "recipe": f.recipe.name,
-            "best_epoch": state.best_epoch, "val_miou": best_row.get("val_miou"),
-            "val_iou": best_row.get("val_iou"), "epochs": m.epochs, "epochs_run": state.epoch + 1,
-            "stopped_early": state.stopped_early, "n_train": int(len(f.train_rows)),
-            "n_train_filtered": int(f.n_filtered), "n_val": int(len(f.val_rows)),
-            "n_pseudo": f.n_pseudo,
-            "precision": f.precision, "device": str(f.accelerator.device),
-            **({"workers": f.accelerator.num_processes} if f.accelerator.num_processes > 1 else {}),
-            "train_seconds": round(state.train_seconds, 3),
-            "sha256": sha256_file(f.fold_dir / WEIGHTS),
-            "seconds_this_attempt": round(time.perf_counter() - t_start, 3)}
-    if f.sampler is not None:  # what the sampler drew from (absent for a shuffle)
-        done["sampling"] = {**dataclasses.asdict(m.sampling),
-                            "n_train_rare": int(f.sampler.rare.sum())}
-    run.write_done(m.name, f.fold, done)
+    iou = best_row.get("val_iou")
+    sampling = None if f.sampler is None else {  # what the sampler drew from (absent: shuffle)
+        **dataclasses.asdict(m.sampling), "n_train_rare": int(f.sampler.rare.sum())}
+    done = Done(member=m.name, fold=f.fold, recipe=f.recipe.name, best_epoch=state.best_epoch,
+                val_miou=best_row.get("val_miou"), val_iou=None if iou is None else tuple(iou),
+                epochs=m.epochs, epochs_run=state.epoch + 1, stopped_early=state.stopped_early,
+                n_train=int(len(f.train_rows)), n_train_filtered=int(f.n_filtered),
+                n_val=int(len(f.val_rows)), n_pseudo=f.n_pseudo, precision=f.precision,
+                device=str(f.accelerator.device), workers=f.accelerator.num_processes,
+                train_seconds=round(state.train_seconds, 3),
+                sha256=sha256_file(f.fold_dir / WEIGHTS),
+                seconds_this_attempt=round(time.perf_counter() - t_start, 3), sampling=sampling)
+    run.write_done(done)
     f.accelerator.wait_for_everyone()
     return done
 
@@ -338,7 +337,7 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
                    progress: Progress | None = None, time_budget: float | None = None,
                    threads_fn: Callable[[], int] | None = None, compile: bool = False,
                    teaching: Teaching | None = None, pseudo: bool = False,
-                   tracking: TrackingSpec | None = None) -> dict:
+                   tracking: TrackingSpec | None = None) -> Done:
     """Train `member` of `recipe` on fold `fold` of `data` into its fold folder of run folder `out`.
 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
@@ -351,12 +350,12 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     bf16 | fp16 | no; fp16 is GPU-only) is resolved here for this machine. splits: the
     run's splits as the caller planned them (default: read or made in `out`).
     threads: torch CPU threads for this fold. progress: called
-    with small dicts ("start", "batch", "epoch", "done" events) for live display.
+    with each `_progress.Event` ("start", "batch", "epoch", "done") for live display.
     time_budget: wall seconds for this fold's epochs; replaces the member's epochs by a
     count measured once and kept in budget.json (see `budget`). threads_fn: asked at
     every epoch start for the torch thread count (e.g. more when other folds finished).
     compile: torch.compile the forward (state dicts unchanged); for `make bench` only.
-    tracking: log to accelerate's trackers as run `member/fold_k`. Returns the done dict. A
+    tracking: log to accelerate's trackers as run `member/fold_k`. Returns its `Done`. A
     finished fold returns it at once (its weights checked);
     an interrupted one resumes after its last saved epoch.
     """
@@ -386,8 +385,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
 
 
 def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report: Report,
-            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> dict:
-    """The epochs left to train, then `_finish`; returns the done dict."""
+            track, run: RunFolder, t_start: float, threads_fn: Callable[[], int] | None) -> Done:
+    """The epochs left to train, then `_finish`; returns its `Done`."""
     m = f.member
     # Softmax of the validation fold from the current epoch / from the best epoch so far.
     epoch_probs = np.empty((len(f.val_rows), NUM_CLASSES, *IMAGE_SHAPE), np.float16)
@@ -425,5 +424,5 @@ def _epochs(f: FoldSetup, state: TrainerState, resumed_from: int | None, report:
     done = _finish(f, state, best_probs, run, t_start)
     if f.taught is not None:
         f.taught.close()
-    report("done", epoch=state.epoch, val_miou=done["val_miou"])
+    report("done", epoch=state.epoch, val_miou=done.val_miou)
     return done

@@ -8,6 +8,9 @@
 #   FOLDS=0,1,2 EPOCHS=40 results/run-real-mars.sh train lever-sample   # a round-2 lever, 3 folds
 #   FOLDS=0,1,2 results/run-real-mars.sh oof lever-e40 lever-sample     # -> scores-oof-f012.json
 #   FOLDS=0,1,2 .venv/bin/python results/table.py round2 lever-e40 lever-sample
+#   EPOCHS=30 results/run-real-mars.sh distill none test   # issue 17: students of $TEACHER
+#     (student-none, student-test; resumable), each scored on the held-out slice (the
+#     teacher's fold 0 validation part), then gold +TTA; the teacher on the same slice too
 # EPOCHS= (empty) trains the recipes' own epochs. FOLDS also restricts oof/score to those
 # folds, and names the kept OOF file scores-oof-f<folds>.json (scores-oof.json without FOLDS).
 # Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
@@ -20,6 +23,7 @@ EPOCHS=${EPOCHS-8}            # the CPU budget: every member trains EPOCHS epoch
 FOLDS=${FOLDS:-}              # e.g. FOLDS=0,1 trains (and scores) only those folds (default: all 5)
 RECIPES=${RECIPES:-ensembles} # where RECIPE.toml is read
 BACKEND=${BACKEND:-auto}      # evaluate's --backend (auto: openvino on a CPU)
+TEACHER=${TEACHER:-marsseg-best}  # distill's teacher run (under ROOT)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 # Out-of-fold scores of RECIPE kept aside under a name that says which folds they cover
@@ -31,7 +35,7 @@ oof() {
   echo "out-of-fold scores: $ROOT/$r/scores-oof$tag.json"
 }
 
-cmd=${1:?usage: $0 prepare | train RECIPE... | oof RECIPE... | score RECIPE...}; shift || true
+cmd=${1:?usage: $0 prepare | train RECIPE... | oof RECIPE... | score RECIPE... | distill none|test...}; shift || true
 case "$cmd" in
   prepare)
     [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare --data "$NPZ" --out "$ROOT/shards"
@@ -61,6 +65,16 @@ case "$cmd" in
       # then the gold crops (scores.json, what results/table.py reads)
       oof "$r"
       $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"}
+    done
+    ;;
+  distill)
+    FOLDS=0 oof "$TEACHER"   # the teacher's out-of-fold score on the slice -> scores-oof-f0.json
+    for u in "$@"; do
+      s="student-$u"
+      $CLI distill --ensemble "$ROOT/$TEACHER" --data "$ROOT/shards" --out "$ROOT/$s" \
+        --unlabeled "$u" ${EPOCHS:+--epochs "$EPOCHS"}
+      FOLDS= oof "$s"         # its fold 0 validation part: the held-out slice
+      $CLI evaluate --ensemble "$ROOT/$s" --data "$ROOT/shards" --tta --backend "$BACKEND"
     done
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;

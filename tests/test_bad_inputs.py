@@ -259,6 +259,11 @@ def fold_folder_with(edit):
     return setup
 
 
+def _done_epochs_text(fold: Path) -> None:
+    done = json.loads((fold / "done.json").read_text())
+    (fold / "done.json").write_text(json.dumps({**done, "epochs": "many"}))
+
+
 def _swap_weights(fold: Path) -> None:
     shutil.copyfile(fold.parent.parent / "b/fold_1/model.safetensors", fold / "model.safetensors")
 
@@ -602,6 +607,9 @@ ROWS = [
     row("predict-fold-folder-no-done", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
                                         "--out", "{tmp}/s.csv"],
         fold_folder_with(lambda d: (d / "done.json").unlink()), "done.json"),
+    row("predict-fold-folder-done-wrong-type", ["predict", "--ensemble", "{bad}", "--data",
+                                                "{shards}", "--out", "{tmp}/s.csv"],
+        fold_folder_with(_done_epochs_text), "done.json: malformed done file ('epochs'"),
     row("predict-no-sha256-key", ["predict", "--ensemble", "{bad}", "--data", "{shards}",
                                   "--out", "{tmp}/s.csv"], _spec_edit(_no_sha), "sha256"),
     row("evaluate-no-sha256-key", ["evaluate", "--ensemble", "{bad}", "--data", "{shards}"],

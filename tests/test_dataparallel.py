@@ -107,7 +107,7 @@ def _fold_worker(rank, world, port, recipe_path, shards, out, result_dir):
     spy_on_steps(log)
     done = train_one_fold(load_recipe(recipe_path), "a", 0, shards, out, precision="no",
                           threads=1)
-    torch.save({"log": log, "done": done}, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.save({"log": log, "done": done.to_json()}, os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 

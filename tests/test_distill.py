@@ -109,7 +109,7 @@ def test_resume_continues_bit_identically(world, tmp_path, monkeypatch):
 
     def stop(self, events):
         real(self, events)
-        if any(e["event"] == "epoch" and e["epoch"] == 1 for e in events):
+        if any(e.event == "epoch" and e.epoch == 1 for e in events):
             raise Interrupt
 
     monkeypatch.setattr(_progress.ProgressView, "update", stop)

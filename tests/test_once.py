@@ -118,3 +118,42 @@ def test_training_resolution_follows_the_task_resources(monkeypatch):
         device.resolve("cpu", "fp16")
     with pytest.raises(device.InputError, match="unknown value"):
         device.resolve("cpu", "fp8")
+
+
+TINY_RECIPE = """folds = 2
+seed = 0
+[[members]]
+name = "a"
+epochs = 1
+batch_size = 4
+[members.model]
+name = "unet"
+args = { base_width = 4, depth = 2 }
+"""
+
+
+def test_train_folds_decides_everything_once(world):
+    recipe = world["d"] / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    ours = str(Path(device.__file__).parent)
+    cuda = Counter()  # torch.cuda.is_available() asked by marsseg (accelerate asks on its own)
+
+    def train():
+        def probe(frame, event, arg):
+            if (event == "call" and frame.f_code is torch.cuda.is_available.__code__
+                    and frame.f_back.f_code.co_filename.startswith(ours)):
+                cuda["CUDA queried"] += 1
+        inner = sys.getprofile()
+        sys.setprofile(lambda *a: (inner(*a), probe(*a)))
+        try:
+            _cli("train-folds", "--data", world["shards"], "--recipe", recipe,
+                 "--out", world["d"] / "trained", "--sequential", "--progress", "none")
+        finally:
+            sys.setprofile(inner)
+
+    counts = count_calls(train)
+    # device and precision decided once by the driver (each fold takes its decision),
+    # dataset.json read once, each fold's weights hashed once (when it finishes)
+    assert counts == {"device resolved": 1, "precision resolved": 1, "dataset.json parsed": 1,
+                      "weights hashed": 2}
+    assert cuda == {"CUDA queried": 1}

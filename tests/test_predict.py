@@ -150,7 +150,7 @@ def test_predict_csv_matches_predictor_and_layouts_agree(world, tmp_path):
                        ("npz", world["npz"])):
         outs[name] = tmp_path / f"{name}.csv"
         r = P.predict(world["run"], data, outs[name], cfg=cfg)
-        assert r["rows"] == 11
+        assert r.rows == 11
     ref = outs["shards4"].read_bytes()
     assert outs["shards7"].read_bytes() == ref
     assert outs["npz"].read_bytes() == ref
@@ -308,7 +308,7 @@ def test_keyword_options_and_probs_file(world, tmp_path):
 
     r = P.predict(world["run"], world["npz"], tmp_path / "s.csv", tta=False, precision="no",
                   batch_size=4, probs_path=tmp_path / "p.h5")
-    assert r["views"] == 1 and r["precision"] == "no"
+    assert r.views == 1 and r.precision == "no"
     with h5py.File(tmp_path / "p.h5") as f:
         probs, dis = f["probs"][()], f["disagreement"][()]
     assert probs.shape == (11, 5, 64, 128) and dis.shape == (11, 64, 128)

@@ -114,7 +114,7 @@ def test_resume_is_exact(world, tmp_path, monkeypatch):
 
     def stop(self, events):
         real(self, events)
-        if any(e["event"] == "epoch" and e["epoch"] == 0 for e in events):
+        if any(e.event == "epoch" and e.epoch == 0 for e in events):
             raise Stop
 
     monkeypatch.setattr(_progress.ProgressView, "update", stop)

@@ -116,6 +116,16 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     assert not (run / "scores.json").exists()  # no gold scores from a lever's OOF pass
     done = json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text())
     assert done["epochs"] == 1 and done["sampling"]["factor"] == 3.0
+    # distill: a student of this (two-fold) teacher, scored on the slice and on gold
+    out = subprocess.run(["bash", str(SCRIPT), "distill", "none"], cwd=ROOT, timeout=900,
+                         env={**env, "TEACHER": "lever-tiny", "EPOCHS": "1", "FOLDS": ""},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    teacher_slice = json.loads((run / "scores-oof-f0.json").read_text())
+    assert sorted(teacher_slice["models"]) == ["tiny-sample/fold_0"]
+    student = tmp_path / "runs" / "student-none"
+    assert json.loads((student / "scores-oof.json").read_text())["mode"] == "oof"
+    assert json.loads((student / "scores.json").read_text())["split"] == "test"
     shutil.copytree(run, tmp_path / "runs" / "lever-tiny2")
     out = table(tmp_path / "runs", "round2", "lever-tiny", "lever-tiny2", folds="0,1")
     assert out.returncode == 0, out.stderr

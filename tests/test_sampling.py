@@ -123,7 +123,7 @@ def test_sampled_fold_resumes_exactly_and_records_its_sampling(shards, tmp_path)
     whole = train_one_fold(r, "tiny", 0, shards, tmp_path / "a", threads=1, precision="no")
 
     def stop_after_1(ev):
-        if ev["event"] == "epoch" and ev["epoch"] == 1:
+        if ev.event == "epoch" and ev.epoch == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
@@ -134,22 +134,22 @@ def test_sampled_fold_resumes_exactly_and_records_its_sampling(shards, tmp_path)
     b = load_file(str(tmp_path / "b" / "tiny" / "fold_0" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert resumed["sha256"] == whole["sha256"]
+    assert resumed.sha256 == whole.sha256
 
     split = load_split(shards, "train")
     train, _, _ = fold_rows(split, ensure_splits(r, split, tmp_path / "a"), 0, r.members[0])
     n_rare = int(holds_class(split.masks[train], 4).sum())
     assert 0 < n_rare < len(train)
-    assert whole["sampling"] == {"rare_class": 4, "factor": 3.0, "min_pixels": 1,
-                                 "n_train_rare": n_rare}
+    assert whole.sampling == {"rare_class": 4, "factor": 3.0, "min_pixels": 1,
+                              "n_train_rare": n_rare}
     done = json.loads((tmp_path / "a" / "tiny" / "fold_0" / "done.json").read_text())
     assert done["sampling"]["n_train_rare"] == n_rare
 
     # and it trains something other than the plain shuffle of the same seed
     one = {f: train_one_fold(tiny_recipe(1, f), "tiny", 0, shards, tmp_path / f"c{f}", threads=1,
                              precision="no") for f in (1.0, 3.0)}
-    assert "sampling" not in one[1.0] and one[3.0]["sampling"]["factor"] == 3.0
-    assert one[1.0]["sha256"] != one[3.0]["sha256"]
+    assert one[1.0].sampling is None and one[3.0].sampling["factor"] == 3.0
+    assert one[1.0].sha256 != one[3.0].sha256
 
 
 def test_a_student_recipe_refuses_sampling(tmp_path):
@@ -187,4 +187,4 @@ def test_the_sampler_covers_pseudo_labelled_images_too(shards, tmp_path, monkeyp
     split = load_split(shards, "train")
     train, _, _ = fold_rows(split, ensure_splits(r, split, tmp_path), 0, r.members[0])
     assert seen["n"] == len(train) + 5
-    assert done["sampling"]["n_train_rare"] == int(holds_class(split.masks[train], 4).sum()) + 5
+    assert done.sampling["n_train_rare"] == int(holds_class(split.masks[train], 4).sum()) + 5

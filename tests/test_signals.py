@@ -143,3 +143,26 @@ def test_sigterm_after_the_command_finished_still_says_terminated(tmp_path):
     assert r.returncode == 143, (r.returncode, r.stderr)
     assert r.stderr.strip().splitlines() == ["terminated"], r.stderr
     assert r.stdout.startswith("marsseg-cli ")
+
+
+def test_a_forked_child_does_not_inherit_the_commands_sigterm_handler():
+    """A DataLoader worker or a library's helper forked while a command runs dies quietly on
+    SIGTERM (default action) instead of raising Terminated with a traceback on stderr."""
+    from marsseg.cli._app import _sigterm_raises
+
+    with _sigterm_raises():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report its handler, then wait to be terminated
+            os.close(r)
+            os.write(w, b"D" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"H")
+            time.sleep(30)
+            os._exit(0)
+        os.close(w)
+        seen = os.read(r, 1)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        os.close(r)
+    assert seen == b"D"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

@@ -73,7 +73,7 @@ def test_decided_epochs_are_recorded_and_reused_on_resume(shards, tmp_path, monk
     spe = record["steps_per_epoch"]
     epochs = 30 // spe  # 1 s per step, nothing else: whole epochs of `spe` seconds in 30 s
     assert record["epochs"] == epochs >= 3 and record["time_budget_s"] == 30.0
-    assert events[0]["event"] == "start" and events[0]["epochs"] == epochs
+    assert events[0].event == "start" and events[0].epochs == epochs
 
     def no_probe(*a, **kw):
         raise AssertionError("a resumed fold must not measure again")
@@ -86,7 +86,7 @@ def test_decided_epochs_are_recorded_and_reused_on_resume(shards, tmp_path, monk
     done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no", time_budget=30.0)
     rows = metrics(d)
     assert [x["epoch"] for x in rows] == list(range(epochs)) and rows[1].get("resumed") is True
-    assert done["epochs"] == done["epochs_run"] == epochs
+    assert done.epochs == done.epochs_run == epochs
     # the cosine schedule was built on the decided count: its last step is at the low end
     sched = r.members[0].schedule
     for e, row in enumerate(rows):
@@ -111,7 +111,7 @@ def test_probe_leaves_no_trace(shards, tmp_path):
     timed = train_one_fold(r, "tiny", 0, shards, tmp_path / "a", time_budget=3.0, **kw)
     record = json.loads((tmp_path / "a" / "tiny" / "fold_0" / "budget.json").read_text())
     assert set(record["measured"]) == {"train_step_s", "val_s", "checkpoint_s", "probe_s"}
-    assert record["measured"]["train_step_s"] > 0 and timed["epochs"] == record["epochs"]
+    assert record["measured"]["train_step_s"] > 0 and timed.epochs == record["epochs"]
     assert not list((tmp_path / "a" / "tiny" / "fold_0").glob("budget-probe*"))
     plain = train_one_fold(tiny_recipe(epochs=record["epochs"], schedule={"name": "cosine"}),
                            "tiny", 0, shards, tmp_path / "b", **kw)
@@ -119,7 +119,7 @@ def test_probe_leaves_no_trace(shards, tmp_path):
     b = load_file(str(tmp_path / "b" / "tiny" / "fold_0" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert timed["val_miou"] == plain["val_miou"]
+    assert timed.val_miou == plain.val_miou
 
 
 def test_cli_time_budget_errors_and_pin(shards, tmp_path, monkeypatch):

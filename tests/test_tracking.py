@@ -102,7 +102,7 @@ class Stop(Exception):
 
 
 def _stop_after_first_epoch(ev):
-    if ev["event"] == "epoch":  # its state and its tracked epoch are saved by now
+    if ev.event == "epoch":  # its state and its tracked epoch are saved by now
         raise Stop
 
 

@@ -39,7 +39,7 @@ class Interrupt(Exception):
 
 def stop_after(epoch: int):
     def progress(ev):
-        if ev["event"] == "epoch" and ev["epoch"] == epoch:
+        if ev.event == "epoch" and ev.epoch == epoch:
             raise Interrupt
     return progress
 
@@ -88,7 +88,7 @@ def test_smoke_writes_every_artifact_and_reloads(shards, tmp_path):
         assert len(x["val_iou"]) == 5 and x["img_s"] > 0
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["member"] == "tiny" and cfg["fold"] == 1 and cfg["recipe"] == "tiny"
-    assert cfg["val_miou"] == done["val_miou"] == max(x["val_miou"] for x in rows)
+    assert cfg["val_miou"] == done.val_miou == max(x["val_miou"] for x in rows)
     model = load_pretrained(d)
     assert model(torch.zeros(2, 1, 64, 128)).shape == (2, 5, 64, 128)
     splits = json.loads((tmp_path / "splits.json").read_text())
@@ -104,7 +104,7 @@ def test_smoke_writes_every_artifact_and_reloads(shards, tmp_path):
         x = torch.from_numpy(split.images[rows]).unsqueeze(1).float()
         ref = torch.softmax(model(x).float(), dim=1).numpy()
     np.testing.assert_allclose(probs.astype(np.float32), ref, atol=1e-2)  # bf16, other batching
-    assert done["n_val"] == len(ids) and done["precision"] == "bf16" and done["epochs_run"] == 2
+    assert done.n_val == len(ids) and done.precision == "bf16" and done.epochs_run == 2
     assert json.loads((d / "state" / "trainer.json").read_text())["epoch"] == 1
 
     # a finished fold is not trained again
@@ -126,8 +126,8 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp
     events = []
     resumed = train_one_fold(r, "tiny", 0, shards, tmp_path / "b", threads=1, precision="no",
                              progress=events.append)
-    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [2]
-    assert events[0]["event"] == "start" and events[0]["resumed_from"] == 1
+    assert [e.epoch for e in events if e.event == "epoch"] == [2]
+    assert events[0].event == "start" and events[0].resumed_from == 1
     rows = metrics(d)
     assert [x["epoch"] for x in rows] == [0, 1, 2] and rows[2].get("resumed") is True
     # every epoch is seeded, so the resumed fold retraces the uninterrupted one exactly
@@ -135,10 +135,10 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(shards, tmp
     b = load_file(str(d / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert resumed["val_miou"] == whole["val_miou"]
+    assert resumed.val_miou == whole.val_miou
     oof = [h5py.File(p / "tiny" / "fold_0" / "oof.h5")["probs"][()] for p in (tmp_path / "a", tmp_path / "b")]
     np.testing.assert_allclose(oof[0].astype(np.float32), oof[1].astype(np.float32), atol=1e-3)
-    assert resumed["sha256"] == whole["sha256"]
+    assert resumed.sha256 == whole.sha256
 
 
 def test_threads_fn_is_asked_at_every_epoch_start(shards, tmp_path):
@@ -160,7 +160,7 @@ def test_early_stopping_and_plateau(shards, tmp_path):
     done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no")
     rows = metrics(tmp_path / "tiny" / "fold_0")
     # lr 1e-9 cannot improve on epoch 0 except by noise: stop after one epoch without gain
-    assert done["stopped_early"] and len(rows) < 6
+    assert done.stopped_early and len(rows) < 6
 
 
 def test_fp16_on_cpu_is_an_input_error(shards, tmp_path):
@@ -179,7 +179,7 @@ def test_compile_trains_and_saves_plain_weights(shards, tmp_path):
     for name in ("model.safetensors", "state/model.safetensors"):
         assert not [k for k in load_file(str(d / name)) if "_orig_mod" in k], name
     assert load_pretrained(d)(torch.zeros(1, 1, 64, 128)).shape == (1, 5, 64, 128)
-    assert done["epochs_run"] == 1
+    assert done.epochs_run == 1
 
 
 def test_decay_norms_puts_every_parameter_in_the_decayed_group():

@@ -70,7 +70,7 @@ def test_a_fold_saved_by_an_older_version_resumes_to_the_same_weights(shards, tm
 
     a = train_one_fold(r, "tiny", 0, shards, tmp_path / "a", threads=1, precision="no")
     b = train_one_fold(r, "tiny", 0, shards, tmp_path / "b", threads=1, precision="no")
-    assert b["sha256"] == a["sha256"] and b["epochs_run"] == 3
+    assert b.sha256 == a.sha256 and b.epochs_run == 3
     # only the first epoch after the restart is marked
     assert [x.get("resumed", False) for x in metrics(path_b.parent.parent)] == [False, True, False]
     assert list(json.loads(path_b.read_text())) == list(json.loads(OLD))  # rewritten in full
