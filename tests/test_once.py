@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runfolder import make_npz, make_run
+from _runfolder import TINY_RECIPE, make_npz, make_run
 from typer.testing import CliRunner
 
 from marsseg import _io, backends, device
@@ -120,16 +120,6 @@ def test_training_resolution_follows_the_task_resources(monkeypatch):
         device.resolve("cpu", "fp8")
 
 
-TINY_RECIPE = """folds = 2
-seed = 0
-[[members]]
-name = "a"
-epochs = 1
-batch_size = 4
-[members.model]
-name = "unet"
-args = { base_width = 4, depth = 2 }
-"""
 
 
 def test_train_folds_decides_everything_once(world):
