@@ -2,7 +2,7 @@
 
 `train_one_fold` stays Ray-free: it only calls a `threads_fn` at each epoch start.
 The fold tasks of one train-folds job count each other through marker files in a
-node-local folder (one per Ray job), so asking costs no Ray call: a blocking
+node-local folder (one per Ray job and node), so asking costs no Ray call: a blocking
 `ray.get` inside a task makes Ray lend the task's CPU to the next queued fold, and
 an earlier actor-based version ran 3 folds at once on 2 CPUs that way.
 """
@@ -34,9 +34,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def share_folder(job: str) -> Path:
-    """The node-local folder where the fold tasks of Ray job `job` leave their markers."""
-    return Path(tempfile.gettempdir()) / "marsseg-cores" / job
+def share_folder(job: str, node: str) -> Path:
+    """The node-local folder where the fold tasks of Ray job `job` on node `node` leave
+    their markers. Job ids restart at 01000000 in every Ray cluster, so two train-folds
+    runs with their own local clusters on one machine would share a folder keyed by the
+    job alone (and each count the other's folds); the node id is new with every raylet."""
+    return Path(tempfile.gettempdir()) / "marsseg-cores" / f"{node[:16]}-{job}"
 
 
 class CoreShare:

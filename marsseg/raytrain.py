@@ -97,7 +97,7 @@ def fold_task(recipe, member, fold, split, out, kwargs, threads, board, node_cpu
         threads_fn = None
         if node_cpus is not None:
             share = stack.enter_context(CoreShare(
-                share_folder(ctx.get_job_id()), fold_name(member, fold),
+                share_folder(ctx.get_job_id(), ctx.get_node_id()), fold_name(member, fold),
                 node_cpus.get(ctx.get_node_id(), threads), threads))
             threads_fn = share.threads
         return train_one_fold(recipe, member, fold, split, out, threads=threads, progress=progress,
@@ -149,7 +149,8 @@ def _worker(config: dict) -> None:
         if node_cpus is not None:  # each worker process takes its share of its node's cores
             ctx = ray.get_runtime_context()
             share = stack.enter_context(CoreShare(
-                share_folder(ctx.get_job_id()), f"{fold_name(member, fold)}-rank{rank}",
+                share_folder(ctx.get_job_id(), ctx.get_node_id()),
+                f"{fold_name(member, fold)}-rank{rank}",
                 node_cpus.get(ctx.get_node_id(), threads), threads))
             threads_fn = share.threads
         train_one_fold(config["recipe"], member, fold, config["data"], config["out"],

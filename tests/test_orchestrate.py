@@ -146,6 +146,18 @@ def test_share_threads_gives_idle_cores_to_running_folds():
     assert [share_threads(16, n, 2) for n in (1, 3, 8, 16)] == [16, 5, 2, 2]
 
 
+def test_two_clusters_on_one_machine_share_no_folder():
+    """Every fresh Ray cluster numbers its first job 01000000: the folder also names the
+    node (a new id with every raylet), so two runs with their own local clusters on one
+    machine do not count each other's folds."""
+    from marsseg._cores import share_folder
+
+    job = "01000000"
+    assert share_folder(job, "a" * 56) != share_folder(job, "b" * 56)
+    assert share_folder(job, "a" * 56) == share_folder(job, "a" * 56)
+    assert share_folder("02000000", "a" * 56) != share_folder(job, "a" * 56)
+
+
 def test_core_share_counts_live_folds_of_its_folder(tmp_path):
     folder = tmp_path / "job"
     with CoreShare(folder, "a/fold_0", 4, 1) as a:
