@@ -52,7 +52,7 @@ def test_run_folder_files_are_refused(run, out):
 
 @pytest.mark.parametrize("out", ["submission.csv", "report", "probs.h5"])
 def test_new_files_beside_the_runs_own_are_allowed(run, out):
-    check_apart(run / out, "--out", run=run)
+    assert check_apart(run / out, "--out", run=run) is None  # no InputError
 
 
 def test_a_single_fold_folder_is_refused_whole(run):
