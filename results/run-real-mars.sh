@@ -11,6 +11,8 @@
 #   EPOCHS=30 results/run-real-mars.sh distill none test   # issue 17: students of $TEACHER
 #     (student-none, student-test; resumable), each scored on the held-out slice (the
 #     teacher's fold 0 validation part), then gold +TTA; the teacher on the same slice too
+#   EPOCHS=30 results/run-real-mars.sh distill none:student-t4   # an ablation recipe
+#     (ensembles/student-t4.toml) -> student-none-student-t4
 # EPOCHS= (empty) trains the recipes' own epochs. FOLDS also restricts oof/score to those
 # folds, and names the kept OOF file scores-oof-f<folds>.json (scores-oof.json without FOLDS).
 # Every run is `marsseg-cli` from the make-installed .venv; seeds are the recipes' (seed = 0).
@@ -28,10 +30,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 # Out-of-fold scores of RECIPE kept aside under a name that says which folds they cover
 # (evaluate always writes scores.json, which results/table.py reads as the gold scores).
+# The gold scores.json a run already has is set aside meanwhile and put back.
 oof() {
-  local r=$1 tag=${FOLDS:+-f${FOLDS//,/}}
-  $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"}
-  mv "$ROOT/$r/scores.json" "$ROOT/$r/scores-oof$tag.json"
+  local r=$1 tag=${FOLDS:+-f${FOLDS//,/}} gold="$ROOT/$1/scores.json"
+  [ ! -f "$gold" ] || mv "$gold" "$gold.gold"
+  $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"} \
+    || { [ ! -f "$gold.gold" ] || mv "$gold.gold" "$gold"; return 1; }
+  mv "$gold" "$ROOT/$r/scores-oof$tag.json"
+  [ ! -f "$gold.gold" ] || mv "$gold.gold" "$gold"
   echo "out-of-fold scores: $ROOT/$r/scores-oof$tag.json"
 }
 
@@ -69,10 +75,12 @@ case "$cmd" in
     ;;
   distill)
     FOLDS=0 oof "$TEACHER"   # the teacher's out-of-fold score on the slice -> scores-oof-f0.json
-    for u in "$@"; do
-      s="student-$u"
+    for arg in "$@"; do
+      # none | test, or none:RECIPE (an ablation recipe in $RECIPES -> run student-none-RECIPE)
+      u=${arg%%:*} rec=${arg#*:}; [ "$rec" != "$arg" ] || rec=
+      s="student-$u${rec:+-$rec}"
       $CLI distill --ensemble "$ROOT/$TEACHER" --data "$ROOT/shards" --out "$ROOT/$s" \
-        --unlabeled "$u" ${EPOCHS:+--epochs "$EPOCHS"}
+        --unlabeled "$u" ${EPOCHS:+--epochs "$EPOCHS"} ${rec:+--recipe "$RECIPES/$rec.toml"}
       FOLDS= oof "$s"         # its fold 0 validation part: the held-out slice
       $CLI evaluate --ensemble "$ROOT/$s" --data "$ROOT/shards" --tta --backend "$BACKEND"
     done

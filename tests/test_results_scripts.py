@@ -116,13 +116,17 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     assert not (run / "scores.json").exists()  # no gold scores from a lever's OOF pass
     done = json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text())
     assert done["epochs"] == 1 and done["sampling"]["factor"] == 3.0
-    # distill: a student of this (two-fold) teacher, scored on the slice and on gold
+    # distill: a student of this (two-fold) teacher, scored on the slice and on gold; the
+    # teacher's gold scores.json survives the slice's OOF pass (it was once overwritten)
+    gold = run / "scores.json"
+    gold.write_text('{"split": "test", "planted": true}')
     out = subprocess.run(["bash", str(SCRIPT), "distill", "none"], cwd=ROOT, timeout=900,
                          env={**env, "TEACHER": "lever-tiny", "EPOCHS": "1", "FOLDS": ""},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     teacher_slice = json.loads((run / "scores-oof-f0.json").read_text())
     assert sorted(teacher_slice["models"]) == ["tiny-sample/fold_0"]
+    assert gold.read_text() == '{"split": "test", "planted": true}'
     student = tmp_path / "runs" / "student-none"
     assert json.loads((student / "scores-oof.json").read_text())["mode"] == "oof"
     assert json.loads((student / "scores.json").read_text())["split"] == "test"
