@@ -11,7 +11,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     data/           a leaf: the course npz, cleaning flags, HDF5 shards and dataset.json,
                     batch streams with their checks, in-memory training loaders and the
                     rare-class sampler (which training images an epoch draws)
-    records         done.json as a frozen record (records.Done); checks of ensemble.json, splits.json
+    records         frozen records of done.json (Done) and ensemble.json (EnsembleSpec: members,
+                    folds, calibration; key order and unknown keys kept); checks of splits.json
     runfolder       every file of a run folder: names, readers, writers, lock, data fingerprint
     confine         outputs never touch inputs: an --out inside what a command reads
     config          recipes (what to learn): frozen dataclasses parsed strictly from TOML
@@ -32,7 +33,7 @@ Module map, lowest layer first; each module imports only from the ones above it
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
     temperature     calibration: temperatures fitted on the out-of-fold files (calibrate),
-                    the ensemble file's calibration block, softmax(ln p / T)
+                    stored as the ensemble file's calibration block; softmax(ln p / T)
     ensemble        the loaded ensemble: fold networks and their weights and temperatures
     cache           a fold's conversion cache: manifest, verification before a load, prune
     quantize        int8 calibration images in the static shape

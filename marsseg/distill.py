@@ -35,7 +35,7 @@ from .config import Recipe, with_epochs
 from .device import Resolved
 from .errors import InputError
 from .folds import ALL, fold_rows, load_train
-from .records import Done
+from .records import Done, EnsembleSpec, FoldSpec, MemberSpec
 from .runfolder import RunFolder, data_fingerprint, fold_name
 from .student import DistillConfig, load_student
 from .teacher import Teacher, open_teacher, write_targets
@@ -180,33 +180,29 @@ def _heldout(split, splits: dict, targets: Path, student: Done) -> dict:
 
 
 def _ensemble(run: RunFolder, plan: _Plan, data: Path, done0: Done, done_all: Done | None,
-              split) -> dict:
+              split) -> EnsembleSpec:
     """The student's ensemble file: one member, one model, plus distilled_from and heldout."""
     m = plan.recipe.members[0]
     rec = read_record(run.path / TARGETS)
     done = done_all or done0
     k = int(plan.teacher.splits["k"])
-    entry = {"fold": k if done_all else 0, "path": fold_name(m.name, ALL if done_all else 0),
-             "sha256": done.sha256, "val_miou": done.val_miou, "best_epoch": done.best_epoch,
-             "epochs": done.epochs, "epochs_run": done.epochs_run}
-    if done_all:
-        entry["trained_on"] = "all"  # no held-out images: its fold number is none of the splits'
+    # trained_on "all": no held-out images, its fold number is none of the splits'
+    entry = FoldSpec(k if done_all else 0, fold_name(m.name, ALL if done_all else 0),
+                     done.sha256, done.val_miou, done.best_epoch, done.epochs, done.epochs_run,
+                     "all" if done_all else None)
     heldout = _heldout(split, plan.teacher.splits, run.path / TARGETS, done0)
-    return {"format_version": 1, "name": run.path.name, "recipe": plan.recipe.name, "k": k,
-            "seed": plan.recipe.seed, "data": str(data),
-            "members": [{"name": m.name, "weight": 1.0, "folds": [entry],
-                         "oof_miou": None if done_all else heldout["student_miou"],
-                         "oof_iou": None if done_all else heldout["student_iou"]}],
-            "oof_miou_ensemble": None if done_all else heldout["student_miou"],
-            "oof_iou_ensemble": None if done_all else heldout["student_iou"],
-            "selected": [m.name],
-            "distilled_from": {"run": rec.teacher, "sha256": rec.teacher_sha256,
-                               "oof_miou": rec.teacher_oof_miou, "unlabeled": rec.unlabeled,
-                               "n_labeled": rec.n_labeled,
-                               "n_without_target": rec.n_without_target,
-                               "n_unlabeled": rec.n_unlabeled, "distill": dataclasses.asdict(
-                                   plan.distill)},
-            "heldout": heldout}
+    score = None if done_all else heldout["student_miou"]
+    iou = None if done_all or heldout["student_iou"] is None else tuple(heldout["student_iou"])
+    return EnsembleSpec(
+        name=run.path.name, recipe=plan.recipe.name, k=k, seed=plan.recipe.seed, data=str(data),
+        members=(MemberSpec(m.name, 1.0, (entry,), score, iou),),
+        oof_miou_ensemble=score, oof_iou_ensemble=iou, selected=(m.name,),
+        distilled_from={"run": rec.teacher, "sha256": rec.teacher_sha256,
+                        "oof_miou": rec.teacher_oof_miou, "unlabeled": rec.unlabeled,
+                        "n_labeled": rec.n_labeled, "n_without_target": rec.n_without_target,
+                        "n_unlabeled": rec.n_unlabeled,
+                        "distill": dataclasses.asdict(plan.distill)},
+        heldout=heldout)
 
 
 def distill(teacher: str | Path, data: str | Path, out: str | Path,
@@ -247,13 +243,13 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path,
     if options.progress != "none":
         from ._progress import pct
 
-        h = ens["heldout"]
+        h = ens.heldout
         console.print(f"student {m.name!r}: held-out mIoU {pct(h['student_miou'])} (teacher OOF "
                       f"{pct(h['teacher_oof_miou'])}, {h['images']} images of the teacher's "
-                      f"fold 0); {ens['distilled_from']['n_without_target']} labeled image(s) "
+                      f"fold 0); {ens.distilled_from['n_without_target']} labeled image(s) "
                       f"without a teacher target (hard labels only); {run.ensemble}",
                       highlight=False)
-    return {**ens, "trained": [fold_name(m.name, f) for f in jobs],
+    return {**ens.to_json(), "trained": [fold_name(m.name, f) for f in jobs],
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ._io import sha256_file
 from .errors import InputError
+from .records import Calibration, FoldSpec
 from .runfolder import CONFIG, DONE, WEIGHTS, RunFolder, fold_name, verify_fold_folder
-from .temperature import Calibration
 
 
 @dataclass
@@ -110,9 +110,8 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
         return Ensemble(run_dir, [FoldModel(str(cfg.get("member", run_dir.name)),
                                             int(cfg.get("fold", 0)), 1.0, model, run_dir)])
     spec = run.read_ensemble()
-    cal = Calibration.from_json(spec.get("calibration"), run.ensemble) if calibrated \
-        else Calibration()
-    by_name = {m.get("name"): m for m in spec["members"]}
+    cal = (spec.calibration or Calibration()) if calibrated else Calibration()
+    by_name = spec.by_name
     if members:
         unknown = [m for m in members if m not in by_name]
         if unknown:
@@ -120,21 +119,21 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
                              f"{run_dir} has {', '.join(map(str, by_name))}")
         chosen = list(members)
     else:
-        chosen = spec.get("selected") or list(by_name)
+        chosen = spec.chosen
         missing = [m for m in chosen if m not in by_name]
         if missing:
             raise InputError(f"{run.ensemble}: selected member(s) "
                              f"{', '.join(missing)} not in members")
-    plan: list[tuple[str, float, dict]] = []
+    plan: list[tuple[str, float, FoldSpec]] = []
     for name in chosen:
         m = by_name[name]
-        fl = [f for f in m.get("folds", []) if folds is None or int(f["fold"]) in set(folds)]
-        w = float(m.get("weight", 1.0))  # finite and >= 0: checked by read_ensemble
+        fl = [f for f in m.folds if folds is None or f.fold in set(folds)]
+        w = float(m.weight)  # finite and >= 0: checked by read_ensemble
         if w == 0:  # deselected by `select`: no point running it
             continue
         plan += [(name, w / len(fl), f) for f in fl]
     if folds is not None:
-        have = {int(f["fold"]) for _, _, f in plan}
+        have = {f.fold for _, _, f in plan}
         absent = sorted(set(folds) - have)
         if absent:
             raise InputError(f"fold(s) {absent} not found for member(s) {', '.join(chosen)}")
@@ -144,10 +143,10 @@ def load_ensemble(run_dir: str | os.PathLike, members: Sequence[str] | None = No
     out = Ensemble(run_dir, temperature=cal.ensemble_temperature, calibration=cal.applied)
     for name, w, f in plan:
         folder = run.fold_path(name, f)
-        if verify and not f.get("sha256"):
-            raise InputError(f"{run.ensemble}: {name} fold {f['fold']} has no 'sha256', so its "
+        if verify and not f.sha256:
+            raise InputError(f"{run.ensemble}: {name} fold {f.fold} has no 'sha256', so its "
                              "weights cannot be checked; restore it (train-folds writes it)")
-        model = _load_fold(folder, f.get("sha256") if verify else None, map_location)
-        out.models.append(FoldModel(name, int(f["fold"]), w / total, model, folder,
-                                    f.get("sha256"), cal.member_temperature(name)))
+        model = _load_fold(folder, f.sha256 if verify else None, map_location)
+        out.models.append(FoldModel(name, f.fold, w / total, model, folder, f.sha256,
+                                    cal.member_temperature(name)))
     return out

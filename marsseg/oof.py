@@ -2,12 +2,13 @@
 
 `collect` reads every finished fold of a recipe (weights checked against their
 done sha256), scores each member and the members' average on the out-of-fold
-predictions, and returns the dict `RunFolder.write_ensemble` stores; train-folds
-calls it under the run folder's lock.
+predictions, and returns the `records.EnsembleSpec` that `RunFolder.write_ensemble`
+stores; train-folds calls it under the run folder's lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ._progress import pct
 from .config import Recipe
 from .errors import InputError
 from .metrics import labeled_argmax, round_score
+from .records import EnsembleSpec, FoldSpec, MemberSpec
 from .runfolder import OOF, RunFolder, fold_name, read_oof
 
 
@@ -62,8 +64,9 @@ def oof_scores(run: RunFolder, split, splits: dict, members: list[str]) -> dict:
                          "oof_iou": ious(ens) if members else None}}
 
 
-def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | None = None) -> dict:
-    """Build the ensemble file's dict from the finished folds (weights checked) of `run`."""
+def collect(run: RunFolder, recipe: Recipe, split, splits: dict,
+            data: Path | None = None) -> EnsembleSpec:
+    """The ensemble file of `run` from its finished folds (weights checked)."""
     members = []
     complete = []
     for m in recipe.members:
@@ -71,53 +74,49 @@ def collect(run: RunFolder, recipe: Recipe, split, splits: dict, data: Path | No
         for k in range(recipe.folds):
             done = run.verify_fold(m.name, k)
             if done is not None:
-                folds.append({"fold": k, "path": fold_name(m.name, k), "sha256": done.sha256,
-                              "val_miou": done.val_miou, "best_epoch": done.best_epoch,
-                              "epochs": done.epochs, "epochs_run": done.epochs_run})
+                folds.append(FoldSpec(k, fold_name(m.name, k), done.sha256, done.val_miou,
+                                      done.best_epoch, done.epochs, done.epochs_run))
         if folds:
-            members.append({"name": m.name, "weight": 1.0, "folds": folds,
-                            "oof_miou": None, "oof_iou": None})
+            members.append(MemberSpec(m.name, 1.0, tuple(folds)))
             if len(folds) == recipe.folds:
                 complete.append(m.name)
     scores = oof_scores(run, split, splits, complete)
-    for entry in members:
-        s = scores["members"].get(entry["name"])
-        if s:
-            entry.update(s)
-    return {"format_version": 1, "name": run.path.name, "recipe": recipe.name, "k": recipe.folds,
-            "seed": recipe.seed, "data": str(data) if data is not None else None,
-            "members": members,
-            "oof_miou_ensemble": scores["ensemble"]["oof_miou"],
-            "oof_iou_ensemble": scores["ensemble"]["oof_iou"],
-            "selected": complete or [e["name"] for e in members]}
+    members = [dataclasses.replace(e, oof_miou=s["oof_miou"], oof_iou=tuple(s["oof_iou"]))
+               if (s := scores["members"].get(e.name)) else e for e in members]
+    ens = scores["ensemble"]
+    return EnsembleSpec(
+        name=run.path.name, recipe=recipe.name, k=recipe.folds, seed=recipe.seed,
+        data=str(data) if data is not None else None, members=tuple(members),
+        oof_miou_ensemble=ens["oof_miou"],
+        oof_iou_ensemble=None if ens["oof_iou"] is None else tuple(ens["oof_iou"]),
+        selected=tuple(complete or [e.name for e in members]))
 
 
-def same_folds(run: RunFolder, ens: dict) -> bool:
+def same_folds(run: RunFolder, ens: EnsembleSpec) -> bool:
     """True if the run's ensemble file already lists exactly these members, folds and weights."""
-    def key(e):
-        return sorted((m["name"], f["fold"], f.get("sha256")) for m in e.get("members", [])
-                      for f in m.get("folds", []))
+    def key(e: EnsembleSpec):
+        return sorted((m.name, f.fold, f.sha256) for m in e.members for f in m.folds)
     try:
         old = run.read_ensemble()
     except InputError:
         return False
-    return old.get("recipe") == ens["recipe"] and key(old) == key(ens)
+    return old.recipe == ens.recipe and key(old) == key(ens)
 
 
-def summary_table(ens: dict):
+def summary_table(ens: EnsembleSpec):
     """A rich table: val mIoU per member and fold, OOF mIoU per member and of the ensemble (x100)."""
     from rich.table import Table
 
-    k = ens["k"]
-    t = Table(title=f"{ens['name']}: course mIoU x100 (recipe {ens['recipe']})", header_style="bold")
+    k = ens.k
+    t = Table(title=f"{ens.name}: course mIoU x100 (recipe {ens.recipe})", header_style="bold")
     t.add_column("member")
     for f in range(k):
         t.add_column(f"fold {f}", justify="right")
     t.add_column("OOF", justify="right")
 
-    for m in ens["members"]:
-        by = {f["fold"]: f["val_miou"] for f in m["folds"]}
-        t.add_row(m["name"], *[pct(by.get(f)) if f in by else "." for f in range(k)],
-                  pct(m["oof_miou"]))
-    t.add_row("ensemble", *[""] * k, pct(ens["oof_miou_ensemble"]), style="bold")
+    for m in ens.members:
+        by = {f.fold: f.val_miou for f in m.folds}
+        t.add_row(m.name, *[pct(by.get(f)) if f in by else "." for f in range(k)],
+                  pct(m.oof_miou))
+    t.add_row("ensemble", *[""] * k, pct(ens.oof_miou_ensemble), style="bold")
     return t

@@ -399,10 +399,8 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
         console.print(f"{run.ensemble.name} -> {run.ensemble} "
                       f"({len(jobs)} fold(s) trained, {time.perf_counter() - t0:.1f} s)",
                       highlight=False)
-    ens_out = dict(ens)
-    ens_out["trained"] = [fold_name(m, f) for m, f in jobs]
-    ens_out["seconds"] = round(time.perf_counter() - t0, 3)
-    return ens_out
+    return {**ens.to_json(), "trained": [fold_name(m, f) for m, f in jobs],
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _train(recipe: Recipe, jobs, skipped, split, run: RunFolder, options: RunOptions,

@@ -150,11 +150,11 @@ def reliability_panels(run_dir: Path, scores: dict | None) -> list[tuple[str, di
         panels.append((f"{c['row']} on {what} data (T: {c['applied']})", c["before"],
                        c["after"]))
     run = RunFolder(run_dir)
-    cal = run.read_ensemble().get("calibration") if run.ensemble.is_file() else None
-    oof = (cal or {}).get("oof") or {}
-    if cal and oof.get("none") and oof.get(cal.get("applied")):
-        panels.append((f"ensemble out of fold, the fit set (T: {cal['applied']})", oof["none"],
-                       oof[cal["applied"]]))
+    cal = run.read_ensemble().calibration if run.ensemble.is_file() else None
+    oof = (cal.evidence.get("oof") if cal else None) or {}
+    if cal and oof.get("none") and oof.get(cal.applied):
+        panels.append((f"ensemble out of fold, the fit set (T: {cal.applied})", oof["none"],
+                       oof[cal.applied]))
     return panels
 
 
@@ -163,8 +163,8 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     run = RunFolder(run_dir)
     if run.ensemble.is_file():
         spec = run.read_ensemble()
-        folders = [(fold_name(m["name"], f["fold"]), run.fold_path(m["name"], f))
-                   for m in spec["members"] for f in m.get("folds", [])]
+        folders = [(fold_name(m.name, f.fold), run.fold_path(m.name, f))
+                   for m in spec.members for f in m.folds]
     else:
         folders = [(run.path.name, run.path)]
     out: dict[str, list[dict]] = {}

@@ -33,7 +33,7 @@ from ._lock import file_lock
 from .data import read_dataset, verify_shards
 from .data.source import ShardSource
 from .errors import InputError
-from .records import Done, check_ensemble, check_splits
+from .records import Done, EnsembleSpec, FoldSpec, check_splits
 
 RECIPE = "recipe.toml"
 OVERRIDES = "overrides.json"
@@ -118,11 +118,11 @@ class RunFolder:
     def fold_dir(self, member: str, fold: int) -> Path:
         return self.path / fold_name(member, fold)
 
-    def fold_path(self, member: str, entry: dict) -> Path:
+    def fold_path(self, member: str, entry: FoldSpec) -> Path:
         """The folder of an ensemble.json fold entry (its "path", else the standard place),
         refused when it leaves the run folder (a symbolic link to another run included)."""
-        rel = entry.get("path", fold_name(member, int(entry["fold"])))
-        return inside(self.path, rel, f"{self.ensemble}: {member} fold {entry['fold']}")
+        rel = entry.path if entry.path is not None else fold_name(member, entry.fold)
+        return inside(self.path, rel, f"{self.ensemble}: {member} fold {entry.fold}")
 
     def is_fold_folder(self) -> bool:
         """A single fold folder (config.json, no ensemble.json) instead of a run folder."""
@@ -212,22 +212,23 @@ class RunFolder:
 
     # --- ensemble.json ------------------------------------------------------------------------
 
-    def read_ensemble(self) -> dict:
+    def read_ensemble(self) -> EnsembleSpec:
         """Read ensemble.json and check every key a reader relies on (InputError naming it)."""
         if not self.path.is_dir():
             raise InputError(f"{self.path}: run folder does not exist")
         if not self.ensemble.is_file():
             raise InputError(f"{self.ensemble}: missing (not a finished train-folds run folder)")
-        spec = _read_json(self.ensemble, "ensemble file")
-        check_ensemble(spec, self.ensemble)
-        for m in spec["members"]:  # every fold folder stays inside the run folder
-            for f in m.get("folds", []):
-                self.fold_path(m["name"], f)
+        spec = EnsembleSpec.from_json(_read_json(self.ensemble, "ensemble file"), self.ensemble)
+        for m in spec.members:  # every fold folder stays inside the run folder
+            for f in m.folds:
+                self.fold_path(m.name, f)
         return spec
 
-    def write_ensemble(self, spec: dict) -> None:
-        check_ensemble(spec, self.ensemble)
-        write_json_atomic(self.ensemble, spec)
+    def write_ensemble(self, spec: EnsembleSpec) -> None:
+        """Write ensemble.json (key order and unknown keys as read; checked as read)."""
+        d = spec.to_json()
+        EnsembleSpec.from_json(d, self.ensemble)
+        write_json_atomic(self.ensemble, d)
 
     # --- splits.json --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .metrics import class_iou, confusion_matrix, course_miou, labeled_argmax
+from .records import EnsembleSpec, MemberSpec
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, read_oof
 from .temperature import Calibration, calibrate_into
 from .tracking import log_group
@@ -33,18 +34,18 @@ class Selection:
     calibration: Calibration | None = None  # the temperatures fitted for these weights
 
 
-def load_oof(run: RunFolder, member: dict) -> tuple[np.ndarray, np.ndarray]:
+def load_oof(run: RunFolder, member: MemberSpec) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold softmax of one member (an ensemble file entry) over all its folds.
 
     Returns ids int64 (n,) sorted, probs float16 (n, 5, H, W).
     """
     ids, probs = [], []
-    for fold in member["folds"]:
-        i, p = read_oof(run.fold_path(member["name"], fold) / OOF)
+    for fold in member.folds:
+        i, p = read_oof(run.fold_path(member.name, fold) / OOF)
         ids.append(i)
         probs.append(p)
     if not ids:
-        raise InputError(f"{run.ensemble}: member {member['name']!r} has no folds")
+        raise InputError(f"{run.ensemble}: member {member.name!r} has no folds")
     ids_a = np.concatenate(ids)
     order = np.argsort(ids_a, kind="stable")
     return ids_a[order], np.concatenate(probs)[order]
@@ -103,44 +104,49 @@ def select_run(run_dir: Path, data: Path | None = None, max_steps: int | None = 
     run = RunFolder(run_dir)
     ens = run.read_ensemble()
     if data is None:
-        if not ens.get("data"):
+        if not ens.data:
             raise InputError(f"{run.ensemble}: no data folder recorded; pass --data")
-        data = Path(ens["data"])
+        data = Path(ens.data)
     split = load_split(Path(data), "train")  # first: what is wrong inside a shard is clearer
     run.check_data(data_fingerprint(data))  # also verifies the train shards
     run.check_writable()
     with run.lock(LOCK_WAIT):
         ens = run.read_ensemble()  # as it is now, under the lock
-        sel = _select_into(run, ens, split, data, max_steps)
+        sel = _select(run, ens, split, data, max_steps)
+        ens = _with_selection(ens, sel)
         cal = calibrate_into(run, ens, split)  # for these weights
-        ens["calibration"] = cal.to_json()
-        run.write_ensemble(ens)
+        run.write_ensemble(dataclasses.replace(ens, calibration=cal))
     log_group(run.path, {"select/oof_miou": sel.oof_miou,
                          **{f"select/oof_miou/{m}": v for m, v in sel.single.items()},
                          **{f"select/weight/{m}": w for m, w in sel.weights.items()}})
     return dataclasses.replace(sel, calibration=cal)
 
 
-def _select_into(run: RunFolder, ens: dict, split, data: Path, max_steps: int | None) -> Selection:
+def _select(run: RunFolder, ens: EnsembleSpec, split, data: Path, max_steps: int | None
+            ) -> Selection:
     row = {int(i): r for r, i in enumerate(split.ids)}
     oof, ref_ids = {}, None
-    for member in ens["members"]:
+    for member in ens.members:
         ids, probs = load_oof(run, member)
         if ref_ids is None:
             ref_ids = ids
         elif not np.array_equal(ids, ref_ids):
-            raise InputError(f"{run.path}: member {member['name']!r} covers other images than the "
+            raise InputError(f"{run.path}: member {member.name!r} covers other images than the "
                              "first member; selection needs the same folds for every member")
-        oof[member["name"]] = probs
+        oof[member.name] = probs
     try:
         masks = split.masks[[row[int(i)] for i in ref_ids]]
     except KeyError as e:
         raise InputError(f"{data}: out-of-fold id {e} is not in the train shards") from None
-    sel = select_members(oof, masks, max_steps=max_steps)
-    for member in ens["members"]:
-        member["weight"] = sel.weights.get(member["name"], 0.0)
-        member["oof_miou_single"] = sel.single[member["name"]]
-    ens["selected"] = [m for m in sorted(sel.weights)]
-    ens["selection"] = {"method": "greedy forward selection with replacement (Caruana 2004)",
-                        "oof_miou": sel.oof_miou, "trace": sel.trace}
-    return sel
+    return select_members(oof, masks, max_steps=max_steps)
+
+
+def _with_selection(ens: EnsembleSpec, sel: Selection) -> EnsembleSpec:
+    """`ens` with the selection in it: each member's weight (0: not picked) and own OOF mIoU,
+    the selected names and the greedy trace."""
+    members = tuple(dataclasses.replace(m, weight=sel.weights.get(m.name, 0.0),
+                                        oof_miou_single=sel.single[m.name]) for m in ens.members)
+    return dataclasses.replace(
+        ens, members=members, selected=tuple(sorted(sel.weights)),
+        selection={"method": "greedy forward selection with replacement (Caruana 2004)",
+                   "oof_miou": sel.oof_miou, "trace": sel.trace})

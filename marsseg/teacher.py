@@ -24,17 +24,18 @@ from ._io import atomic_path
 from .config import ModelConfig
 from .device import Resolved
 from .errors import InputError
+from .records import EnsembleSpec
 from .runfolder import OOF, RunFolder, read_oof
 from .teaching import TargetsRecord, write_targets_file
 
 
-def teacher_sha256(spec: dict) -> str:
+def teacher_sha256(spec: EnsembleSpec) -> str:
     """sha256 of what an ensemble file predicts with: the selected members of weight > 0,
     their weights and the sha256 of every fold's weights."""
-    selected = set(spec.get("selected") or [m["name"] for m in spec["members"]])
-    key = [{"name": m["name"], "weight": float(m.get("weight", 1.0)),
-            "folds": sorted([int(f["fold"]), f.get("sha256")] for f in m.get("folds", []))}
-           for m in spec["members"] if m["name"] in selected and float(m.get("weight", 1.0)) > 0]
+    selected = set(spec.chosen)
+    key = [{"name": m.name, "weight": float(m.weight),
+            "folds": sorted([f.fold, f.sha256] for f in m.folds)}
+           for m in spec.members if m.name in selected and m.weight > 0]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -43,7 +44,7 @@ class Teacher:
     """A checked teacher run folder: the members it predicts with and its splits."""
 
     run: RunFolder
-    spec: dict  # its ensemble file
+    spec: EnsembleSpec  # its ensemble file
     members: tuple[tuple[str, float, tuple[int, ...]], ...]  # (name, weight, folds) in use
     splits: dict
     sha256: str
@@ -51,16 +52,16 @@ class Teacher:
     @property
     def oof_miou(self) -> float | None:
         """The teacher ensemble's OOF mIoU (the selection's when `select` weighted it)."""
-        return (self.spec.get("selection") or {}).get("oof_miou", self.spec.get("oof_miou_ensemble"))
+        return self.spec.oof_score
 
     def strongest_model(self) -> ModelConfig:
         """Architecture and arguments of the member with the best OOF mIoU."""
         from .models.registry import load_config
 
-        by = {m["name"]: m for m in self.spec["members"]}
+        by = self.spec.by_name
         name = max((m for m, _, _ in self.members),
-                   key=lambda n: (by[n].get("oof_miou") is not None, by[n].get("oof_miou") or 0))
-        fold = by[name]["folds"][0]
+                   key=lambda n: (by[n].oof_miou is not None, by[n].oof_miou or 0))
+        fold = by[name].folds[0]
         cfg = load_config(self.run.fold_path(name, fold))["model"]
         return ModelConfig(name=cfg["name"], args=dict(cfg.get("args", {})))
 
@@ -79,18 +80,17 @@ def open_teacher(path: str | Path, fp: dict, need_oof: bool = True) -> Teacher:
     if splits is None:
         raise InputError(f"{run.splits}: missing; the teacher's folds decide which model may "
                          "teach which image")
-    selected = spec.get("selected") or [m["name"] for m in spec["members"]]
+    selected = spec.chosen
     members = []
-    for m in spec["members"]:
-        if m["name"] not in selected or float(m.get("weight", 1.0)) <= 0 or not m.get("folds"):
+    for m in spec.members:
+        if m.name not in selected or m.weight <= 0 or not m.folds:
             continue
-        for f in m["folds"]:
-            oof = run.fold_path(m["name"], f) / OOF
+        for f in m.folds:
+            oof = run.fold_path(m.name, f) / OOF
             if need_oof and not oof.is_file():
                 raise InputError(f"{oof}: missing; a teacher needs the out-of-fold predictions "
                                  "that train-folds writes for every fold")
-        members.append((m["name"], float(m.get("weight", 1.0)),
-                        tuple(int(f["fold"]) for f in m["folds"])))
+        members.append((m.name, float(m.weight), tuple(f.fold for f in m.folds)))
     if not members:
         raise InputError(f"{run.ensemble}: no selected member with a weight > 0 and folds")
     return Teacher(run, spec, tuple(members), splits, teacher_sha256(spec))

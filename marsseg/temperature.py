@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 from .data import load_split
 from .errors import InputError
 from .metrics import PROB_FLOOR, CalibrationMeter, confusion_matrix, course_miou, labeled_argmax
+from .records import APPLIED, Calibration, EnsembleSpec, FoldSpec
 from .runfolder import LOCK_WAIT, OOF, RunFolder, data_fingerprint, oof_chunks
 
 #: the interval searched for T
@@ -41,8 +42,6 @@ T_MIN, T_MAX = 0.05, 20.0
 #: relative change of 1/T below which the Newton iteration stops
 TOLERANCE = 1e-6
 MAX_PASSES = 60
-#: what `Calibration.applied` may name
-APPLIED = ("none", "members", "ensemble")
 
 
 def apply_temperature(probs: torch.Tensor, temperature: float,
@@ -173,72 +172,17 @@ def fit_temperatures(passes: Callable[[], Iterable[tuple[dict, torch.Tensor]]],
     return {k: s.result(pixels[k]) for k, s in search.items()}
 
 
-# --------------------------------------------------------------------------- the record
-
-
-def _positive(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise InputError(f"{where} must be a finite number > 0, got {v!r}")
-    return float(v)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The ensemble file's "calibration": which temperatures apply, and the OOF evidence.
-
-    ``applied``: "ensemble" (``temperature`` on the weighted average of the fold models),
-    "members" (``members[name]`` on each fold model of that member before averaging) or
-    "none" (T = 1, also what a file without the block means).
-    """
-
-    applied: str = "none"
-    temperature: float = 1.0
-    members: dict[str, float] = field(default_factory=dict)
-    evidence: dict = field(default_factory=dict)  # OOF scores and fits, as written
-
-    def member_temperature(self, member: str) -> float:
-        return self.members.get(member, 1.0) if self.applied == "members" else 1.0
-
-    @property
-    def ensemble_temperature(self) -> float:
-        return self.temperature if self.applied == "ensemble" else 1.0
-
-    def to_json(self) -> dict:
-        return {"applied": self.applied, "temperature": self.temperature,
-                "members": dict(self.members), **self.evidence}
-
-    @classmethod
-    def from_json(cls, d, where: str) -> Calibration:
-        """Check and read the block (None: uncalibrated); ``where`` names the file in errors."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise InputError(f"{where}: 'calibration' must be an object")
-        applied = d.get("applied", "none")
-        if applied not in APPLIED:
-            raise InputError(f"{where}: calibration.applied must be one of {', '.join(APPLIED)}, "
-                             f"got {applied!r}")
-        t = _positive(d.get("temperature", 1.0), f"{where}: calibration.temperature")
-        members = d.get("members", {})
-        if not isinstance(members, dict):
-            raise InputError(f"{where}: calibration.members must be an object")
-        members = {str(k): _positive(v, f"{where}: calibration.members.{k}")
-                   for k, v in members.items()}
-        evidence = {k: v for k, v in d.items() if k not in ("applied", "temperature", "members")}
-        return cls(applied, t, members, evidence)
-
-
 # --------------------------------------------------------------------------- a run's OOF files
 
 _ENSEMBLE = ("ensemble",)  # the fit's key for the weighted average (a member may be named so)
 
 
-def chosen_weights(spec: dict) -> dict[str, float]:
+def chosen_weights(spec: EnsembleSpec) -> dict[str, float]:
     """member -> weight share (sums to 1) of the members an ensemble file selects, as the
     ensemble loader picks them: "selected" (else all), weight > 0."""
-    by_name = {m["name"]: m for m in spec["members"]}
-    names = [n for n in (spec.get("selected") or list(by_name)) if n in by_name]
-    w = {n: float(by_name[n].get("weight", 1.0)) for n in names}
+    by_name = spec.by_name
+    names = [n for n in dict.fromkeys(spec.chosen) if n in by_name]
+    w = {n: float(by_name[n].weight) for n in names}
     w = {n: v for n, v in w.items() if v > 0}
     total = sum(w.values())
     if not w:
@@ -246,10 +190,10 @@ def chosen_weights(spec: dict) -> dict[str, float]:
     return {n: v / total for n, v in w.items()}
 
 
-def _fold_entries(spec: dict, names: list[str], where) -> dict[int, dict[str, dict]]:
+def _fold_entries(spec: EnsembleSpec, names: list[str], where) -> dict[int, dict[str, FoldSpec]]:
     """fold -> member -> its ensemble-file fold entry; every member must have the same folds."""
-    by_name = {m["name"]: m for m in spec["members"]}
-    folds = {n: {int(f["fold"]): f for f in by_name[n].get("folds", [])} for n in names}
+    by_name = spec.by_name
+    folds = {n: {f.fold: f for f in by_name[n].folds} for n in names}
     first = sorted(folds[names[0]])
     for n in names:
         if sorted(folds[n]) != first or not first:
@@ -259,7 +203,7 @@ def _fold_entries(spec: dict, names: list[str], where) -> dict[int, dict[str, di
     return {k: {n: folds[n][k] for n in names} for k in first}
 
 
-def oof_passes(run, spec: dict, weights: dict[str, float], split, rows: int = 64):
+def oof_passes(run, spec: EnsembleSpec, weights: dict[str, float], split, rows: int = 64):
     """``fit_temperatures``' source: a function giving a fresh stream of out-of-fold chunks,
     ({("member", name): probs, ("ensemble",): weighted average}, truth), all float32 tensors."""
     names = list(weights)
@@ -306,7 +250,7 @@ def _score_candidates(passes, weights: dict[str, float], fits: dict) -> dict[str
     return out
 
 
-def calibrate_into(run, spec: dict, split) -> Calibration:
+def calibrate_into(run, spec: EnsembleSpec, split) -> Calibration:
     """Fit both candidates on a run's out-of-fold files and choose by OOF NLL of the ensemble.
 
     ``run``: the RunFolder; ``spec``: its ensemble file (weights as they are now);
@@ -335,9 +279,9 @@ def calibrate_run(run_dir, data=None) -> Calibration:
     run = RunFolder(run_dir)
     spec = run.read_ensemble()
     if data is None:
-        if not spec.get("data"):
+        if not spec.data:
             raise InputError(f"{run.ensemble}: no data folder recorded; pass --data")
-        data = spec["data"]
+        data = spec.data
     split = load_split(Path(data), "train")
     run.check_data(data_fingerprint(data))
     run.check_writable()
@@ -347,13 +291,11 @@ def calibrate_run(run_dir, data=None) -> Calibration:
         if _fitted_on(now) != _fitted_on(spec):
             raise InputError(f"{run.ensemble}: its members, weights or folds changed while "
                              "calibrating; run calibrate again")
-        now["calibration"] = cal.to_json()
-        run.write_ensemble(now)
+        run.write_ensemble(replace(now, calibration=cal))
     return cal
 
 
-def _fitted_on(spec: dict):
+def _fitted_on(spec: EnsembleSpec):
     """What a calibration depends on: selection, members, weights, fold weights."""
-    return (spec.get("selected"), [(m["name"], m.get("weight", 1.0),
-                                    [(f["fold"], f.get("path"), f.get("sha256"))
-                                     for f in m.get("folds", [])]) for m in spec["members"]])
+    return (spec.selected, [(m.name, m.weight, [(f.fold, f.path, f.sha256) for f in m.folds])
+                            for m in spec.members])

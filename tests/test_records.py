@@ -1,4 +1,5 @@
-"""Records that cross modules: done.json, progress events, the predict summary, the cache key.
+"""Records that cross modules: done.json, ensemble.json, progress events, the predict summary,
+the cache key.
 
 Each record's `to_json` gives exactly the dict written before the record existed (the golden
 texts below were written by train_one_fold at cf13962, before `records.Done`), `from_json`
@@ -9,15 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _runfolder import make_run
 
 from marsseg._progress import EVENT_KEYS, Event, ProgressView
 from marsseg.errors import InputError
 from marsseg.predict import PredictSummary
-from marsseg.records import Done
+from marsseg.records import Done, EnsembleSpec, FoldSpec, MemberSpec
 from marsseg.runfolder import CACHE_NAME_RE, RunFolder, cache_key, read_done, verify_fold_folder
 
 # done.json of a plain fold and of a sampled one, as train_one_fold wrote them before `Done`
@@ -223,3 +226,184 @@ def test_cache_key_format_is_the_run_folders():
         assert m and m["sha"] == sha[:16] and m["pid"] is None
     assert CACHE_NAME_RE.fullmatch(key.name + ".tmp-42.xml")["pid"] == "42"
     assert not CACHE_NAME_RE.fullmatch(key.name + ".txt")
+
+
+# --------------------------------------------------------------------------- ensemble.json
+
+# the ensemble.json `make demo`'s train-folds wrote before `records.EnsembleSpec`
+OLD_ENSEMBLE = """{
+  "format_version": 1,
+  "name": "demo",
+  "recipe": "demo",
+  "k": 2,
+  "seed": 0,
+  "data": "/tmp/demo/shards",
+  "members": [
+    {
+      "name": "unet-se",
+      "weight": 1.0,
+      "folds": [
+        {
+          "fold": 0,
+          "path": "unet-se/fold_0",
+          "sha256": "ed36d61f4ff407ef1a7c3ce6dc3e829d1f70596849b842af1af1b9b949773334",
+          "val_miou": 0.554831,
+          "best_epoch": 4,
+          "epochs": 5,
+          "epochs_run": 5
+        },
+        {
+          "fold": 1,
+          "path": "unet-se/fold_1",
+          "sha256": "8e3a2326c0e4c6fc78c019049890a2ff4ca75519a8633a64d6936a17f01b596a",
+          "val_miou": 0.42504,
+          "best_epoch": 4,
+          "epochs": 5,
+          "epochs_run": 5
+        }
+      ],
+      "oof_miou": 0.481021,
+      "oof_iou": [
+        null,
+        0.823907,
+        0.614323,
+        0.43946,
+        0.046393
+      ]
+    }
+  ],
+  "oof_miou_ensemble": 0.481021,
+  "oof_iou_ensemble": [
+    null,
+    0.823907,
+    0.614323,
+    0.43946,
+    0.046393
+  ],
+  "selected": [
+    "unet-se"
+  ]
+}
+"""
+SHA = "ab" * 32
+
+
+def _hand_edited() -> dict:
+    """An ensemble file as a user leaves it: keys reordered, notes of their own at every level,
+    integer weights and temperatures, a fold without "path", a selected and calibrated run."""
+    fold = {"sha256": SHA, "fold": 0, "note": "retrained", "val_miou": 0.5, "epochs": 3}
+    return {"comment": "my best run", "members": [
+        {"weight": 2, "name": "a", "folds": [fold, {**fold, "fold": 1, "path": "a/fold_1"}],
+         "tag": ["x", 1]},
+        {"name": "b", "folds": [{"fold": 0, "sha256": SHA}], "oof_miou": None}],
+        "name": "r", "format_version": 1, "selected": ["b", "a"],
+        "calibration": {"temperature": 2, "applied": "ensemble", "fitted_by": "me"},
+        "selection": {"oof_miou": 0.7, "trace": []}, "extra": {"nested": [1, {"k": None}]}}
+
+
+def test_ensemble_round_trip_is_byte_identical():
+    """The file train-folds wrote before the record, and a hand-edited one, read and written
+    again: the same bytes (key order, unknown keys, integers stay integers)."""
+    for text in (OLD_ENSEMBLE, _text(_hand_edited())):
+        spec = EnsembleSpec.from_json(json.loads(text), "ensemble.json")
+        assert _text(spec.to_json()) == text
+        assert EnsembleSpec.from_json(spec.to_json(), "ensemble.json") == spec
+    spec = EnsembleSpec.from_json(_hand_edited(), "ensemble.json")
+    assert spec.chosen == ["b", "a"] and spec.by_name["b"].weight == 1.0  # absent: the default
+    assert spec.members[0].folds[0].path is None and spec.members[0].unknown == {"tag": ["x", 1]}
+    assert spec.calibration.ensemble_temperature == 2 and spec.oof_score == 0.7
+
+
+def test_ensemble_made_in_code_writes_what_train_folds_wrote():
+    """A record built by train-folds (`oof.collect`) gives the old writer's bytes."""
+    old = json.loads(OLD_ENSEMBLE)
+    m = old["members"][0]
+    folds = tuple(FoldSpec(**f) for f in m["folds"])
+    spec = EnsembleSpec(name="demo", recipe="demo", k=2, seed=0, data="/tmp/demo/shards",
+                        members=(MemberSpec("unet-se", 1.0, folds, m["oof_miou"],
+                                            tuple(m["oof_iou"])),),
+                        oof_miou_ensemble=old["oof_miou_ensemble"],
+                        oof_iou_ensemble=tuple(old["oof_iou_ensemble"]), selected=("unet-se",))
+    assert _text(spec.to_json()) == OLD_ENSEMBLE
+    assert list(MemberSpec("a").to_json()) == ["name", "weight", "folds", "oof_miou", "oof_iou"]
+
+
+def test_ensemble_edit_keeps_order_and_unknown_keys(tmp_path):
+    """read -> dataclasses.replace -> write: every key stays where it was, unknown keys
+    included; a key the edit adds goes last, as a dict assignment put it."""
+    run = tmp_path / "run"
+    (run / "a").mkdir(parents=True)
+    (run / "ensemble.json").write_text(json.dumps(_hand_edited()))
+    rf = RunFolder(run)
+    spec = rf.read_ensemble()
+    a = dataclasses.replace(spec.members[0], weight=0.25, oof_miou_single=0.6)
+    rf.write_ensemble(dataclasses.replace(spec, members=(a, *spec.members[1:]), k=5))
+    expected = _hand_edited()
+    expected["members"][0].update(weight=0.25, oof_miou_single=0.6)
+    expected["k"] = 5
+    assert (run / "ensemble.json").read_text() == _text(expected)
+
+
+def _oof_run_hand_edited(tmp_path, shards):
+    """make_oof_run's folder with keys of a user's own at every level and reordered members."""
+    from _runfolder import make_oof_run
+
+    rng = np.random.default_rng(0)
+    run = make_oof_run(tmp_path / "run", shards, {
+        n: (lambda masks, seed: rng.dirichlet(np.ones(5), masks.shape).transpose(0, 3, 1, 2))
+        for n in ("a", "b")}, n=24)
+    d = json.loads((run / "ensemble.json").read_text())
+    for m in d["members"]:
+        m["folds"][0]["note"] = "mine"
+    d["members"][1] = {"owner": "me", **d["members"][1]}
+    d = {"comment": "keep me", **d, "trailer": [1, 2]}
+    text = json.dumps(d, indent=1)  # not the indentation marsseg writes
+    (run / "ensemble.json").write_text(text)
+    return run, json.loads(text)
+
+
+def test_select_and_calibrate_keep_hand_edits(tmp_path, shards):
+    """`select` and `calibrate` change only their own keys: the file is the user's dict with
+    those keys assigned, as the dict-editing code wrote it (order, unknown keys)."""
+    from typer.testing import CliRunner
+
+    from marsseg.cli import app
+
+    run, before = _oof_run_hand_edited(tmp_path, shards)
+    res = CliRunner().invoke(app, ["select", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    after = json.loads((run / "ensemble.json").read_text())
+    for m, new in zip(before["members"], after["members"], strict=True):
+        m["weight"], m["oof_miou_single"] = new["weight"], new["oof_miou_single"]
+    for key in ("selected", "selection", "calibration"):
+        before[key] = after[key]
+    assert (run / "ensemble.json").read_text() == _text(before)
+    assert list(after)[0] == "comment" and list(after["members"][1])[0] == "owner"
+
+    res = CliRunner().invoke(app, ["calibrate", "--run", str(run)])
+    assert res.exit_code == 0, res.output
+    again = json.loads((run / "ensemble.json").read_text())
+    before["calibration"] = again["calibration"]
+    assert (run / "ensemble.json").read_text() == _text(before)
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda d: d.update(k="2"), "k"),
+    (lambda d: d.update(recipe=3), "recipe"),
+    (lambda d: d.update(oof_iou_ensemble=["x"]), "oof_iou_ensemble"),
+    (lambda d: d.update(selection=[1]), "selection"),
+    (lambda d: d.update(selection={"oof_miou": "high"}), "selection.oof_miou"),
+    (lambda d: d["members"][0].update(oof_miou=float("nan")), "members[0].oof_miou"),
+    (lambda d: d["members"][0].update(weight=True), "members[0].weight"),
+    (lambda d: d["members"][0]["folds"][1].update(epochs=1.5), "members[0].folds[1].epochs"),
+    (lambda d: d["members"][0]["folds"][0].update(val_miou="high"),
+     "members[0].folds[0].val_miou"),
+    (lambda d: d["members"][0]["folds"][0].update(trained_on=1), "members[0].folds[0].trained_on"),
+    (lambda d: d.update(calibration={"applied": "ensemble", "temperature": 0}),
+     "calibration.temperature"),
+])
+def test_ensemble_wrong_type_names_file_and_key(edit, key):
+    d = json.loads(OLD_ENSEMBLE)
+    edit(d)
+    with pytest.raises(InputError, match=rf"^e\.json: {re.escape(key)}"):
+        EnsembleSpec.from_json(d, "e.json")
