@@ -210,6 +210,23 @@ def check_writable(folder: str | os.PathLike) -> None:
         raise InputError(f"{folder}: cannot write ({e.strerror})") from None
 
 
+def read_json(path: str | os.PathLike, what: str, hint: str = ""):
+    """The JSON in `path`, or None when there is no such file. A file that cannot be read
+    or is not JSON is one InputError naming it and `what` it is (then `hint`, if given)."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read {what} ({e.__class__.__name__}: {e}){tail}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path}: {what} is not valid JSON ({e}){tail}") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON to a temporary name, then rename: readers never see half a file.
 

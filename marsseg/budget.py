@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import write_json_atomic
+from ._io import read_json, write_json_atomic
 from .errors import InputError
 from .runfolder import BUDGET
 
@@ -119,6 +118,10 @@ def probe(model: torch.nn.Module, optimizer, accelerator, *, train_step: Callabl
             "checkpoint_s": checkpoint_s, "probe_s": time.perf_counter() - t0}
 
 
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def decide_epochs(fold_dir: Path, budget_s: float | None, *, has_state: bool,
                   measure: Callable[[], dict], steps_per_epoch: int) -> int | None:
     """The fold's epoch count under `budget_s`: read from budget.json, or measured and recorded.
@@ -126,8 +129,12 @@ def decide_epochs(fold_dir: Path, budget_s: float | None, *, has_state: bool,
     None when the fold runs without a budget (and none was ever recorded for it).
     """
     path = Path(fold_dir) / BUDGET
-    if path.is_file():
-        record = json.loads(path.read_text())
+    record = read_json(path, "budget record", f"delete {fold_dir} to train this fold again")
+    if record is not None:
+        if (not isinstance(record, dict) or not _positive_number(record.get("time_budget_s"))
+                or not isinstance(record.get("epochs"), int) or record["epochs"] < 1):
+            raise InputError(f"{path}: needs a number \"time_budget_s\" > 0 and an integer "
+                             f"\"epochs\" >= 1; delete {fold_dir} to train this fold again")
         if budget_s is None or not math.isclose(record["time_budget_s"], budget_s):
             was = f"{record['time_budget_s']:g}s"
             raise InputError(f"{path}: this fold's epochs were set by --time-budget {was}; "

@@ -10,7 +10,6 @@ every fold's metrics (read through `runfolder`).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import CLASS_NAMES, NUM_CLASSES
-from ._io import atomic_path, check_writable
+from ._io import atomic_path, check_writable, read_json
 from .confine import check_apart
 from .data import as_batches, open_checked
 from .data.source import Source
@@ -354,10 +353,7 @@ def report(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         scores = run_evaluate(run_dir, data, cfg=cfg, split=split, progress=progress, rt=rt,
                               ensemble=ens)
     elif scores_path.is_file():
-        try:
-            scores = json.loads(scores_path.read_text())
-        except ValueError as e:
-            raise InputError(f"{scores_path}: not valid JSON ({e})") from None
+        scores = read_json(scores_path, "scores file")
         notes.append(f"scores from {scores_path}; pass --data for overlays")
     else:
         notes.append("no --data and no scores.json: only training curves")

@@ -28,7 +28,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._io import atomic_path, check_space, check_writable, inside, sha256_file, write_json_atomic
+from ._io import (
+    atomic_path,
+    check_space,
+    check_writable,
+    inside,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from ._lock import file_lock
 from .data import read_dataset, verify_shards
 from .data.source import ShardSource
@@ -198,7 +206,7 @@ class RunFolder:
     # --- small JSON files ---------------------------------------------------------------------
 
     def read_data(self) -> dict | None:
-        d = _read_json(self.data, "data record")
+        d = read_json(self.data, "data record")
         if d is not None and (not isinstance(d, dict) or not isinstance(d.get("train_shards"), list)):
             raise InputError(f"{self.data}: malformed data record (no 'train_shards' list)")
         return d
@@ -207,7 +215,7 @@ class RunFolder:
         write_json_atomic(self.data, fp)
 
     def read_overrides(self) -> dict:
-        d = _read_json(self.overrides, "overrides")
+        d = read_json(self.overrides, "overrides")
         return d if isinstance(d, dict) else {}
 
     # --- ensemble.json ------------------------------------------------------------------------
@@ -218,7 +226,7 @@ class RunFolder:
             raise InputError(f"{self.path}: run folder does not exist")
         if not self.ensemble.is_file():
             raise InputError(f"{self.ensemble}: missing (not a finished train-folds run folder)")
-        spec = EnsembleSpec.from_json(_read_json(self.ensemble, "ensemble file"), self.ensemble)
+        spec = EnsembleSpec.from_json(read_json(self.ensemble, "ensemble file"), self.ensemble)
         for m in spec.members:  # every fold folder stays inside the run folder
             for f in m.folds:
                 self.fold_path(m.name, f)
@@ -268,20 +276,10 @@ class RunFolder:
         write_json_atomic(self.fold_dir(done.member, done.fold) / DONE, done.to_json())
 
 
-def _read_json(path: Path, what: str):
-    """The JSON in `path`, None when it does not exist; unreadable = InputError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: unreadable {what} ({e})") from None
-
-
 def read_done(folder: Path, name: str) -> Done | None:
     """done.json of the fold folder `folder` (None while unfinished); corrupt = InputError."""
     path = Path(folder) / DONE
-    d = _read_json(path, "done file")
+    d = read_json(path, "done file")
     return None if d is None else Done.from_json(d, path, f"delete {path.parent} to train {name} again")
 
 
@@ -315,12 +313,9 @@ def save_splits(path: Path, splits: dict) -> None:
 def load_splits(path: Path) -> dict:
     """Read and check a splits file (keys, one entry per fold, val sets disjoint)."""
     path = Path(path)
-    if not path.is_file():
+    d = read_json(path, "splits file")
+    if d is None:
         raise InputError(f"{path}: no such file")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
     check_splits(d, path)
     return d
 

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from . import CLASS_NAMES
-from ._io import write_json_atomic
+from ._io import read_json, write_json_atomic
 from .errors import InputError
 
 TRACKING = "tracking.json"  # in the run folder (the group) and in each fold folder (its runs)
@@ -83,13 +83,8 @@ class TrackingSpec:
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: unreadable tracking record ({e}); delete it to start new "
-                         "tracked runs") from None
+    d = read_json(path, "tracking record", "delete it to start new tracked runs")
+    return {} if d is None else d
 
 
 def open_group(run_dir: Path, trackers: tuple[str, ...], resources: dict,

@@ -20,7 +20,7 @@ import pytest
 from _runfolder import make_npz
 from typer.testing import CliRunner
 
-from marsseg._io import atomic_path
+from marsseg._io import atomic_path, read_json
 from marsseg.cli import app
 from marsseg.data import prepare
 from marsseg.errors import InputError
@@ -411,3 +411,21 @@ def test_atomic_path(tmp_path):
             tmp.mkdir()
             (tmp / "x").write_text(text)
     assert (folder / "x").read_text() == "b" and sorted(tmp_path.iterdir()) == [folder, target]
+
+
+def test_read_json_is_the_one_reader_of_json_records(tmp_path):
+    """read_json: None for a missing file, one line naming file and record otherwise; and no
+    other module parses a JSON file by hand with its own error message."""
+    p = tmp_path / "r.json"
+    assert read_json(p, "thing") is None
+    p.write_text('{"a": [1, 2]}')
+    assert read_json(p, "thing") == {"a": [1, 2]}
+    p.write_text("{")
+    with pytest.raises(InputError, match=r"r\.json: thing is not valid JSON \(.*\); delete it$"):
+        read_json(p, "thing", "delete it")
+    p.write_bytes(b"\xff\xfe")
+    with pytest.raises(InputError, match=r"r\.json: cannot read thing \(UnicodeDecodeError"):
+        read_json(p, "thing")
+    own = [f.relative_to(REPO).as_posix() for f in sorted((REPO / "marsseg").rglob("*.py"))
+           if "not valid JSON" in f.read_text() and f.name != "_io.py"]
+    assert own == [], own

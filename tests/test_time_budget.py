@@ -103,6 +103,17 @@ def test_a_fold_started_without_a_budget_is_not_given_one(shards, tmp_path):
         train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, time_budget=60.0)
 
 
+@pytest.mark.parametrize("text", ["{", '{"time_budget_s": 60}', '{"time_budget_s": "1m", "epochs": 3}',
+                                  '{"time_budget_s": 60, "epochs": 0}', "[]"])
+def test_a_damaged_budget_record_is_one_line_naming_it(tmp_path, text):
+    (tmp_path / "budget.json").write_text(text)
+    with pytest.raises(InputError) as e:
+        budget.decide_epochs(tmp_path, 60.0, has_state=False, measure=dict, steps_per_epoch=1)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'budget.json'}: ") and "\n" not in msg
+    assert "delete" in msg
+
+
 def test_probe_leaves_no_trace(shards, tmp_path):
     """The real probe trains a few steps and puts everything back: the fold's weights equal
     those of a fold trained with --epochs <decided count> and no probe."""

@@ -9,7 +9,6 @@ labeled, `masks`, `class_counts`, `bg_fraction` (and `outlier` for train). `prep
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASS_NAMES, IMAGE_SHAPE, NUM_CLASSES
-from .._io import inside, sha256_file
+from .._io import inside, read_json, sha256_file
 from .._lock import folder_lock
 from ..errors import InputError
 from .cleaning import bg_fraction, class_counts
@@ -58,10 +57,7 @@ def read_dataset(shard_dir: Path) -> dict:
     meta = shard_dir / DATASET_JSON
     if not meta.exists():
         raise InputError(f"{shard_dir}: no dataset.json, not a prepared shard folder")
-    try:
-        info = json.loads(meta.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{meta}: not valid JSON ({e})") from None
+    info = read_json(meta, "dataset record")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         v = info.get("format_version") if isinstance(info, dict) else None
         raise InputError(f"{meta}: format_version {v!r}, expected {FORMAT_VERSION}")
