@@ -150,7 +150,7 @@ def test_out_that_is_a_file(shards, tmp_path):
 
 @pytest.mark.parametrize("damage, words", [
     (lambda d: (d / "model.safetensors").unlink(), ["model.safetensors", "missing", "a/fold_0"]),
-    (lambda d: (d / "done.json").write_text("{not json"), ["done.json", "unreadable"]),
+    (lambda d: (d / "done.json").write_text("{not json"), ["done.json", "done file is not valid JSON"]),
     (lambda d: (d / "done.json").write_text("[]"), ["done.json", "malformed"]),
 ])
 def test_rerun_with_a_damaged_finished_fold(shards, run, damage, words):
