@@ -6,6 +6,7 @@ per fold, scores.json (evaluate --tta on the gold test crops), scores-oof*.json
     .venv/bin/python results/table.py ladder RECIPE...    # fold 0 of each member
     .venv/bin/python results/table.py folds RECIPE...     # all folds, OOF and ensembles
     .venv/bin/python results/table.py round2 BASE LEVER...  # issue 18: OOF of each lever vs BASE
+    .venv/bin/python results/table.py distill TEACHER STUDENT...  # issue 17: slice and gold
 ROOT (default runs/real-mars) and FOLDS (e.g. 0,1,2: the OOF scores of those folds,
 as `FOLDS=0,1,2 run-real-mars.sh oof` wrote them) are read from the environment.
 """
@@ -140,5 +141,46 @@ def round2(recipes: list[str]) -> None:
               f"{' / '.join(pct(v) for v in t['iou'][1:4])} | {secs / 60:.0f} |")
 
 
+def _rows(path: Path, mode: str) -> dict:
+    if not path.exists():
+        sys.exit(f"{path}: missing; run `results/run-real-mars.sh distill ...` first")
+    scores = json.loads(path.read_text())
+    if scores.get("mode", "test") != mode:
+        sys.exit(f"{path}: mode {scores.get('mode')!r}, expected {mode!r}")
+    return {r["name"]: r for r in scores["rows"]}
+
+
+def _distill_row(label: str, nets: int, sl: dict, sl_tta: dict | None, gold: dict,
+                 gold_tta: dict | None) -> None:
+    def tta(row: dict, row_tta: dict | None) -> str:  # a fold row carries only miou_tta
+        return pct(row_tta["miou"]) if row_tta else pct(row.get("miou_tta"))
+
+    per_class = classes(gold_tta["iou"]) if gold_tta else "–"
+    print(f"| {label} | {nets} | {pct(sl['miou'])} | **{tta(sl, sl_tta)}** | {pct(gold['miou'])} "
+          f"| **{tta(gold, gold_tta)}** | {per_class} |")
+
+
+def distill(runs: list[str]) -> None:
+    """Teacher (OOF on the held-out slice = its fold 0 validation part; gold), its strongest
+    member's fold 0 model (the same data and recipe, hard labels only), then each student."""
+    teacher, students = runs[0], runs[1:]
+    print("| model | networks | slice mIoU | slice +TTA | gold mIoU | gold +TTA "
+          "| gold per class soil / bedrock / sand / big rock |")
+    print("|---|---|---|---|---|---|---|")
+    sl, gold = _rows(ROOT / teacher / "scores-oof-f0.json", "oof"), _rows(ROOT / teacher / "scores.json", "test")
+    nets = sum(1 for r in gold.values() if r.get("kind") == "fold")
+    _distill_row(f"{teacher} (teacher ensemble)", nets, sl["ensemble"], sl.get("ensemble+tta"),
+                 gold["ensemble"], gold.get("ensemble+tta"))
+    # the default student's architecture: the teacher's member with the best OOF mIoU
+    members = json.loads((ROOT / teacher / "ensemble.json").read_text())["members"]
+    twin = max(members, key=lambda m: m.get("oof_miou") or 0)["name"] + "/fold_0"
+    if twin in sl and twin in gold:
+        _distill_row(f"{twin} of {teacher} (hard labels only)", 1, sl[twin], None, gold[twin], None)
+    for st in students:
+        s_sl, s_gold = _rows(ROOT / st / "scores-oof.json", "oof"), _rows(ROOT / st / "scores.json", "test")
+        _distill_row(st, 1, s_sl["ensemble"], s_sl.get("ensemble+tta"), s_gold["ensemble"],
+                     s_gold.get("ensemble+tta"))
+
+
 if __name__ == "__main__":
-    {"ladder": ladder, "folds": folds, "round2": round2}[sys.argv[1]](sys.argv[2:])
+    {"ladder": ladder, "folds": folds, "round2": round2, "distill": distill}[sys.argv[1]](sys.argv[2:])

@@ -76,6 +76,36 @@ def test_round2_table_refuses_levers_scored_on_other_folds(tmp_path):
     assert out.returncode != 0 and "scores-oof-f012.json: missing" in out.stderr
 
 
+def test_distill_table_prints_teacher_its_hard_label_twin_and_each_student(tmp_path):
+    iou = [None, 0.8, 0.9, 0.6, 0.2]
+
+    def scores(path: Path, mode: str, rows: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"mode": mode, "rows": rows}))
+
+    def ens(miou: float, tta: float) -> list[dict]:
+        return [{"name": "ensemble", "kind": "ensemble", "miou": miou, "iou": iou},
+                {"name": "ensemble+tta", "kind": "ensemble", "miou": tta, "iou": iou}]
+
+    folds = [{"name": f"{m}/fold_{f}", "kind": "fold", "miou": 0.6, "miou_tta": 0.61, "iou": iou}
+             for m in ("a", "b") for f in (0, 1)]
+    t = tmp_path / "teacher"
+    scores(t / "scores-oof-f0.json", "oof", folds[::2] + ens(0.65, 0.66))
+    scores(t / "scores.json", "test", folds + ens(0.76, 0.77))
+    (t / "ensemble.json").write_text(json.dumps({"members": [{"name": "a", "oof_miou": 0.6},
+                                                             {"name": "b", "oof_miou": 0.7}]}))
+    scores(tmp_path / "st" / "scores-oof.json", "oof", ens(0.64, 0.655))
+    scores(tmp_path / "st" / "scores.json", "test", ens(0.75, 0.765))
+    out = table(tmp_path, "distill", "teacher", "st")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[2].startswith("| teacher (teacher ensemble) | 4 | 65.00 | **66.00** | 76.00 | **77.00** |")
+    assert lines[3] == "| b/fold_0 of teacher (hard labels only) | 1 | 60.00 | **61.00** | 60.00 | **61.00** | – |"
+    assert lines[4] == "| st | 1 | 64.00 | **65.50** | 75.00 | **76.50** | 80.00 / 90.00 / 60.00 / 20.00 |"
+    (tmp_path / "st" / "scores.json").unlink()
+    out = table(tmp_path, "distill", "teacher", "st")
+    assert out.returncode != 0 and "st/scores.json: missing" in out.stderr
+
 TINY_LEVER = """folds = 3
 seed = 0
 [[members]]
