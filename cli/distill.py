@@ -21,7 +21,7 @@ def distill(
     unlabeled: Annotated[str | None, typer.Option(help="test (the test split's images, taught by the teacher's TTA prediction; the default when it has images) | none")] = None,
     epochs: Annotated[int | None, typer.Option(help="replaces the student's epochs (recorded in OUT/overrides.json)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget of the selection run, e.g. 20m (not with --epochs)")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="then retrain on every labeled image for the chosen epoch count; that model is the run's")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="then retrain on every labeled image for the chosen epoch count; that model is the run's (may be added to a finished run: its fold 0 is reused)")] = False,
     precision: Annotated[str, typer.Option(help="auto | bf16 | fp16 (GPU only) | no")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     progress: Annotated[str, typer.Option(help="auto | live | plain | none")] = "auto",

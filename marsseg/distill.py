@@ -100,15 +100,20 @@ def _unlabeled(data: Path, asked: str | None) -> str:
     return asked
 
 
-def _check_pins(run: RunFolder, recipe_path: Path, pins: dict) -> None:
-    """Refuse a student run folder made with another recipe or other options."""
-    if run.recipe.exists():
-        old = run.recipe.read_text()
-        if old != recipe_path.read_text() or {**run.read_overrides(), "teacher": None} != {
-                **pins, "teacher": None}:
-            raise InputError(f"{run.recipe}: this student run folder was made with another "
-                             f"recipe than {recipe_path} or other --epochs, --time-budget, --all "
-                             "or --unlabeled; use a new --out (or the ones it was made with)")
+def _check_pins(run: RunFolder, recipe_path: Path, pins: dict) -> bool:
+    """Refuse a student run folder made with another recipe or other options. True when the
+    one change is `--all` added to a run made without it (its fold 0 is reused as it is)."""
+    if not run.recipe.exists():
+        return False
+    old = {**run.read_overrides(), "teacher": None}
+    new = {**pins, "teacher": None}
+    adds_all = new["all"] and old.get("all") is False and {**old, "all": True} == new
+    if run.recipe.read_text() != recipe_path.read_text() or (old != new and not adds_all):
+        raise InputError(f"{run.recipe}: this student run folder was made with another "
+                         f"recipe than {recipe_path} or other --epochs, --time-budget, --all "
+                         "or --unlabeled; use a new --out (or the ones it was made with; "
+                         "--all may be added later)")
+    return adds_all
 
 
 def _check_run(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> None:
@@ -145,8 +150,10 @@ def _start(run: RunFolder, plan: _Plan, recipe_path: Path, pins: dict) -> None:
     """The shared files of a new student run folder (under its lock; another process may
     have written them since the checks, so they are checked again)."""
     run.check_writable()
-    _check_pins(run, recipe_path, pins)
+    adds_all = _check_pins(run, recipe_path, pins)
     run.check_data(plan.fp)
+    if adds_all:  # the selection run is kept; its options now say --all
+        write_json_atomic(run.overrides, {**run.read_overrides(), "all": True})
     if not run.recipe.exists():
         write_json_atomic(run.overrides, {**pins, "teacher": str(plan.teacher.run.path)})
         with atomic_path(run.recipe) as tmp:

@@ -176,6 +176,25 @@ def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
         run_distill(world, tmp_path / "s", epochs=2)
 
 
+def test_all_may_be_added_to_a_finished_selection_run(world, tmp_path):
+    """Select the epoch first, look at the held-out score, then add --all: fold 0 is reused
+    (not retrained), fold "all" trains for its chosen epochs, and --all cannot be taken back."""
+    ens0 = run_distill(world, tmp_path / "s", epochs=2)
+    weights0 = (tmp_path / "s/student/fold_0/model.safetensors").read_bytes()
+    ens = run_distill(world, tmp_path / "s", epochs=2, all=True)
+    assert ens["trained"] == ["student/fold_all"]
+    assert (tmp_path / "s/student/fold_0/model.safetensors").read_bytes() == weights0
+    (entry,) = ens["members"][0]["folds"]
+    assert entry["trained_on"] == "all" and ens["heldout"] == ens0["heldout"]
+    assert json.loads((tmp_path / "s/overrides.json").read_text())["all"] is True
+    same = run_distill(world, tmp_path / "s", epochs=2, all=True)  # done: nothing trains
+    assert same["trained"] == [] and same["members"] == ens["members"]
+    with pytest.raises(InputError, match="--all"):
+        run_distill(world, tmp_path / "s", epochs=2)
+    with pytest.raises(InputError, match="--epochs"):  # only --all may be added
+        run_distill(world, tmp_path / "s", epochs=3, all=True)
+
+
 def test_time_budget_decides_the_selection_runs_epochs(world, tmp_path):
     ens = run_distill(world, tmp_path / "s", time_budget=30.0)
     budget = json.loads((tmp_path / "s/student/fold_0/budget.json").read_text())
