@@ -177,7 +177,13 @@ def distill(runs: list[str]) -> None:
     if twin in sl and twin in gold:
         _distill_row(f"{twin} of {teacher} (hard labels only)", 1, sl[twin], None, gold[twin], None)
     for st in students:
-        s_sl, s_gold = _rows(ROOT / st / "scores-oof.json", "oof"), _rows(ROOT / st / "scores.json", "test")
+        s_gold = _rows(ROOT / st / "scores.json", "test")
+        spec = json.loads((ROOT / st / "ensemble.json").read_text())
+        if spec["members"][0]["folds"][0].get("trained_on") == "all":  # --all: nothing held out
+            s_sl = {"ensemble": {"miou": None}, "ensemble+tta": {"miou": None}}
+            st += " (`--all`: no held-out images)"
+        else:
+            s_sl = _rows(ROOT / st / "scores-oof.json", "oof")
         _distill_row(st, 1, s_sl["ensemble"], s_sl.get("ensemble+tta"), s_gold["ensemble"],
                      s_gold.get("ensemble+tta"))
 

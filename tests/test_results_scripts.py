@@ -96,12 +96,22 @@ def test_distill_table_prints_teacher_its_hard_label_twin_and_each_student(tmp_p
                                                              {"name": "b", "oof_miou": 0.7}]}))
     scores(tmp_path / "st" / "scores-oof.json", "oof", ens(0.64, 0.655))
     scores(tmp_path / "st" / "scores.json", "test", ens(0.75, 0.765))
+    (tmp_path / "st" / "ensemble.json").write_text(json.dumps(
+        {"members": [{"name": "s", "folds": [{"fold": 0}]}]}))
     out = table(tmp_path, "distill", "teacher", "st")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[2].startswith("| teacher (teacher ensemble) | 4 | 65.00 | **66.00** | 76.00 | **77.00** |")
     assert lines[3] == "| b/fold_0 of teacher (hard labels only) | 1 | 60.00 | **61.00** | 60.00 | **61.00** | – |"
     assert lines[4] == "| st | 1 | 64.00 | **65.50** | 75.00 | **76.50** | 80.00 / 90.00 / 60.00 / 20.00 |"
+    shutil.copytree(tmp_path / "st", tmp_path / "st-all")  # the same student, then --all
+    (tmp_path / "st-all" / "scores-oof.json").unlink()
+    (tmp_path / "st-all" / "ensemble.json").write_text(json.dumps(
+        {"members": [{"name": "s", "folds": [{"fold": 5, "trained_on": "all"}]}]}))
+    out = table(tmp_path, "distill", "teacher", "st", "st-all")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[5].startswith(
+        "| st-all (`--all`: no held-out images) | 1 | – | **–** | 75.00 | **76.50** |")
     (tmp_path / "st" / "scores.json").unlink()
     out = table(tmp_path, "distill", "teacher", "st")
     assert out.returncode != 0 and "st/scores.json: missing" in out.stderr
