@@ -243,8 +243,9 @@ def test_resources_the_cluster_lacks_are_an_input_error(shards, tmp_path, local_
 
 @pytest.mark.slow
 def test_embedded_ray_workers_are_not_niced(local_ray):
-    # Ray's default worker niceness 15 would starve Ray folds next to --sequential ones
-    assert local_ray.get(local_ray.remote(lambda: os.nice(0)).remote()) == 0
+    # Ray's default worker niceness 15 would starve Ray folds next to --sequential ones; a
+    # worker runs at the driver's own niceness (a test run under `nice` is not an error)
+    assert local_ray.get(local_ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
 
 
 @pytest.mark.slow
