@@ -28,17 +28,22 @@ BACKEND=${BACKEND:-auto}      # evaluate's --backend (auto: openvino on a CPU)
 TEACHER=${TEACHER:-marsseg-best}  # distill's teacher run (under ROOT)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
-# Out-of-fold scores of RECIPE kept aside under a name that says which folds they cover
-# (evaluate always writes scores.json, which results/table.py reads as the gold scores).
-# The gold scores.json a run already has is set aside meanwhile and put back.
-oof() {
-  local r=$1 tag=${FOLDS:+-f${FOLDS//,/}} gold="$ROOT/$1/scores.json"
+# evaluate --tta RECIPE with more options; the scores it writes are kept aside as NAME
+# (evaluate always writes scores.json, which results/table.py reads as the gold scores):
+# the gold scores.json a run already has is set aside meanwhile and put back.
+aside() {
+  local r=$1 name=$2; shift 2; local gold="$ROOT/$r/scores.json"
   [ ! -f "$gold" ] || mv "$gold" "$gold.gold"
-  $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --split train --tta --backend "$BACKEND" ${FOLDS:+--folds "$FOLDS"} \
+  $CLI evaluate --ensemble "$ROOT/$r" --data "$ROOT/shards" --tta --backend "$BACKEND" "$@" \
     || { [ ! -f "$gold.gold" ] || mv "$gold.gold" "$gold"; return 1; }
-  mv "$gold" "$ROOT/$r/scores-oof$tag.json"
+  mv "$gold" "$ROOT/$r/$name"
   [ ! -f "$gold.gold" ] || mv "$gold.gold" "$gold"
-  echo "out-of-fold scores: $ROOT/$r/scores-oof$tag.json"
+  echo "kept aside: $ROOT/$r/$name"
+}
+
+# Out-of-fold scores under a name that says which folds they cover.
+oof() {
+  aside "$1" "scores-oof${FOLDS:+-f${FOLDS//,/}}.json" --split train ${FOLDS:+--folds "$FOLDS"}
 }
 
 cmd=${1:?usage: $0 prepare | train RECIPE... | oof RECIPE... | score RECIPE... | distill none|test...}; shift || true
@@ -75,6 +80,8 @@ case "$cmd" in
     ;;
   distill)
     FOLDS=0 oof "$TEACHER"   # the teacher's out-of-fold score on the slice -> scores-oof-f0.json
+    # the fold 0 models alone on gold: the teacher each slice image's target came from
+    aside "$TEACHER" scores-gold-f0.json --folds 0
     for arg in "$@"; do
       # none | test, or none:RECIPE (an ablation recipe in $RECIPES -> run student-none-RECIPE)
       u=${arg%%:*} rec=${arg#*:}; [ "$rec" != "$arg" ] || rec=

@@ -171,6 +171,11 @@ def distill(runs: list[str]) -> None:
     nets = sum(1 for r in gold.values() if r.get("kind") == "fold")
     _distill_row(f"{teacher} (teacher ensemble)", nets, sl["ensemble"], sl.get("ensemble+tta"),
                  gold["ensemble"], gold.get("ensemble+tta"))
+    pair = ROOT / teacher / "scores-gold-f0.json"  # its fold 0 models alone (run-real-mars.sh)
+    if pair.exists():
+        g0 = _rows(pair, "test")
+        _distill_row(f"{teacher}, fold 0 models only", sum(1 for r in g0.values() if r.get("kind") == "fold"),
+                     sl["ensemble"], sl.get("ensemble+tta"), g0["ensemble"], g0.get("ensemble+tta"))
     # the default student's architecture: the teacher's member with the best OOF mIoU
     members = json.loads((ROOT / teacher / "ensemble.json").read_text())["members"]
     twin = max(members, key=lambda m: m.get("oof_miou") or 0)["name"] + "/fold_0"

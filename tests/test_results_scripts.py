@@ -94,6 +94,7 @@ def test_distill_table_prints_teacher_its_hard_label_twin_and_each_student(tmp_p
     scores(t / "scores.json", "test", folds + ens(0.76, 0.77))
     (t / "ensemble.json").write_text(json.dumps({"members": [{"name": "a", "oof_miou": 0.6},
                                                              {"name": "b", "oof_miou": 0.7}]}))
+    scores(t / "scores-gold-f0.json", "test", folds[::2] + ens(0.72, 0.74))
     scores(tmp_path / "st" / "scores-oof.json", "oof", ens(0.64, 0.655))
     scores(tmp_path / "st" / "scores.json", "test", ens(0.75, 0.765))
     (tmp_path / "st" / "ensemble.json").write_text(json.dumps(
@@ -102,15 +103,16 @@ def test_distill_table_prints_teacher_its_hard_label_twin_and_each_student(tmp_p
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[2].startswith("| teacher (teacher ensemble) | 4 | 65.00 | **66.00** | 76.00 | **77.00** |")
-    assert lines[3] == "| b/fold_0 of teacher (hard labels only) | 1 | 60.00 | **61.00** | 60.00 | **61.00** | – |"
-    assert lines[4] == "| st | 1 | 64.00 | **65.50** | 75.00 | **76.50** | 80.00 / 90.00 / 60.00 / 20.00 |"
+    assert lines[3].startswith("| teacher, fold 0 models only | 2 | 65.00 | **66.00** | 72.00 | **74.00** |")
+    assert lines[4] == "| b/fold_0 of teacher (hard labels only) | 1 | 60.00 | **61.00** | 60.00 | **61.00** | – |"
+    assert lines[5] == "| st | 1 | 64.00 | **65.50** | 75.00 | **76.50** | 80.00 / 90.00 / 60.00 / 20.00 |"
     shutil.copytree(tmp_path / "st", tmp_path / "st-all")  # the same student, then --all
     (tmp_path / "st-all" / "scores-oof.json").unlink()
     (tmp_path / "st-all" / "ensemble.json").write_text(json.dumps(
         {"members": [{"name": "s", "folds": [{"fold": 5, "trained_on": "all"}]}]}))
     out = table(tmp_path, "distill", "teacher", "st", "st-all")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[5].startswith(
+    assert out.stdout.splitlines()[6].startswith(
         "| st-all (`--all`: no held-out images) | 1 | – | **–** | 75.00 | **76.50** |")
     (tmp_path / "st" / "scores.json").unlink()
     out = table(tmp_path, "distill", "teacher", "st")
@@ -167,6 +169,8 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     teacher_slice = json.loads((run / "scores-oof-f0.json").read_text())
     assert sorted(teacher_slice["models"]) == ["tiny-sample/fold_0"]
     assert gold.read_text() == '{"split": "test", "planted": true}'
+    pair = json.loads((run / "scores-gold-f0.json").read_text())
+    assert pair["mode"] == "test" and sorted(pair["models"]) == ["tiny-sample/fold_0"]
     student = tmp_path / "runs" / "student-none"
     assert json.loads((student / "scores-oof.json").read_text())["mode"] == "oof"
     assert json.loads((student / "scores.json").read_text())["split"] == "test"
