@@ -20,6 +20,7 @@ from torch import nn
 
 from ._io import sha256_file
 from .errors import InputError
+from .folds import ALL
 from .records import Calibration, FoldSpec
 from .runfolder import CONFIG, DONE, WEIGHTS, RunFolder, fold_name, verify_fold_folder
 
@@ -38,6 +39,10 @@ class FoldModel:
 
     @property
     def name(self) -> str:
+        """``member/fold_k``; a model trained on every image (distill --all) keeps the name
+        of its folder, ``member/fold_all``, not the fold number it is filed under."""
+        if self.path.name == f"fold_{ALL}":
+            return fold_name(self.member, ALL)
         return fold_name(self.member, self.fold)
 
 

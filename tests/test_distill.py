@@ -172,6 +172,11 @@ def test_all_retrains_on_every_image_for_the_chosen_epochs(world, tmp_path):
     assert res.exit_code == 2, res.output
     (line,) = res.stderr.strip().splitlines()
     assert "student/fold_all was trained on every image" in line and "--split test" in line, line
+    res = runner.invoke(app, ["evaluate", "--ensemble", str(tmp_path / "s"), "--data",
+                              str(world["shards"]), "--no-tta", "--quiet"])
+    assert res.exit_code == 0, res.output  # its rows name the folder, not the fold number
+    rows = json.loads((tmp_path / "s" / "scores.json").read_text())["rows"]
+    assert rows[0]["name"] == "student/fold_all", rows[0]
     with pytest.raises(InputError, match="--all"):  # the options are the run folder's
         run_distill(world, tmp_path / "s", epochs=2)
 
