@@ -41,9 +41,8 @@ class FoldModel:
     def name(self) -> str:
         """``member/fold_k``; a model trained on every image (distill --all) keeps the name
         of its folder, ``member/fold_all``, not the fold number it is filed under."""
-        if self.path.name == f"fold_{ALL}":
-            return fold_name(self.member, ALL)
-        return fold_name(self.member, self.fold)
+        every = fold_name(self.member, ALL)
+        return every if self.path.name == Path(every).name else fold_name(self.member, self.fold)
 
 
 @dataclass
