@@ -8,6 +8,12 @@
 #   FOLDS=0,1,2 EPOCHS=40 results/run-real-mars.sh train lever-sample   # a round-2 lever, 3 folds
 #   FOLDS=0,1,2 results/run-real-mars.sh oof lever-e40 lever-sample     # -> scores-oof-f012.json
 #   FOLDS=0,1,2 .venv/bin/python results/table.py round2 lever-e40 lever-sample
+#   FOLDS=0,1,2 EPOCHS=40 results/run-real-mars.sh lanes lever-e40 lever-lovasz lever-e40:pseudo
+#     the same trainings as `train`, as single-fold jobs in LANES (2) lanes of one torch
+#     thread each (no core idles while an odd fold trains alone); RECIPE:pseudo trains
+#     RECIPE with `--teacher $ROOT/$TEACHER` into the run RECIPE-pseudo (issue 18, lever 4)
+#   MEMBERS=res-ds-dice FOLDS=0,1,2 results/run-real-mars.sh oof marsseg-best
+#     -> scores-oof-f012-res-ds-dice.json (one member of a run; table.py: marsseg-best/res-ds-dice)
 #   EPOCHS=30 results/run-real-mars.sh distill none test   # issue 17: students of $TEACHER
 #     (student-none, student-test; resumable), each scored on the held-out slice (the
 #     teacher's fold 0 validation part), then gold +TTA; the teacher on the same slice too
@@ -25,7 +31,9 @@ EPOCHS=${EPOCHS-8}            # the CPU budget: every member trains EPOCHS epoch
 FOLDS=${FOLDS:-}              # e.g. FOLDS=0,1 trains (and scores) only those folds (default: all 5)
 RECIPES=${RECIPES:-ensembles} # where RECIPE.toml is read
 BACKEND=${BACKEND:-auto}      # evaluate's --backend (auto: openvino on a CPU)
-TEACHER=${TEACHER:-marsseg-best}  # distill's teacher run (under ROOT)
+TEACHER=${TEACHER:-marsseg-best}  # distill's and RECIPE:pseudo's teacher run (under ROOT)
+MEMBERS=${MEMBERS:-}          # oof: only these members (comma-separated; default: the selected)
+LANES=${LANES:-2}             # lanes: single-fold jobs at once
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 # evaluate --tta RECIPE with more options; the scores it writes are kept aside as NAME
@@ -46,7 +54,15 @@ oof() {
   aside "$1" "scores-oof${FOLDS:+-f${FOLDS//,/}}.json" --split train ${FOLDS:+--folds "$FOLDS"}
 }
 
-cmd=${1:?usage: $0 prepare | train RECIPE... | oof RECIPE... | score RECIPE... | distill none|test...}; shift || true
+# RECIPE:pseudo -> the train-folds option that adds the teacher's pseudo-labelled test images
+teacher_opt() {
+  case "$1" in
+    *:pseudo) echo "--teacher $ROOT/$TEACHER" ;;
+    *:*) echo "unknown variant in $1 (RECIPE or RECIPE:pseudo)" >&2; return 2 ;;
+  esac
+}
+
+cmd=${1:?usage: $0 prepare | train RECIPE... | lanes RECIPE[:pseudo]... | oof RECIPE... | score RECIPE... | distill none|test...}; shift || true
 case "$cmd" in
   prepare)
     [ -f "$ROOT/shards/dataset.json" ] || $CLI prepare --data "$NPZ" --out "$ROOT/shards"
@@ -62,6 +78,39 @@ case "$cmd" in
         echo "train-folds $r failed (attempt $attempt); resuming" >&2; sleep 5
       done
       [ -n "$ok" ] || { echo "train-folds $r failed 3 times" >&2; exit 1; }
+    done
+    ;;
+  lanes)
+    for arg in "$@"; do teacher_opt "$arg" > /dev/null || exit 2; done
+    # One job per (RECIPE, fold), popped in order by LANES lanes; each is a resumable
+    # single-fold train-folds in its own process (--sequential: no Ray), so a rerun resumes.
+    q=$(mktemp -d); trap 'rm -rf "$q"' EXIT
+    for arg in "$@"; do
+      for f in $(seq -s ' ' 0 4); do
+        case ",${FOLDS:-0,1,2,3,4}," in *",$f,"*) echo "$arg $f" >> "$q/jobs" ;; esac
+      done
+    done
+    lane() {
+      local job arg f r out
+      while job=$(flock "$q/jobs" bash -c 'j=$(head -n 1 "$1"); [ -z "$j" ] || sed -i 1d "$1"; echo "$j"' _ "$q/jobs") && [ -n "$job" ]; do
+        arg=${job% *} f=${job##* } r=${arg%%:*}; out=$r; [ "$r" = "$arg" ] || out=$r-${arg#*:}
+        echo "lane $1: $out fold $f" >&2
+        for attempt in 1 2 3; do
+          /usr/bin/time -f "$out fold $f wall %e s" $CLI train-folds --data "$ROOT/shards" \
+            --recipe "$RECIPES/$r.toml" --out "$ROOT/$out" ${EPOCHS:+--epochs "$EPOCHS"} --folds "$f" \
+            --sequential --threads 1 --progress plain $(teacher_opt "$arg") && continue 2
+          echo "$out fold $f failed (attempt $attempt); resuming" >&2; sleep 5
+        done
+        echo "$out fold $f failed 3 times" >&2; return 1
+      done
+    }
+    pids=(); for l in $(seq "$LANES"); do lane "$l" & pids+=($!); done
+    rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    [ "$rc" = 0 ] || exit 1
+    for arg in "$@"; do  # every fold done: one pass writes the run's ensemble.json
+      r=${arg%%:*}; out=$r; [ "$r" = "$arg" ] || out=$r-${arg#*:}
+      $CLI train-folds --data "$ROOT/shards" --recipe "$RECIPES/$r.toml" --out "$ROOT/$out" \
+        ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --sequential --progress plain $(teacher_opt "$arg")
     done
     ;;
   oof)

@@ -6,6 +6,7 @@ per fold, scores.json (evaluate --tta on the gold test crops), scores-oof*.json
     .venv/bin/python results/table.py ladder RECIPE...    # fold 0 of each member
     .venv/bin/python results/table.py folds RECIPE...     # all folds, OOF and ensembles
     .venv/bin/python results/table.py round2 BASE LEVER...  # issue 18: OOF of each lever vs BASE
+        (RUN/MEMBER: one member of a run, as `MEMBERS=MEMBER run-real-mars.sh oof RUN` scored it)
     .venv/bin/python results/table.py distill TEACHER STUDENT...  # issue 17: slice and gold
 ROOT (default runs/real-mars) and FOLDS (e.g. 0,1,2: the OOF scores of those folds,
 as `FOLDS=0,1,2 run-real-mars.sh oof` wrote them) are read from the environment.
@@ -46,10 +47,12 @@ def load(recipe: str):
 
 
 def oof_file(recipe: str, folds: str | None = None) -> Path:
-    """The OOF scores run-real-mars.sh keeps aside: scores-oof.json, or -f012 for FOLDS=0,1,2."""
+    """The OOF scores run-real-mars.sh keeps aside: scores-oof.json, -f012 for FOLDS=0,1,2,
+    then -MEMBER for RUN/MEMBER (MEMBERS=MEMBER)."""
     folds = os.environ.get("FOLDS", "") if folds is None else folds
     tag = "-f" + "".join(f.strip() for f in folds.split(",")) if folds else ""
-    return ROOT / recipe / f"scores-oof{tag}.json"
+    run, _, member = recipe.partition("/")
+    return ROOT / run / f"scores-oof{tag}{'-' + member if member else ''}.json"
 
 
 def done(run: Path, fold: dict) -> dict:
@@ -100,8 +103,10 @@ def folds(recipes: list[str]) -> None:
 def _oof(recipe: str) -> dict:
     path = oof_file(recipe)
     if not path.exists():
-        sys.exit(f"{path}: missing; run `{'FOLDS=' + os.environ['FOLDS'] + ' ' if os.environ.get('FOLDS') else ''}"
-                 f"results/run-real-mars.sh oof {recipe}` first")
+        run, _, member = recipe.partition("/")
+        env = "".join(f"{k}={v} " for k, v in (("MEMBERS", member),
+                                                ("FOLDS", os.environ.get("FOLDS", ""))) if v)
+        sys.exit(f"{path}: missing; run `{env}results/run-real-mars.sh oof {run}` first")
     scores = json.loads(path.read_text())
     if scores.get("mode") != "oof":
         sys.exit(f"{path}: not out-of-fold scores (mode {scores.get('mode')!r})")
@@ -119,7 +124,7 @@ def round2(recipes: list[str]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = None
     for r in recipes:
-        run, ens, _ = load(r)
+        run, ens, _ = load(r.partition("/")[0])
         o = _oof(r)
         fold_entries = [f for m in ens["members"] if m["name"] in o["members"]
                         for f in m["folds"] if f["fold"] in o["folds"]]

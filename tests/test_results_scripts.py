@@ -178,3 +178,35 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     out = table(tmp_path / "runs", "round2", "lever-tiny", "lever-tiny2", folds="0,1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[3].split(" | ")[7] == "+0.00"
+
+    # lanes: single-fold jobs in two lanes; a finished run's folds are skipped, RECIPE:pseudo
+    # trains RECIPE with --teacher $ROOT/$TEACHER into RECIPE-pseudo
+    out = subprocess.run(["bash", str(SCRIPT), "lanes", "lever-tiny", "lever-tiny:pseudo"],
+                         cwd=ROOT, timeout=900, capture_output=True, text=True,
+                         env={**env, "TEACHER": "lever-tiny"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    pseudo = tmp_path / "runs" / "lever-tiny-pseudo"
+    assert json.loads((pseudo / "overrides.json").read_text())["teacher"] == str(run)
+    spec = json.loads((pseudo / "ensemble.json").read_text())
+    assert [f["fold"] for f in spec["members"][0]["folds"]] == [0, 1]
+    assert "lane 1: lever-tiny-pseudo fold" in out.stderr and "lane 2:" in out.stderr
+    assert json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text()) == done
+    out = subprocess.run(["bash", str(SCRIPT), "lanes", "lever-tiny:nope"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown variant in lever-tiny:nope" in out.stderr
+
+
+def test_round2_table_takes_one_member_of_a_run_as_a_row(tmp_path):
+    """RUN/MEMBER reads scores-oof-f012-MEMBER.json (MEMBERS=MEMBER run-real-mars.sh oof RUN)."""
+    fake_lever(tmp_path, "best", "res-ds-dice", [0, 1, 2], 0.68, 0.22, "-f012-res-ds-dice",
+               left_scores=False)
+    fake_lever(tmp_path, "lever-e40", "res-ds-dice", [0, 1, 2], 0.70, 0.25, "-f012")
+    out = table(tmp_path, "round2", "best/res-ds-dice", "lever-e40", folds="0,1,2")
+    assert out.returncode == 0, out.stderr
+    base, lever = (line.split(" | ") for line in out.stdout.splitlines()[2:])
+    assert base[0] == "| best/res-ds-dice" and base[6] == "**68.00**"
+    assert lever[7] == "+2.00" and lever[10] == "+3.00"
+    out = table(tmp_path, "round2", "best/other", "lever-e40", folds="0,1,2")
+    assert out.returncode != 0
+    assert ("scores-oof-f012-other.json: missing; run `MEMBERS=other FOLDS=0,1,2 "
+            "results/run-real-mars.sh oof best` first") in out.stderr
