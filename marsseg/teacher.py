@@ -35,7 +35,7 @@ from .errors import InputError
 from .folds import ALL
 from .records import EnsembleSpec, FoldSpec
 from .runfolder import OOF, RunFolder, fold_name, read_oof
-from .teaching import TargetsRecord, write_pseudo_file, write_targets_file
+from .teaching import TargetsRecord, pseudo_keys, write_pseudo_file, write_targets_file
 
 
 def teacher_sha256(spec: EnsembleSpec) -> str:
@@ -276,14 +276,15 @@ def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolve
                 models = [dataclasses.replace(by_path[teacher.run.fold_path(n, e)], weight=w / total)
                           for n, w, e in plan]
                 pred = Predictor(Ensemble(teacher.run.path, models), cfg, rt)
+                labels, confidence = pseudo_keys(k)
                 if log:
                     log(f"teacher fold {k}: {len(models)} models x {len(cfg.views)} views on "
                         f"{len(ids)} test images")
                 for s in range(0, len(ids), batch_size):
                     r = pred(ids[s:s + batch_size], images[s:s + batch_size], want_probs=True)
                     conf = np.take_along_axis(r.probs, r.labels[:, None].astype(np.int64), 1)
-                    f[f"pseudo/fold_{k}/labels"][s:s + len(r.ids)] = r.labels
-                    f[f"pseudo/fold_{k}/confidence"][s:s + len(r.ids)] = conf[:, 0]
+                    f[labels][s:s + len(r.ids)] = r.labels
+                    f[confidence][s:s + len(r.ids)] = conf[:, 0]
         finally:
             f.close()
     return rec

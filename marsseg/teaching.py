@@ -21,8 +21,8 @@ holds per-fold pseudo-labels instead; its record's `pseudo_folds` lists the fold
 has no labeled/* and no whole-ensemble probabilities::
 
     unlabeled/ids i64 (m,)    unlabeled/images u8 (m,H,W)
-    pseudo/fold_<k>/labels u1 (m,H,W)        the label of the teacher's fold-k models (1..4)
-    pseudo/fold_<k>/confidence f16 (m,H,W)   their probability of that label
+    pseudo/<k>/labels u1 (m,H,W)        the label of the teacher's fold-k models (1..4)
+    pseudo/<k>/confidence f16 (m,H,W)   their probability of that label (`pseudo_keys`)
 """
 
 from __future__ import annotations
@@ -152,6 +152,11 @@ def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray
     return f
 
 
+def pseudo_keys(fold: int) -> tuple[str, str]:
+    """The datasets of fold `fold`'s pseudo-labels: (labels, confidence)."""
+    return f"pseudo/{int(fold)}/labels", f"pseudo/{int(fold)}/confidence"
+
+
 def write_pseudo_file(tmp: Path, record: TargetsRecord, unlabeled_ids: np.ndarray,
                       unlabeled_images: np.ndarray):
     """Create a per-fold pseudo-label file (`record.pseudo_folds`; labels and confidences
@@ -166,8 +171,9 @@ def write_pseudo_file(tmp: Path, record: TargetsRecord, unlabeled_ids: np.ndarra
     # one chunk per image; gzip + shuffle: labels are blobs, confidences mostly near 1
     opts = {"chunks": (1, h, w), "compression": "gzip", "shuffle": True} if m else {}
     for k in record.pseudo_folds:
-        f.create_dataset(f"pseudo/fold_{k}/labels", (m, h, w), "u1", **opts)
-        f.create_dataset(f"pseudo/fold_{k}/confidence", (m, h, w), "f2", **opts)
+        labels, confidence = pseudo_keys(k)
+        f.create_dataset(labels, (m, h, w), "u1", **opts)
+        f.create_dataset(confidence, (m, h, w), "f2", **opts)
     return f
 
 
@@ -184,8 +190,9 @@ def with_pseudo_labels(train: tuple[np.ndarray, np.ndarray], path: Path | None, 
     try:
         with h5py.File(path, "r") as f:
             images = f["unlabeled/images"][()]
-            lab, conf = f[f"pseudo/fold_{fold}/labels"][()], f[f"pseudo/fold_{fold}/confidence"]
-            masks = np.where(conf[()].astype(np.float32) >= threshold, lab, 0).astype(np.uint8)
+            labels, confidence = pseudo_keys(fold)
+            conf = f[confidence][()].astype(np.float32)
+            masks = np.where(conf >= threshold, f[labels][()], 0).astype(np.uint8)
     except (OSError, KeyError) as e:
         raise InputError(f"{path}: no pseudo-labels of fold {fold} ({e}); use a new --out") \
             from None

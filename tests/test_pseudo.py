@@ -93,10 +93,10 @@ def test_threshold_ignores_unsure_pixels(tmp_path):
     rec = TargetsRecord("t", "s", "d", "test", 2, "no", 0, 0, 2, pseudo_folds=(0, 1))
     images = np.arange(2 * 64 * 128, dtype=np.uint8).reshape(2, 64, 128)
     f = write_pseudo_file(tmp_path / "t.h5", rec, np.array([3, 9]), images)
-    f["pseudo/fold_0/labels"][...] = [np.full((64, 128), 2), np.full((64, 128), 4)]
-    f["pseudo/fold_0/confidence"][...] = [np.full((64, 128), 0.7), np.full((64, 128), 0.5)]
-    f["pseudo/fold_1/labels"][...] = 3
-    f["pseudo/fold_1/confidence"][...] = 0.95
+    f["pseudo/0/labels"][...] = [np.full((64, 128), 2), np.full((64, 128), 4)]
+    f["pseudo/0/confidence"][...] = [np.full((64, 128), 0.7), np.full((64, 128), 0.5)]
+    f["pseudo/1/labels"][...] = 3
+    f["pseudo/1/confidence"][...] = 0.95
     f.close()
     base = (np.zeros((1, 64, 128), np.uint8), np.ones((1, 64, 128), np.uint8))
     images2, masks = with_pseudo_labels(base, tmp_path / "t.h5", 0, 0.6)
@@ -151,8 +151,8 @@ def test_fold_k_is_labelled_by_the_teachers_fold_k_models_only(world, tmp_path):
             lab, conf = _labels_conf(probs)
             top2 = np.sort(probs[:, 1:], 1)
             sure = top2[:, -1] - top2[:, -2] > 1e-4  # not a near-tie that rounding may flip
-            assert np.array_equal(f[f"pseudo/fold_{k}/labels"][()][sure], lab[sure])
-            got = f[f"pseudo/fold_{k}/confidence"][()].astype(np.float32)
+            assert np.array_equal(f[f"pseudo/{k}/labels"][()][sure], lab[sure])
+            got = f[f"pseudo/{k}/confidence"][()].astype(np.float32)
             np.testing.assert_allclose(got, conf, atol=2e-3)
             assert np.abs(got - whole[1]).max() > 0.01  # the whole ensemble says otherwise
 
@@ -184,8 +184,8 @@ def test_a_fold_all_model_never_teaches_a_fold(world, tmp_path):
                         world["shards"], tmp_path / "p.h5", rt=resolve(None, "no"),
                         dataset_sha256="d")
     with h5py.File(tmp_path / "p.h5", "r") as f:
-        assert (f["pseudo/fold_0/labels"][()] == 2).all()
-        assert (f["pseudo/fold_1/labels"][()] == 3).all()
+        assert (f["pseudo/0/labels"][()] == 2).all()
+        assert (f["pseudo/1/labels"][()] == 3).all()
 
 
 def test_resume_is_exact(world, tmp_path, monkeypatch):
