@@ -32,7 +32,7 @@ def train_folds(
     epochs: Annotated[int | None, typer.Option(help="training budget: replaces every member's epochs (recorded in OUT/overrides.json)")] = None,
     log_with: Annotated[list[str] | None, typer.Option(help="log each (member, fold) to an accelerate tracker: tensorboard (RUN/tb), mlflow (sqlite RUN/mlflow.db unless MLFLOW_TRACKING_URI), wandb, ...; repeat or comma-separate (tensorboard and mlflow: pip install 'marsseg[track]')")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget per fold, e.g. 90s, 12m, 1.5h: each fold's epochs come from a timing probe before epoch 0 and are kept in its budget.json (not with --epochs)")] = None,
-    teacher: Annotated[Path | None, typer.Option(help="a finished run folder on the same data: its ensemble's flip-TTA pseudo-labels of the test images join every fold's training part (never validation); pixels below the members' pseudo_threshold are ignored")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="a finished run folder on the same data with this run's folds (k, split seed): fold k's training part (never validation) gets the test images pseudo-labelled by the teacher's fold-k models (flip TTA), so out-of-fold scores stay honest; pixels below the members' pseudo_threshold are ignored")] = None,
 ) -> None:
     with user_errors():
         from marsseg.budget import parse_duration

@@ -39,7 +39,7 @@ from .oof import collect, same_folds, summary_table
 from .raytrain import check_fits, check_options, fold_slots, submitter
 from .records import Done
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name
-from .teacher import open_teacher, write_targets
+from .teacher import check_splits, fold_models, open_teacher, write_pseudo_labels
 from .teaching import TARGETS, check_record
 from .tracking import TrackingSpec, check_trackers, open_group
 from .train import train_one_fold
@@ -63,7 +63,7 @@ class RunOptions:
     progress: str = "auto"  # auto (live on a terminal, plain lines otherwise) | live | plain | none
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
-    teacher: str | None = None  # a run folder whose TTA pseudo-labels of the test images train too
+    teacher: str | None = None  # a run folder whose per-fold TTA pseudo-labels of the test images train too
     log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
     tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
 
@@ -154,8 +154,8 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     fp = data_fingerprint(source)  # verifies the train shards against dataset.json
     run.check_data(fp)
     _check_recipe(run, recipe, opts.time_budget, opts.teacher)
-    teacher = _check_teacher(recipe, data, run, opts, fp)
     splits, new = plan_splits(recipe, split, run)
+    teacher = _check_teacher(recipe, data, run, opts, fp, splits, {f for _, f in selected})
     for m, f in selected:  # filters that leave no training image; the global batch's split
         fold_rows(split, splits, f, recipe.member(m))
         check_batch(recipe.member(m).batch_size, opts.workers_per_fold, m)
@@ -170,9 +170,11 @@ def _validate(recipe: Recipe, selected, data: Path, run: RunFolder, opts: RunOpt
     return split, splits, new, fp, teacher
 
 
-def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions, fp: dict):
-    """--teacher: the teacher (trained on this data), a test split to pseudo-label, members
-    that ignore the pixels it leaves unlabeled, stored pseudo-labels of this very teacher."""
+def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions, fp: dict,
+                   splits: dict, folds: set[int]):
+    """--teacher: the teacher (trained on this data with this run's `splits`, a model of each
+    of `folds` in every member), a test split to pseudo-label, members that ignore the pixels
+    it leaves unlabeled, stored per-fold pseudo-labels of this very teacher."""
     if opts.teacher is None:
         return None
     teacher = open_teacher(opts.teacher, fp, need_oof=False)
@@ -184,20 +186,22 @@ def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions,
     if count_images(data, "test") == 0:
         raise InputError(f"{data}: the test split holds no images; nothing for --teacher to "
                          "pseudo-label")
+    check_splits(teacher, splits)
+    for k in sorted(folds):
+        fold_models(teacher, k)
     if (run.path / TARGETS).exists():
         check_record(run.path / TARGETS, teacher.sha256, sha256_file(data / "dataset.json"),
-                     "test")
+                     "test", per_fold=True)
     return teacher
 
 
-def _write_pseudo(run: RunFolder, teacher, data: Path, split, rt: Resolved) -> None:
-    """The teacher's TTA probabilities of the test images, once, in the run's targets file
-    (at the precision train-folds resolved for its folds)."""
+def _write_pseudo(run: RunFolder, teacher, data: Path, rt: Resolved) -> None:
+    """The test images' pseudo-labels of every fold (fold k: the teacher's fold-k models),
+    once, in the run's targets file (at the precision train-folds resolved for its folds)."""
     if teacher is None or (run.path / TARGETS).exists():
         return
-    write_targets(teacher, data, split, run.path / TARGETS, unlabeled="test", labeled=False,
-                  rt=rt,
-                  dataset_sha256=sha256_file(data / "dataset.json"))
+    write_pseudo_labels(teacher, data, run.path / TARGETS, rt=rt,
+                        dataset_sha256=sha256_file(data / "dataset.json"))
 
 
 def _check_state_workers(run: RunFolder, member: str, fold: int, workers: int) -> None:
@@ -385,7 +389,7 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
         fold_kwargs = {"rt": rt, "splits": splits, "time_budget": options.time_budget,
                        "pseudo": options.teacher is not None, "tracking": options.tracking}
         if jobs:  # not under the run's lock (minutes); written whole, then renamed
-            _write_pseudo(run, teacher, data, split, rt)
+            _write_pseudo(run, teacher, data, rt)
         done = _train(recipe, jobs, [j for j in selected if j not in jobs], split, run, options,
                       fold_kwargs, console)
         run.remember_done(done)  # weights hashed as each fold finished: not hashed again

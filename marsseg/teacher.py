@@ -8,10 +8,18 @@ held that image out, so no image is taught by a model that saw it; an image of a
 teacher did not train has no target. The unlabeled images (the test split: its images
 only, never its masks) get the ensemble's prediction with flip TTA on the eager backend,
 which writes nothing into the teacher's run folder.
+
+train-folds --teacher labels the unlabeled images once per fold instead
+(`write_pseudo_labels`): fold k of the run by the teacher's fold-k models only. The teacher's
+models of the other folds were trained on fold k's validation images, so their labels would
+carry those images into fold k's training part and make its out-of-fold score optimistic;
+the fold-k models never saw them, which is why the teacher must have the run's splits
+(`check_splits`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -24,9 +32,10 @@ from ._io import atomic_path
 from .config import ModelConfig
 from .device import Resolved
 from .errors import InputError
-from .records import EnsembleSpec
-from .runfolder import OOF, RunFolder, read_oof
-from .teaching import TargetsRecord, write_targets_file
+from .folds import ALL
+from .records import EnsembleSpec, FoldSpec
+from .runfolder import OOF, RunFolder, fold_name, read_oof
+from .teaching import TargetsRecord, pseudo_keys, write_pseudo_file, write_targets_file
 
 
 def teacher_sha256(spec: EnsembleSpec) -> str:
@@ -139,12 +148,12 @@ def _unlabeled_images(data: Path, split: str, batch_size: int) -> tuple[np.ndarr
 
 
 def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled: str,
-                  rt: Resolved, dataset_sha256: str, batch_size: int = 32, labeled: bool = True,
+                  rt: Resolved, dataset_sha256: str, batch_size: int = 32,
                   log: Callable[[str], None] | None = None) -> TargetsRecord:
-    """Compute the teacher's targets for the train `split` of `data` (not with `labeled`
-    False: pseudo-labels need the unlabeled ones only) and its `unlabeled` split ("test" |
-    "none"), and store them at `path` (written whole, then renamed). rt: the command's
-    device and precision, the teacher's forward runs on."""
+    """Compute the teacher's targets for the train `split` of `data` and its `unlabeled`
+    split ("test" | "none"; the whole ensemble's), and store them at `path` (written
+    whole, then renamed). rt: the command's device and precision, the teacher's forward
+    runs on."""
     from .ensemble import load_ensemble
     from .inference import PredictConfig, Predictor
 
@@ -157,7 +166,7 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
                             teacher.oof_miou)
         f = write_targets_file(tmp, rec, split.ids, ids_u, images_u)
         try:
-            missing = _fill_labeled(teacher, f, split.ids) if labeled else len(split.ids)
+            missing = _fill_labeled(teacher, f, split.ids)
             if len(ids_u):
                 # raw softmax, like the out-of-fold targets (a calibration is not in the
                 # teacher's sha256, so calibrated targets could also go stale)
@@ -172,6 +181,110 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
                     f["unlabeled/disagreement"][s:s + len(r.ids)] = r.disagreement
             rec = TargetsRecord(**{**rec.to_json(), "n_without_target": missing})
             f.attrs["record"] = json.dumps(rec.to_json())
+        finally:
+            f.close()
+    return rec
+
+
+# --- train-folds --teacher: per-fold pseudo-labels -----------------------------------------
+
+
+def check_splits(teacher: Teacher, splits: dict) -> None:
+    """Refuse (InputError, one line) a teacher whose folds are not the run's `splits`
+    (same data: `open_teacher` checked it): k, split seed and every id's fold."""
+    t, path = teacher.splits, teacher.run.splits
+    why = ("; fold k is taught by the teacher's fold-k models, so they must not have seen its "
+           "validation images: train with the teacher's folds (recipe folds and split_seed)")
+    if int(t["k"]) != int(splits["k"]):
+        raise InputError(f"{path}: the teacher's splits have k={t['k']}, this run's "
+                         f"k={splits['k']}{why}")
+    if int(t["seed"]) != int(splits["seed"]):
+        raise InputError(f"{path}: the teacher's splits have seed {t['seed']}, this run's "
+                         f"seed {splits['seed']}{why}")
+
+    def fold_of(s: dict) -> dict[int, int]:
+        return {int(i): int(f["fold"]) for f in s["folds"] for i in f["val_ids"]}
+
+    mine, theirs = fold_of(splits), fold_of(t)
+    moved = sum(theirs.get(i) != f for i, f in mine.items()) + len(theirs.keys() - mine.keys())
+    if moved:
+        raise InputError(f"{path}: {moved} image(s) are in another fold than in this run's "
+                         f"splits (same k and seed, other assignment){why}")
+
+
+def _trained_on_all(teacher: Teacher, member: str, entry: FoldSpec) -> bool:
+    """A model trained on every image (distill --all, filed under fold number k): never a
+    fold model, whatever number it is filed under."""
+    every = fold_name(member, ALL).rsplit("/", 1)[1]
+    return entry.trained_on == "all" or teacher.run.fold_path(member, entry).name == every
+
+
+def fold_models(teacher: Teacher, fold: int) -> list[tuple[str, float, FoldSpec]]:
+    """(member, weight, fold entry) of the teacher's `fold` models: one per member in use,
+    weighted as its ensemble file weights the member. InputError naming a member that has
+    none (a teacher trained with --folds) or more than one."""
+    out = []
+    for name, weight, _ in teacher.members:
+        entries = [f for f in teacher.spec.by_name[name].folds
+                   if f.fold == fold and not _trained_on_all(teacher, name, f)]
+        if len(entries) != 1:
+            what = "no" if not entries else f"{len(entries)}"
+            raise InputError(f"{teacher.run.ensemble}: member {name!r} has {what} fold {fold} "
+                             f"model(s); fold {fold} of this run is taught by the teacher's "
+                             f"fold {fold} models only (train the teacher's missing folds, or "
+                             "leave that fold out with --folds)")
+        out.append((name, weight, entries[0]))
+    return out
+
+
+def taught_folds(teacher: Teacher) -> tuple[int, ...]:
+    """The folds of the teacher's splits for which every member in use has a fold model."""
+    def complete(k: int) -> bool:
+        try:
+            return bool(fold_models(teacher, k))
+        except InputError:
+            return False
+
+    return tuple(k for k in range(int(teacher.splits["k"])) if complete(k))
+
+
+def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolved,
+                        dataset_sha256: str, batch_size: int = 32,
+                        log: Callable[[str], None] | None = None) -> TargetsRecord:
+    """Label the test images once per fold of `taught_folds`: fold k by the teacher's fold-k
+    models (`fold_models`) with flip TTA, raw softmax (a calibration is not in the teacher's
+    sha256); stored at `path` (written whole, then renamed; the layout: `teaching`).
+    rt: the command's device and precision, the teacher's forward runs on."""
+    from .ensemble import Ensemble, load_ensemble
+    from .inference import PredictConfig, Predictor
+
+    folds = taught_folds(teacher)
+    ids, images = _unlabeled_images(data, "test", batch_size)
+    cfg = PredictConfig(tta=True, backend="eager", batch_size=batch_size)
+    loaded = load_ensemble(teacher.run.path, members=[n for n, _, _ in teacher.members],
+                           calibrated=False)
+    by_path = {m.path: m for m in loaded.models}
+    rec = TargetsRecord(str(teacher.run.path), teacher.sha256, dataset_sha256, "test",
+                        len(cfg.views), rt.precision, 0, 0, len(ids), teacher.oof_miou,
+                        pseudo_folds=folds)
+    with atomic_path(path) as tmp:
+        f = write_pseudo_file(tmp, rec, ids, images)
+        try:
+            for k in folds:
+                plan = fold_models(teacher, k)
+                total = sum(w for _, w, _ in plan)
+                models = [dataclasses.replace(by_path[teacher.run.fold_path(n, e)], weight=w / total)
+                          for n, w, e in plan]
+                pred = Predictor(Ensemble(teacher.run.path, models), cfg, rt)
+                labels, confidence = pseudo_keys(k)
+                if log:
+                    log(f"teacher fold {k}: {len(models)} models x {len(cfg.views)} views on "
+                        f"{len(ids)} test images")
+                for s in range(0, len(ids), batch_size):
+                    r = pred(ids[s:s + batch_size], images[s:s + batch_size], want_probs=True)
+                    conf = np.take_along_axis(r.probs, r.labels[:, None].astype(np.int64), 1)
+                    f[labels][s:s + len(r.ids)] = r.labels
+                    f[confidence][s:s + len(r.ids)] = conf[:, 0]
         finally:
             f.close()
     return rec

@@ -15,6 +15,14 @@ weight w in [0, 1] (w = 0: no target), so augmentation moves the weight with the
 `losses.soft_kl` needs nothing else. Labeled images: w = 1 where the teacher has an
 out-of-fold prediction. Unlabeled: `DistillConfig.unlabeled_weighting`. The file stays
 open while a fold trains; each batch reads its rows (no copy of the targets in memory).
+
+train-folds --teacher's file (same name, written once by `teacher.write_pseudo_labels`)
+holds per-fold pseudo-labels instead; its record's `pseudo_folds` lists the folds, and it
+has no labeled/* and no whole-ensemble probabilities::
+
+    unlabeled/ids i64 (m,)    unlabeled/images u8 (m,H,W)
+    pseudo/<k>/labels u1 (m,H,W)        the label of the teacher's fold-k models (1..4)
+    pseudo/<k>/confidence f16 (m,H,W)   their probability of that label (`pseudo_keys`)
 """
 
 from __future__ import annotations
@@ -51,16 +59,27 @@ class TargetsRecord:
     n_unlabeled: int
     teacher_oof_miou: float | None = None
     format_version: int = FORMAT_VERSION
+    # train-folds --teacher: the folds whose pseudo-labels the file holds, each made by the
+    # teacher's models of that fold only; None: the whole ensemble's targets (distill)
+    pseudo_folds: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.pseudo_folds is None:
+            del d["pseudo_folds"]
+        else:
+            d["pseudo_folds"] = list(self.pseudo_folds)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> TargetsRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or not {"teacher", "teacher_sha256", "dataset_sha256"} <= set(d):
             raise ValueError("no teacher or data fingerprint")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        rec = cls(**{k: v for k, v in d.items() if k in names})
+        if rec.pseudo_folds is not None:
+            rec = dataclasses.replace(rec, pseudo_folds=tuple(int(k) for k in rec.pseudo_folds))
+        return rec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +105,20 @@ def read_record(path: Path) -> TargetsRecord:
     return rec
 
 
-def check_record(path: Path, teacher_sha256: str, dataset_sha256: str, unlabeled: str
-                 ) -> TargetsRecord:
+def check_record(path: Path, teacher_sha256: str, dataset_sha256: str, unlabeled: str,
+                 per_fold: bool = False) -> TargetsRecord:
     """The stored record, refused (InputError) when the teacher, the data or the unlabeled
-    split differ from the ones the targets were made from."""
+    split differ from the ones the targets were made from, or when it is not of the layout
+    asked for (`per_fold`: train-folds --teacher's per-fold pseudo-labels)."""
     rec = read_record(path)
     hint = "use a new --out (the stored targets and the student trained on them belong together)"
+    if per_fold and rec.pseudo_folds is None:
+        raise InputError(f"{path}: pseudo-labels of the teacher's whole ensemble (an older "
+                         "layout: its models of the other folds saw each fold's validation "
+                         f"images, so its out-of-fold scores are optimistic); {hint}")
+    if not per_fold and rec.pseudo_folds is not None:
+        raise InputError(f"{path}: per-fold pseudo-labels of train-folds --teacher, not a "
+                         f"distillation's targets; {hint}")
     if rec.teacher_sha256 != teacher_sha256:
         raise InputError(f"{path}: made from another teacher ensemble ({rec.teacher}, sha256 "
                          f"{rec.teacher_sha256[:12]}, now {teacher_sha256[:12]}); {hint}")
@@ -125,29 +152,50 @@ def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray
     return f
 
 
-def with_pseudo_labels(train: tuple[np.ndarray, np.ndarray], path: Path | None,
-                       threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """A fold's training (images, masks) plus the unlabeled images of a targets file with
-    pseudo-labels: the teacher's label (classes 1..4, as submitted) where its probability
-    is at least `threshold`, else 0 (a loss with ignore_background ignores it). `path`
-    None: `train` as it is."""
+def pseudo_keys(fold: int) -> tuple[str, str]:
+    """The datasets of fold `fold`'s pseudo-labels: (labels, confidence)."""
+    return f"pseudo/{int(fold)}/labels", f"pseudo/{int(fold)}/confidence"
+
+
+def write_pseudo_file(tmp: Path, record: TargetsRecord, unlabeled_ids: np.ndarray,
+                      unlabeled_images: np.ndarray):
+    """Create a per-fold pseudo-label file (`record.pseudo_folds`; labels and confidences
+    zero-filled, compressed) in `tmp`; returns the open h5py File for the caller to fill."""
     import h5py
 
-    from .metrics import labeled_argmax
+    m, (h, w) = len(unlabeled_ids), unlabeled_images.shape[1:]
+    f = h5py.File(tmp, "w")
+    f.attrs["record"] = json.dumps(record.to_json())
+    f.create_dataset("unlabeled/ids", data=np.asarray(unlabeled_ids, np.int64))
+    f.create_dataset("unlabeled/images", data=unlabeled_images.astype(np.uint8))
+    # one chunk per image; gzip + shuffle: labels are blobs, confidences mostly near 1
+    opts = {"chunks": (1, h, w), "compression": "gzip", "shuffle": True} if m else {}
+    for k in record.pseudo_folds:
+        labels, confidence = pseudo_keys(k)
+        f.create_dataset(labels, (m, h, w), "u1", **opts)
+        f.create_dataset(confidence, (m, h, w), "f2", **opts)
+    return f
+
+
+def with_pseudo_labels(train: tuple[np.ndarray, np.ndarray], path: Path | None, fold: int,
+                       threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fold's training (images, masks) plus the unlabeled images of a per-fold pseudo-label
+    file with the labels of the teacher's `fold` models: their label (classes 1..4, as
+    submitted) where its probability is at least `threshold`, else 0 (a loss with
+    ignore_background ignores it). `path` None: `train` as it is."""
+    import h5py
 
     if path is None:
         return train
     try:
         with h5py.File(path, "r") as f:
-            images, probs = f["unlabeled/images"][()], f["unlabeled/probs"]
-            masks = np.zeros(images.shape, np.uint8)
-            for s in range(0, len(images), 64):
-                p = probs[s:s + 64].astype(np.float32)
-                lab = np.asarray(labeled_argmax(p), np.int64)
-                conf = np.take_along_axis(p, lab[:, None], 1)[:, 0]
-                masks[s:s + 64] = np.where(conf >= threshold, lab, 0)
+            images = f["unlabeled/images"][()]
+            labels, confidence = pseudo_keys(fold)
+            conf = f[confidence][()].astype(np.float32)
+            masks = np.where(conf >= threshold, f[labels][()], 0).astype(np.uint8)
     except (OSError, KeyError) as e:
-        raise InputError(f"{path}: unreadable targets file ({e})") from None
+        raise InputError(f"{path}: no pseudo-labels of fold {fold} ({e}); use a new --out") \
+            from None
     return np.concatenate([train[0], images]), np.concatenate([train[1], masks])
 
 

@@ -134,7 +134,8 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
             log_with=None) -> FoldSetup:
     """Splits, accelerator (with `log_with`'s trackers), model (seeded), optimizer, loaders, loss
     and rock sources of a fold (with `teaching`: the training loader streams the teacher's
-    targets too; with `pseudo` the training part gets the run's pseudo-labelled images)."""
+    targets too; with `pseudo` the training part gets the run's pseudo-labelled test images,
+    labelled by the teacher's models of this fold)."""
     from .models.registry import build_model
 
     prec = rt.precision
@@ -161,7 +162,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
     fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
-                             else None, m.pseudo_threshold)  # never in validation
+                             else None, fold, m.pseudo_threshold)  # never in validation
     sampler = _sampler(m, fit[1], shuffle_gen, taught=teaching is not None)
     loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
                            shuffle_gen, sampler)
@@ -343,7 +344,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     fold: a fold number, or "all" (every training image, filters applied; nothing held
     out, the last epoch's weights kept; nnU-Net's "fold all"). teaching: learn from a
     teacher's stored targets too (`teaching`: the loss, the streamed targets). pseudo: add
-    the pseudo-labelled images of the run folder's targets file to the training part.
+    the test images of the run folder's targets file, labelled by the teacher's models of
+    this fold, to the training part.
 
     data: shard folder (or a loaded train Split). rt: device and precision as the caller
     resolved them (train-folds: `RunOptions.resolve`); without it ``precision`` (auto |

@@ -25,7 +25,8 @@ def sha256(path: Path) -> str:
 def make_run(run: Path, members=("a", "b"), k: int = 2, seed: int = 0, model: str = "unet",
              args: dict | None = None, weights: dict | None = None, selected=None,
              transform=None, metrics: bool = False) -> Path:
-    """Write a run folder with random fold models; `transform(model)` may edit weights."""
+    """Write a run folder with random fold models; `transform(model)` may edit weights
+    (a dict {fold: transform}: each fold its own, a fold absent from it left random)."""
     torch.manual_seed(seed)
     entries = []
     for name in members:
@@ -33,8 +34,9 @@ def make_run(run: Path, members=("a", "b"), k: int = 2, seed: int = 0, model: st
         for f in range(k):
             m = build_model(model, **{**TINY, **(args or {})})
             _randomize_bn(m)
-            if transform:
-                transform(m)
+            edit = transform.get(f) if isinstance(transform, dict) else transform
+            if edit:
+                edit(m)
             folder = save_pretrained(m, run / name / f"fold_{f}",
                                      {"member": name, "fold": f, "recipe": "test", "val_miou": 0.5})
             if metrics:
@@ -96,21 +98,26 @@ def head_bias(cls: int, value: float = 30.0):
 
 
 def make_teacher(run: Path, shards: Path, k: int = 2, members=("a", "b"), weights=None,
-                 in_fold: int = 3) -> Path:
-    """A finished teacher run folder on `shards`, built by hand (no training).
+                 in_fold=3, split_seed: int = 0) -> Path:
+    """A finished teacher run folder on `shards` (splits: k folds of seed `split_seed`),
+    built by hand (no training).
 
     Its fold models predict class `in_fold` everywhere (what they say on any image, the
-    ones they trained on included), while the planted out-of-fold files say something
-    else: member 0's fold f held out its images as one-hot class 1 + f, member 1's as the
-    uniform distribution. So a target tells where it came from.
+    ones they trained on included; a tuple: fold f's models say in_fold[f]; None: random
+    models), while the planted out-of-fold files say something else: member 0's fold f
+    held out its images as one-hot class 1 + f, member 1's as the uniform distribution.
+    So a target tells where it came from.
     """
     from marsseg.data import load_split
     from marsseg.folds import make_splits, splits_dict
     from marsseg.runfolder import RunFolder, data_fingerprint, write_oof
 
     split = load_split(shards, "train")
-    splits = splits_dict(make_splits(split.groups, split.big_rock, k, 0), split.ids, k, 0)
-    make_run(run, members=members, k=k, weights=weights, transform=head_bias(in_fold))
+    splits = splits_dict(make_splits(split.groups, split.big_rock, k, split_seed), split.ids, k,
+                         split_seed)
+    transform = (None if in_fold is None else head_bias(in_fold) if isinstance(in_fold, int)
+                 else {f: head_bias(c) for f, c in enumerate(in_fold)})
+    make_run(run, members=members, k=k, weights=weights, transform=transform)
     rf = RunFolder(run)
     rf.write_splits(splits)
     rf.write_data(data_fingerprint(shards))

@@ -294,12 +294,13 @@ def shard_claiming_rows(split: str, key: str = "masks", n: int = 10**9):
         _rehash(folder)
     return shards_with(edit)
 
-def teacher(edit=None, shards_edit=None):
-    """A planted teacher run folder on the world's shards (`edit(teacher)` applied), a student
-    recipe, and with `shards_edit` a copy of the shards edited so."""
+def teacher(edit=None, shards_edit=None, **kw):
+    """A planted teacher run folder on the world's shards (`make_teacher(**kw)`; by default
+    with the folds of RECIPE, k = 2, seed 1; `edit(teacher)` applied), a student recipe, and
+    with `shards_edit` a copy of the shards edited so."""
     def setup(w, tmp):
         (tmp / "student.toml").write_text(STUDENT)
-        t = make_teacher(tmp / "teacher", w.shards)
+        t = make_teacher(tmp / "teacher", w.shards, **{"split_seed": 1, **kw})
         if edit:
             edit(t)
         (tmp / "ib.toml").write_text(RECIPE + "[members.loss]\nignore_background = true\n")
@@ -309,6 +310,26 @@ def teacher(edit=None, shards_edit=None):
             out["bad"] = _copy_with("shards", shards_edit)(w, tmp)["bad"]
         return out
     return setup
+
+
+def _swap_fold_ids(t: Path) -> None:
+    """The teacher's splits with one validation id of fold 0 and one of fold 1 swapped."""
+    d = json.loads((t / "splits.json").read_text())
+    f0, f1 = d["folds"]
+    a, b = f0["val_ids"][0], f1["val_ids"][0]
+    f0["val_ids"][0], f1["val_ids"][0] = b, a
+    f0["train_ids"], f1["train_ids"] = ([a if i == b else i for i in f0["train_ids"]],
+                                        [b if i == a else i for i in f1["train_ids"]])
+    (t / "splits.json").write_text(json.dumps(d))
+
+
+def _drop_fold(fold: int):
+    """A teacher trained with --folds: member a lacks `fold` in its ensemble file."""
+    def edit(t: Path) -> None:
+        d = json.loads((t / "ensemble.json").read_text())
+        d["members"][0]["folds"] = [f for f in d["members"][0]["folds"] if f["fold"] != fold]
+        (t / "ensemble.json").write_text(json.dumps(d))
+    return edit
 
 
 TEACHER = ["train-folds", "--data", "{bad}", "--recipe", "{ib}", "--out", "{tmp}/run",
@@ -680,6 +701,14 @@ ROWS = [
     row("train-teacher-empty-test-split", TEACHER, teacher(shards_edit=_empty_test_split),
         "holds no images"),
     row("train-teacher-missing", TEACHER[:-1] + ["{tmp}/nope"], teacher(), "{tmp}/nope"),
+    row("train-teacher-other-split-seed", TEACHER, teacher(split_seed=0),
+        "teacher/splits.json: the teacher's splits have seed 0, this run's seed 1"),
+    row("train-teacher-other-k", TEACHER, teacher(k=3),
+        "teacher/splits.json: the teacher's splits have k=3, this run's k=2"),
+    row("train-teacher-other-fold-assignment", TEACHER, teacher(_swap_fold_ids),
+        "teacher/splits.json: 2 image(s) are in another fold"),
+    row("train-teacher-without-fold", TEACHER, teacher(_drop_fold(1)),
+        "member 'a' has no fold 1 model(s)"),
 ]
 
 

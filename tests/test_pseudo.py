@@ -1,5 +1,6 @@
-"""train-folds --teacher: the teacher's pseudo-labelled test images train every fold, never
-validate; a teacher on other data and a changed teacher are refused; resume is exact."""
+"""train-folds --teacher: the test images, pseudo-labelled for fold k by the teacher's fold-k
+models only, train fold k and never validate; a teacher on other data or other splits, a
+changed teacher and an old whole-ensemble targets file are refused; resume is exact."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.console import Console
 from marsseg.data import load_split, prepare
 from marsseg.errors import InputError
 from marsseg.orchestrate import RunOptions, train_folds
+from marsseg.runfolder import data_fingerprint
 
 RECIPE = """folds = 2
 seed = 1
@@ -39,8 +41,9 @@ def world(tmp_path_factory):
     prepare(make_npz(base / "d.npz", n_train=12, n_test=5, test_masks=True), shards)
     recipe = base / "r.toml"
     recipe.write_text(RECIPE)
+    # fold 0's teacher models say class 2, fold 1's say 3: a pseudo-label tells its fold
     return {"base": base, "shards": shards, "recipe": recipe,
-            "teacher": make_teacher(base / "teacher", shards)}
+            "teacher": make_teacher(base / "teacher", shards, split_seed=1, in_fold=(2, 3))}
 
 
 def opts(world, **kw):
@@ -75,7 +78,7 @@ def test_pseudo_labelled_images_train_but_never_validate(world, tmp_path, monkey
         rows = np.isin(split.ids, val_ids)
         assert np.array_equal(val[0], split.images[rows])  # validation: its labeled images only
         assert np.array_equal(fit[0][-5:], test.images)  # training: + the test images
-        assert (fit[1][-5:] == 3).all()  # the teacher's label, confident everywhere
+        assert (fit[1][-5:] == (2, 3)[k]).all()  # the label of the teacher's fold-k models
         done = json.loads((out / "a" / f"fold_{k}" / "done.json").read_text())
         assert done["n_pseudo"] == 5 and done["n_val"] == len(val_ids)
         with h5py.File(out / "a" / f"fold_{k}" / "oof.h5", "r") as f:
@@ -85,22 +88,104 @@ def test_pseudo_labelled_images_train_but_never_validate(world, tmp_path, monkey
 
 
 def test_threshold_ignores_unsure_pixels(tmp_path):
-    from marsseg.teaching import TargetsRecord, with_pseudo_labels, write_targets_file
+    from marsseg.teaching import TargetsRecord, with_pseudo_labels, write_pseudo_file
 
-    rec = TargetsRecord("t", "s", "d", "test", 2, "no", 0, 0, 2)
+    rec = TargetsRecord("t", "s", "d", "test", 2, "no", 0, 0, 2, pseudo_folds=(0, 1))
     images = np.arange(2 * 64 * 128, dtype=np.uint8).reshape(2, 64, 128)
-    f = write_targets_file(tmp_path / "t.h5", rec, np.zeros(0, np.int64), np.array([3, 9]), images)
-    probs = np.zeros((2, 5, 64, 128), np.float16)
-    probs[0, 2], probs[0, 1] = 0.7, 0.3  # sure enough: 2
-    probs[1, 4], probs[1, 3] = 0.5, 0.5  # not sure: ignored
-    probs[1, 0, 0, 0], probs[1, 4, 0, 0] = 0.9, 0.1  # background is never a pseudo-label
-    f["unlabeled/probs"][...] = probs
+    f = write_pseudo_file(tmp_path / "t.h5", rec, np.array([3, 9]), images)
+    f["pseudo/0/labels"][...] = [np.full((64, 128), 2), np.full((64, 128), 4)]
+    f["pseudo/0/confidence"][...] = [np.full((64, 128), 0.7), np.full((64, 128), 0.5)]
+    f["pseudo/1/labels"][...] = 3
+    f["pseudo/1/confidence"][...] = 0.95
     f.close()
     base = (np.zeros((1, 64, 128), np.uint8), np.ones((1, 64, 128), np.uint8))
-    images2, masks = with_pseudo_labels(base, tmp_path / "t.h5", 0.6)
+    images2, masks = with_pseudo_labels(base, tmp_path / "t.h5", 0, 0.6)
     assert np.array_equal(images2[1:], images) and (masks[0] == 1).all()
-    assert (masks[1] == 2).all() and (masks[2] == 0).all()
-    assert with_pseudo_labels(base, None, 0.6) is base
+    assert (masks[1] == 2).all() and (masks[2] == 0).all()  # sure enough: 2; not sure: ignored
+    assert (with_pseudo_labels(base, tmp_path / "t.h5", 1, 0.6)[1][1:] == 3).all()
+    assert with_pseudo_labels(base, None, 0, 0.6) is base
+    with pytest.raises(InputError, match="no pseudo-labels of fold 2"):
+        with_pseudo_labels(base, tmp_path / "t.h5", 2, 0.6)
+
+
+def _tta(folders_weights, images):
+    """The weighted flip-TTA softmax of fold folders, computed here without the Predictor."""
+    import torch
+
+    from marsseg.models.registry import load_pretrained
+
+    x = torch.from_numpy(images).float()[:, None]
+    acc = 0
+    for folder, w in folders_weights:
+        model = load_pretrained(folder).eval()
+        with torch.no_grad():
+            p = torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1).flip(-1)
+        acc = acc + w * p.numpy() / 2
+    return acc / sum(w for _, w in folders_weights)
+
+
+def _labels_conf(probs):
+    lab = probs[:, 1:].argmax(1) + 1  # classes 1..4, as submitted
+    return lab, np.take_along_axis(probs, lab[:, None], 1)[:, 0]
+
+
+def test_fold_k_is_labelled_by_the_teachers_fold_k_models_only(world, tmp_path):
+    """Random teacher models, members weighted 1 : 3: fold k's stored labels are the TTA
+    prediction of the two fold-k models so weighted, not the whole ensemble's."""
+    from marsseg.device import resolve
+    from marsseg.teacher import open_teacher, write_pseudo_labels
+
+    t = make_teacher(tmp_path / "t", world["shards"], split_seed=1, in_fold=None,
+                     weights={"a": 1.0, "b": 3.0})
+    path = tmp_path / "targets.h5"
+    rec = write_pseudo_labels(open_teacher(t, data_fingerprint(world["shards"]), need_oof=False),
+                              world["shards"], path, rt=resolve(None, "no"),
+                              dataset_sha256="d")
+    assert rec.pseudo_folds == (0, 1) and rec.n_unlabeled == 5
+    images = load_split(world["shards"], "test").images
+    whole = _labels_conf(_tta([(t / m / f"fold_{k}", w) for m, w in (("a", 1), ("b", 3))
+                               for k in (0, 1)], images))
+    with h5py.File(path, "r") as f:
+        for k in (0, 1):
+            probs = _tta([(t / "a" / f"fold_{k}", 1.0), (t / "b" / f"fold_{k}", 3.0)], images)
+            lab, conf = _labels_conf(probs)
+            top2 = np.sort(probs[:, 1:], 1)
+            sure = top2[:, -1] - top2[:, -2] > 1e-4  # not a near-tie that rounding may flip
+            assert np.array_equal(f[f"pseudo/{k}/labels"][()][sure], lab[sure])
+            got = f[f"pseudo/{k}/confidence"][()].astype(np.float32)
+            np.testing.assert_allclose(got, conf, atol=2e-3)
+            assert np.abs(got - whole[1]).max() > 0.01  # the whole ensemble says otherwise
+
+
+def test_a_fold_all_model_never_teaches_a_fold(world, tmp_path):
+    """A teacher member's model trained on every image (distill --all) is filed under a fold
+    number; it never labels a fold, not even one its entry claims."""
+    import shutil
+
+    import torch
+    from _runfolder import head_bias, sha256
+
+    from marsseg.device import resolve
+    from marsseg.models.registry import build_model, save_pretrained
+    from marsseg.teacher import open_teacher, write_pseudo_labels
+
+    t = tmp_path / "t"
+    shutil.copytree(world["teacher"], t)
+    torch.manual_seed(0)
+    m = build_model("unet", base_width=4, depth=2)
+    head_bias(4)(m)  # says big rock everywhere
+    folder = save_pretrained(m, t / "a" / "fold_all", {"member": "a", "fold": "all"})
+    spec = json.loads((t / "ensemble.json").read_text())
+    entry = {"path": "a/fold_all", "sha256": sha256(folder / "model.safetensors")}
+    spec["members"][0]["folds"] += [{"fold": 2, "trained_on": "all", **entry},
+                                    {"fold": 0, **entry}]  # hand-filed under fold 0 too
+    (t / "ensemble.json").write_text(json.dumps(spec))
+    write_pseudo_labels(open_teacher(t, data_fingerprint(world["shards"]), need_oof=False),
+                        world["shards"], tmp_path / "p.h5", rt=resolve(None, "no"),
+                        dataset_sha256="d")
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert (f["pseudo/0/labels"][()] == 2).all()
+        assert (f["pseudo/1/labels"][()] == 3).all()
 
 
 def test_resume_is_exact(world, tmp_path, monkeypatch):
@@ -148,3 +233,19 @@ def test_rerun_with_another_teacher_or_none_is_refused(world, tmp_path):
     (out / "overrides.json").write_text(json.dumps({"teacher": str(changed.resolve())}))
     with pytest.raises(InputError, match="another teacher"):
         train(world, out, teacher=str(changed), folds=(1,))
+
+
+def test_a_whole_ensemble_targets_file_is_refused(world, tmp_path):
+    """A run folder whose targets file holds the older whole-ensemble pseudo-labels (no
+    pseudo_folds in its record) is refused before anything is written."""
+    out = tmp_path / "run"
+    train(world, out, folds=(0,))
+    with h5py.File(out / "targets.h5", "r+") as f:
+        rec = json.loads(f.attrs["record"])
+        del rec["pseudo_folds"]
+        f.attrs["record"] = json.dumps(rec)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(InputError, match="targets.h5: pseudo-labels of the teacher's whole "
+                                         "ensemble.*use a new --out"):
+        train(world, out, folds=(1,))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -180,7 +180,7 @@ def test_the_sampler_covers_pseudo_labelled_images_too(shards, tmp_path, monkeyp
     monkeypatch.setattr(train_mod, "RareClassSampler", spy)
     extra = np.zeros((5, 64, 128), np.uint8)
     monkeypatch.setattr(train_mod, "with_pseudo_labels",
-                        lambda train, path, thr: (np.concatenate([train[0], extra]),
+                        lambda train, path, fold, thr: (np.concatenate([train[0], extra]),
                                                   np.concatenate([train[1], extra + 4])))
     r = tiny_recipe(1, 2.0)
     done = train_one_fold(r, "tiny", 0, shards, tmp_path, threads=1, precision="no")
