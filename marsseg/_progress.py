@@ -23,7 +23,8 @@ from rich.live import Live
 from rich.table import Table
 
 #: the keys each kind of event carries after the common ones, in the order they are sent
-EVENT_KEYS = {"start": ("epoch", "resumed_from", "n_train", "n_val", "precision", "device"),
+EVENT_KEYS = {"start": ("epoch", "resumed_from", "n_train", "n_pseudo", "n_val", "precision",
+                        "device"),
               "batch": ("epoch", "batch", "batches", "img_s"),
               "epoch": ("epoch", "loss", "val_miou", "best_miou", "img_s", "seconds"),
               "done": ("epoch", "val_miou")}
@@ -45,7 +46,8 @@ class Event:
     time: float
     epoch: int = 0  # start: the first epoch to train; else the epoch reported
     resumed_from: int | None = None  # start: the saved epoch it resumed after
-    n_train: int | None = None
+    n_train: int | None = None  # start: labeled training images
+    n_pseudo: int | None = None  # start: pseudo-labelled test images in the training part
     n_val: int | None = None
     precision: str | None = None
     device: str | None = None
@@ -79,7 +81,8 @@ class Event:
 
 _I, _F, _S, _N = (int,), (int, float), (str,), (type(None),)
 _EVENT_TYPES = {"event": _S, "member": _S, "fold": _I + _S, "epochs": _I, "pid": _I, "time": _F,
-                "epoch": _I, "resumed_from": _I + _N, "n_train": _I + _N, "n_val": _I + _N,
+                "epoch": _I, "resumed_from": _I + _N, "n_train": _I + _N, "n_pseudo": _I + _N,
+                "n_val": _I + _N,
                 "precision": _S + _N, "device": _S + _N, "batch": _I + _N, "batches": _I + _N,
                 "img_s": _F + _N, "loss": _F + _N, "val_miou": _F + _N, "best_miou": _F + _N,
                 "seconds": _F + _N}
@@ -192,7 +195,8 @@ class ProgressView:
             if row.attempts > 1:
                 row.note = f"attempt {row.attempts}, " + (row.note or "from scratch")
             if self.mode == "plain":
-                self.log(f"{name}: start ({ev.n_train} train / {ev.n_val} val images,"
+                pseudo = f" + {ev.n_pseudo} pseudo-labelled" if ev.n_pseudo else ""
+                self.log(f"{name}: start ({ev.n_train} train{pseudo} / {ev.n_val} val images,"
                          f" {ev.precision} on {ev.device}, pid {ev.pid})"
                          + (f" {row.note}" if row.note else ""))
         elif ev.event == "batch":

@@ -379,7 +379,8 @@ def train_one_fold(recipe: Recipe, member: str | MemberConfig, fold: int | str, 
     m = f.member
     report = Report(progress, m, fold)
     report("start", epoch=state.epoch + 1, resumed_from=resumed_from,
-           n_train=len(f.train_rows), n_val=len(f.val_rows), precision=f.precision,
+           n_train=len(f.train_rows), n_pseudo=f.n_pseudo, n_val=len(f.val_rows),
+           precision=f.precision,
            device=str(f.accelerator.device))
     with track:  # ends the tracked run however the fold ends
         track.start(f, lambda: read_metrics(f.fold_dir / METRICS))

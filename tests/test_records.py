@@ -155,9 +155,10 @@ def test_done_without_sha256_names_it(tmp_path):
 # the dicts Report sent before `Event`: the common keys, then the kind's, in this order
 OLD_EVENTS = [
     {"event": "start", "member": "a", "fold": 0, "epochs": 3, "pid": 7, "time": 1.5, "epoch": 1,
-     "resumed_from": 0, "n_train": 12, "n_val": 4, "precision": "no", "device": "cpu"},
+     "resumed_from": 0, "n_train": 12, "n_pseudo": 0, "n_val": 4, "precision": "no",
+     "device": "cpu"},
     {"event": "start", "member": "a", "fold": "all", "epochs": 3, "pid": 7, "time": 1.5,
-     "epoch": 0, "resumed_from": None, "n_train": 16, "n_val": 0, "precision": "bf16",
+     "epoch": 0, "resumed_from": None, "n_train": 16, "n_pseudo": 0, "n_val": 0, "precision": "bf16",
      "device": "cpu"},
     {"event": "batch", "member": "a", "fold": 0, "epochs": 3, "pid": 7, "time": 2.0, "epoch": 1,
      "batch": 2, "batches": 5, "img_s": 40.5},
@@ -193,6 +194,10 @@ def test_progress_view_takes_events(capsys):
     assert "a fold 0: start (12 train / 4 val images, no on cpu, pid 7) resumed after epoch 0" in out
     assert "a fold 0: epoch 2/3 loss 0.7000 val mIoU 40.00 (best 40.00) 41 img/s" in out
     assert view.rows[("a", 0)].status == "done"
+    # a --teacher fold says how many pseudo-labelled test images joined its training part
+    view = ProgressView([("a", 1, 3)], mode="plain", console=Console(width=200))
+    view.update([Event.from_json({**OLD_EVENTS[0], "fold": 1, "n_pseudo": 5})])
+    assert "a fold 1: start (12 train + 5 pseudo-labelled / 4 val images," in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- predict summary
