@@ -49,9 +49,10 @@ aside() {
   echo "kept aside: $ROOT/$r/$name"
 }
 
-# Out-of-fold scores under a name that says which folds they cover.
+# Out-of-fold scores under a name that says which folds (and members, with MEMBERS) they cover.
 oof() {
-  aside "$1" "scores-oof${FOLDS:+-f${FOLDS//,/}}.json" --split train ${FOLDS:+--folds "$FOLDS"}
+  aside "$1" "scores-oof${FOLDS:+-f${FOLDS//,/}}${MEMBERS:+-${MEMBERS//,/-}}.json" --split train \
+    ${FOLDS:+--folds "$FOLDS"} ${MEMBERS:+--members "$MEMBERS"}
 }
 
 # RECIPE:pseudo -> the train-folds option that adds the teacher's pseudo-labelled test images

@@ -156,6 +156,11 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     assert oof["mode"] == "oof" and sorted(oof["models"]) == ["tiny-sample/fold_0",
                                                              "tiny-sample/fold_1"]
     assert not (run / "scores.json").exists()  # no gold scores from a lever's OOF pass
+    out = subprocess.run(["bash", str(SCRIPT), "oof", "lever-tiny"], cwd=ROOT, timeout=900,
+                         env={**env, "MEMBERS": "tiny-sample"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    one = json.loads((run / "scores-oof-f01-tiny-sample.json").read_text())  # RUN/MEMBER rows
+    assert one["members"] == ["tiny-sample"] and one["models"] == oof["models"]
     done = json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text())
     assert done["epochs"] == 1 and done["sampling"]["factor"] == 3.0
     # distill: a student of this (two-fold) teacher, scored on the slice and on gold; the
