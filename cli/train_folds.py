@@ -33,6 +33,7 @@ def train_folds(
     log_with: Annotated[list[str] | None, typer.Option(help="log each (member, fold) to an accelerate tracker: tensorboard (RUN/tb), mlflow (sqlite RUN/mlflow.db unless MLFLOW_TRACKING_URI), wandb, ...; repeat or comma-separate (tensorboard and mlflow: pip install 'marsseg[track]')")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget per fold, e.g. 90s, 12m, 1.5h: each fold's epochs come from a timing probe before epoch 0 and are kept in its budget.json (not with --epochs)")] = None,
     teacher: Annotated[Path | None, typer.Option(help="a finished run folder on the same data with this run's folds (k, split seed): fold k's training part (never validation) gets the test images pseudo-labelled by the teacher's fold-k models (flip TTA), so out-of-fold scores stay honest; pixels below the members' pseudo_threshold are ignored")] = None,
+    reuse: Annotated[list[str] | None, typer.Option(help="run folders (repeat or comma-separate, searched in order) whose finished folds are copied instead of trained when they are provably the fold this command would train: same train shards, splits, recipe seed, member block (after --epochs), --teacher, precision, device and workers, no --time-budget; each fold that differs is trained, and a line names its first difference")] = None,
 ) -> None:
     with user_errors():
         from marsseg.budget import parse_duration
@@ -46,5 +47,6 @@ def train_folds(
                           progress=progress, workers_per_fold=workers_per_fold,
                           log_with=parse_list(log_with, "--log-with") or (),
                           time_budget=parse_duration(time_budget) if time_budget is not None else None,
-                          teacher=str(teacher) if teacher is not None else None)
+                          teacher=str(teacher) if teacher is not None else None,
+                          reuse=parse_list(reuse, "--reuse") or ())
         run(recipe, data, out, opts, epochs=epochs)

@@ -30,6 +30,8 @@ Module map, lowest layer first; each module imports only from the ones above it
     validation      a fold's validation confusion matrix (sharded loaders too), out-of-fold softmax
     train           train_one_fold: the accelerate loop, written out in phases
     oof             out-of-fold scores of finished folds: the run's ensemble file
+    reuse           train-folds --reuse: finished folds of other run folders, adopted when
+                    provably the folds this recipe would train (first difference named)
     raytrain        --workers-per-fold N: one fold as a Ray Train TorchTrainer of N workers
     orchestrate     train-folds: (member, fold) tasks on Ray (cluster: starting/joining Ray)
     temperature     calibration: temperatures fitted on the out-of-fold files (calibrate),

@@ -11,13 +11,15 @@ starts. Then, under the run folder's lock, the shared files are written and the
 folds to train are locked; the ensemble file is collected under the lock again.
 Re-running the same command skips finished folds (their weights checked against
 their sha256) and resumes the others from their ``state/``; a task whose worker
-dies is retried by Ray (`max_retries`) and resumes the same way.
+dies is retried by Ray (`max_retries`) and resumes the same way. Before any is dispatched,
+folds that --reuse run folders finished alike are adopted instead (`reuse`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -38,6 +40,7 @@ from .folds import fold_rows, load_train, plan_splits
 from .oof import collect, same_folds, summary_table
 from .raytrain import check_fits, check_options, fold_slots, submitter
 from .records import Done
+from .reuse import Wanted, adopt, open_sources
 from .runfolder import STATE, TRAINER_STATE, RunFolder, data_fingerprint, fold_name
 from .teacher import check_splits, fold_models, open_teacher, write_pseudo_labels
 from .teaching import TARGETS, check_record
@@ -64,6 +67,7 @@ class RunOptions:
     time_budget: float | None = None  # wall seconds per fold; sets each fold's epochs (budget.py)
     workers_per_fold: int = 1  # > 1: data-parallel processes per fold on Ray Train (raytrain.py)
     teacher: str | None = None  # a run folder whose per-fold TTA pseudo-labels of the test images train too
+    reuse: tuple[str, ...] = ()  # run folders whose provably identical finished folds are adopted
     log_with: tuple[str, ...] = ()  # accelerate trackers (tracking.py): tensorboard, mlflow, ...
     tracking: TrackingSpec | None = None  # resolved from log_with by train_folds, not by users
 
@@ -376,6 +380,11 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     if options.teacher is not None:
         options = dataclasses.replace(options, teacher=str(Path(options.teacher).resolve()))
     split, splits, new_splits, fp, teacher = _validate(recipe, selected, data, run, options)
+    sources = open_sources(options.reuse, out)
+    want = Wanted(recipe, splits, fp, rt, options.workers_per_fold, options.time_budget,
+                  teacher.sha256 if teacher is not None else None)
+    say = None if options.progress == "none" else functools.partial(
+        console.print, highlight=False, soft_wrap=True)  # one line each, as view.log
 
     with contextlib.ExitStack() as held:
         with run.lock():
@@ -386,13 +395,15 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
                 options = replace(options, tracking=open_group(
                     run.path, check_trackers(options.log_with), options.resources(), fp))
             held.enter_context(run.lock_folds(jobs))
+        adopted = adopt(sources, want, run, jobs, say)  # folds other runs trained alike
+        jobs = [j for j in jobs if j not in {(d.member, d.fold) for d in adopted}]
         fold_kwargs = {"rt": rt, "splits": splits, "time_budget": options.time_budget,
                        "pseudo": options.teacher is not None, "tracking": options.tracking}
         if jobs:  # not under the run's lock (minutes); written whole, then renamed
             _write_pseudo(run, teacher, data, rt)
         done = _train(recipe, jobs, [j for j in selected if j not in jobs], split, run, options,
                       fold_kwargs, console)
-        run.remember_done(done)  # weights hashed as each fold finished: not hashed again
+        run.remember_done(done + adopted)  # weights hashed as each fold finished: not hashed again
         with run.lock():
             ens = collect(run, recipe, split, splits, data)
             if not same_folds(run, ens):
@@ -401,9 +412,10 @@ def train_folds(recipe_path: str | Path, data: str | Path, out: str | Path,
     if options.progress != "none":
         console.print(summary_table(ens))
         console.print(f"{run.ensemble.name} -> {run.ensemble} "
-                      f"({len(jobs)} fold(s) trained, {time.perf_counter() - t0:.1f} s)",
-                      highlight=False)
+                      f"({len(jobs)} fold(s) trained, {len(adopted)} reused, "
+                      f"{time.perf_counter() - t0:.1f} s)", highlight=False)
     return {**ens.to_json(), "trained": [fold_name(m, f) for m, f in jobs],
+            "reused": {fold_name(d.member, d.fold): d.reused_from["run"] for d in adopted},
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -52,8 +52,10 @@ _NUM, _OPT_NUM = (float,), (float, type(None))
 class Done:
     """``done.json``: a finished fold, written last (its presence means the fold is finished).
 
-    `workers` is written only when > 1 and `sampling` only with a sampler (what it drew
-    from); older files lacking a key load with its default. Only `sha256` is required.
+    `workers` is written only when > 1, `sampling` only with a sampler (what it drew
+    from) and `reused_from` only for a fold adopted by train-folds --reuse (the run folder,
+    fold and weights' sha256 it was copied from; the other keys are the training's own);
+    older files lacking a key load with its default. Only `sha256` is required.
     """
 
     member: str = ""
@@ -76,6 +78,7 @@ class Done:
     sha256: str = ""
     seconds_this_attempt: float = 0.0
     sampling: dict | None = None
+    reused_from: dict | None = None
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -83,8 +86,9 @@ class Done:
             d["val_iou"] = list(d["val_iou"])
         if self.workers == 1:
             del d["workers"]
-        if self.sampling is None:
-            del d["sampling"]
+        for key in ("sampling", "reused_from"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -111,7 +115,7 @@ _DONE_KINDS = {"member": (str,), "fold": (int, str), "recipe": (str,), "best_epo
                "n_train_filtered": (int,), "n_val": (int,), "n_pseudo": (int,),
                "precision": (str,), "device": (str,), "workers": (int,),
                "train_seconds": _NUM, "sha256": (str,), "seconds_this_attempt": _NUM,
-               "sampling": (dict, type(None))}
+               "sampling": (dict, type(None)), "reused_from": (dict, type(None))}
 
 
 # --- ensemble.json: hand-editable, so key order and unknown keys survive a rewrite ----------

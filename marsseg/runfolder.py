@@ -21,6 +21,7 @@ SLURM array) share a run folder, and one asking for a fold in training stops at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -59,6 +60,10 @@ TRAINER_STATE = "trainer.json"
 OOF = "oof.h5"
 DONE = "done.json"
 BUDGET = "budget.json"  # with --time-budget: the fold's epochs, decided before epoch 0
+TRACKING = "tracking.json"  # --log-with: a fold's tracked runs (`tracking.TRACKING`, written there)
+#: what another run adopts of a finished fold folder (train-folds --reuse): never state/ (the
+#: fold is finished) nor cache/ (conversions are made again when needed)
+FINISHED_FILES = (WEIGHTS, CONFIG, METRICS, OOF, TRACKING)
 CACHE = "cache"  # backend conversions of the fold's weights (`cache_key` names them)
 #: exactly the names a conversion writes: ``<backend>-<prec>-<sha16>-b<n>[-torch<v>]``, an
 #: optional ``.tmp-<pid>`` while it is written, and one of the cache's extensions
@@ -274,6 +279,30 @@ class RunFolder:
 
     def write_done(self, done: Done) -> None:
         write_json_atomic(self.fold_dir(done.member, done.fold) / DONE, done.to_json())
+
+    def adopt_fold(self, source: Path, done: Done, reused_from: dict) -> Done:
+        """Copy the finished fold folder `source` (its checked `done`) into this run as
+        ``done.member``'s fold ``done.fold``, whole or not at all: the files of
+        `FINISHED_FILES` go into a hidden temporary folder beside the fold folder, the
+        copied weights are checked against done's sha256, done.json (with `reused_from`) is
+        written last, and the folder is renamed into place (an unfinished fold folder there
+        is replaced). The caller holds the fold's lock; its lock file moves along as a hard
+        link, so the lock stays held. Returns the adopted fold's done record."""
+        dst = self.fold_dir(done.member, int(done.fold))
+        with atomic_path(dst, hidden=True) as tmp:
+            tmp.mkdir()
+            with contextlib.suppress(OSError):  # no fold folder yet, or no hard links here
+                os.link(dst / LOCK, tmp / LOCK)
+            for name in FINISHED_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copyfile(Path(source) / name, tmp / name)
+            if sha256_file(tmp / WEIGHTS) != done.sha256:
+                raise InputError(f"{tmp / WEIGHTS}: the copy of {Path(source) / WEIGHTS} has "
+                                 "another sha256 (a failing disk?)")
+            new = dataclasses.replace(done, reused_from=reused_from)
+            write_json_atomic(tmp / DONE, new.to_json())
+        self._verified[(done.member, int(done.fold))] = new
+        return new
 
 
 def read_done(folder: Path, name: str) -> Done | None:

@@ -773,6 +773,18 @@ def _train(recipe: str = "{bad}", *extra: str, data: str = "{shards}") -> list[s
     return ["train-folds", "--data", data, "--recipe", recipe, "--out", "{tmp}/run", *extra]
 
 
+def _reuse_run(recipe: str):
+    """A folder beside the row's --out holding only a recipe.toml (a --reuse candidate)."""
+    def setup(w, tmp):
+        (tmp / "old").mkdir()
+        (tmp / "old" / "recipe.toml").write_text(recipe)
+        return {"old": tmp / "old"}
+    return setup
+
+
+REUSE = ["--sequential", "--reuse"]
+
+
 def _predict(*extra: str, data: str = "{shards}") -> list[str]:
     return ["predict", "--ensemble", "{run}", "--data", data, "--out", "{tmp}/s.csv", *extra]
 
@@ -798,6 +810,17 @@ ROWS += [
         _shard_claiming_rows("train", "masks"), "{shard}: dataset 'masks' has 1000000000 rows"),
     row("train-shards-being-replaced", _train("{recipe}", "--sequential", data="{bad}"),
         _shards_locked(shared=False), "being replaced by `prepare --force`"),
+    # train-folds --reuse: every run folder named is read before OUT is written
+    row("train-reuse-missing", _train("{recipe}", *REUSE, "{tmp}/nope"), None,
+        "--reuse {tmp}/nope: no such run folder"),
+    row("train-reuse-not-a-run-folder", _train("{recipe}", *REUSE, "{run}"), None,
+        "--reuse {run}: not a train-folds run folder (no recipe.toml)"),
+    row("train-reuse-out-itself", _train("{recipe}", *REUSE, "{tmp}/run"), None,
+        "--reuse {tmp}/run: is --out itself"),
+    row("train-reuse-recipe-not-toml", _train("{recipe}", *REUSE, "{old}"), _reuse_run("[["),
+        "{old}/recipe.toml: unreadable recipe"),
+    row("train-reuse-without-data-record", _train("{recipe}", *REUSE, "{old}"),
+        _reuse_run(RECIPE), "--reuse {old}: not a train-folds run folder (data.json is missing)"),
     # synth, prepare, inspect: resource bombs are one line
     row("synth-a-billion-images", ["synth", "--out", "{tmp}/s.npz", "--n-train", "1000000000"],
         None, "--n-train 1000000000"),
