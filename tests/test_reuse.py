@@ -197,6 +197,26 @@ def test_a_difference_is_trained_and_named(world, tmp_path, text, setup, kw, why
     assert "reused_from" not in done_json(tmp_path / "run", "a", 0)
 
 
+def test_a_fold_pseudo_labelled_by_the_same_teacher_is_adopted(world, tmp_path):
+    """--teacher on both sides: the same teacher ensemble is the same fold; another one
+    (other fold weights, so another sha256) is a difference."""
+    teacher = make_teacher(tmp_path / "teacher", world["shards"], k=2, members=("t",),
+                           split_seed=1)
+    recipe = write(tmp_path, recipe_text(ignore="true"))
+    first, _ = run_plain(recipe, world["shards"], tmp_path / "first", folds=(0,),
+                         teacher=str(teacher))
+    assert first["trained"] == ["a/fold_0"]
+    res, _ = run_plain(recipe, world["shards"], tmp_path / "same", reuse=[tmp_path / "first"],
+                       folds=(0,), teacher=str(teacher))
+    assert res["trained"] == [] and list(res["reused"]) == ["a/fold_0"]
+    other = make_teacher(tmp_path / "other", world["shards"], k=2, members=("t",),
+                         split_seed=1, in_fold=2)
+    res, text = run_plain(recipe, world["shards"], tmp_path / "another",
+                          reuse=[tmp_path / "first"], folds=(0,), teacher=str(other))
+    assert res["trained"] == ["a/fold_0"]
+    assert "(pseudo-labels of another teacher ensemble (sha256 " in text
+
+
 def test_differences_recorded_in_the_source_fold(world):
     """What a source records of how its fold ran: precision, device, workers, a time
     budget or a teacher there."""
