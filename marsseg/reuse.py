@@ -99,9 +99,12 @@ def open_source(path: str | Path, out: Path) -> Source:
         missing = run.data if data is None else run.splits
         raise InputError(f"--reuse {path}: not a train-folds run folder ({missing.name} is "
                          "missing)")
+    epochs = overrides.get("epochs")
+    if epochs is not None and (type(epochs) is not int or epochs < 1):
+        raise InputError(f"{run.overrides}: 'epochs' is {epochs!r}, expected an integer >= 1")
     targets = read_record(p / TARGETS) if (p / TARGETS).exists() else None
-    return Source(run, with_epochs(recipe, overrides.get("epochs")), overrides,
-                  [s.get("sha256") for s in data["train_shards"]], splits, targets)
+    shas = [s.get("sha256") if isinstance(s, dict) else None for s in data["train_shards"]]
+    return Source(run, with_epochs(recipe, epochs), overrides, shas, splits, targets)
 
 
 def open_sources(paths: Sequence[str], out: Path) -> list[Source]:

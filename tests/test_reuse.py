@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from marsseg import runfolder as RF
 from marsseg.cli import app
 from marsseg.data import prepare
+from marsseg.errors import InputError
 from marsseg.orchestrate import RunOptions, train_folds
 from marsseg.reuse import Wanted, first_difference, open_source
 from marsseg.runfolder import RunFolder
@@ -272,6 +273,14 @@ def test_an_interrupted_adoption_leaves_no_half_fold(world, tmp_path, monkeypatc
     assert res["trained"] == [] and sorted(res["reused"]) == ["a/fold_0", "a/fold_1"]
     assert not left.exists() and weights_sha(out, "a", 0) == weights_sha(src, "a", 0)
     assert sorted(os.listdir(out / "a")) == ["fold_0", "fold_1"]
+
+
+def test_a_source_with_malformed_overrides_is_one_line(world, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(world["source"], bad)
+    (bad / "overrides.json").write_text('{"epochs": "40"}')
+    with pytest.raises(InputError, match="overrides.json: 'epochs' is '40', expected an integer"):
+        open_source(bad, tmp_path / "out")
 
 
 def test_the_tracking_record_is_adopted_too():
