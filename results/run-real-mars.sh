@@ -12,6 +12,9 @@
 #     the same trainings as `train`, as single-fold jobs in LANES (2) lanes of one torch
 #     thread each (no core idles while an odd fold trains alone); RECIPE:pseudo trains
 #     RECIPE with `--teacher $ROOT/$TEACHER` into the run RECIPE-pseudo (issue 18, lever 4)
+#   REUSE=lever-e40,marsseg-best EPOCHS= results/run-real-mars.sh lanes marsseg-r2
+#     adopts the finished folds of those runs that are exactly what the recipe would train
+#     (train-folds --reuse: same data, splits, seed, member block, precision), trains the rest
 #   MEMBERS=res-ds-dice FOLDS=0,1,2 results/run-real-mars.sh oof marsseg-best
 #     -> scores-oof-f012-res-ds-dice.json (one member of a run; table.py: marsseg-best/res-ds-dice)
 #   EPOCHS=30 results/run-real-mars.sh distill none test   # issue 17: students of $TEACHER
@@ -34,6 +37,8 @@ BACKEND=${BACKEND:-auto}      # evaluate's --backend (auto: openvino on a CPU)
 TEACHER=${TEACHER:-marsseg-best}  # distill's and RECIPE:pseudo's teacher run (under ROOT)
 MEMBERS=${MEMBERS:-}          # oof: only these members (comma-separated; default: the selected)
 LANES=${LANES:-2}             # lanes: single-fold jobs at once
+REUSE=${REUSE:-}              # train/lanes: runs under ROOT whose identical finished folds are
+                              # adopted, not trained (train-folds --reuse), e.g. REUSE=lever-e40
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 # evaluate --tta RECIPE with more options; the scores it writes are kept aside as NAME
@@ -53,6 +58,13 @@ aside() {
 oof() {
   aside "$1" "scores-oof${FOLDS:+-f${FOLDS//,/}}${MEMBERS:+-${MEMBERS//,/-}}.json" --split train \
     ${FOLDS:+--folds "$FOLDS"} ${MEMBERS:+--members "$MEMBERS"}
+}
+
+# REUSE=a,b -> --reuse $ROOT/a,$ROOT/b
+reuse_opt() {
+  local r out=
+  for r in ${REUSE//,/ }; do out+="${out:+,}$ROOT/$r"; done
+  [ -z "$out" ] || echo "--reuse $out"
 }
 
 # RECIPE:pseudo -> the train-folds option that adds the teacher's pseudo-labelled test images
@@ -75,7 +87,7 @@ case "$cmd" in
       for attempt in 1 2 3; do
         /usr/bin/time -f "$r wall %e s" $CLI train-folds --data "$ROOT/shards" \
           --recipe "$RECIPES/$r.toml" --out "$ROOT/$r" ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --progress plain \
-          && { ok=1; break; }
+          $(reuse_opt) && { ok=1; break; }
         echo "train-folds $r failed (attempt $attempt); resuming" >&2; sleep 5
       done
       [ -n "$ok" ] || { echo "train-folds $r failed 3 times" >&2; exit 1; }
@@ -99,7 +111,7 @@ case "$cmd" in
         for attempt in 1 2 3; do
           /usr/bin/time -f "$out fold $f wall %e s" $CLI train-folds --data "$ROOT/shards" \
             --recipe "$RECIPES/$r.toml" --out "$ROOT/$out" ${EPOCHS:+--epochs "$EPOCHS"} --folds "$f" \
-            --sequential --threads 1 --progress plain $(teacher_opt "$arg") && continue 2
+            --sequential --threads 1 --progress plain $(teacher_opt "$arg") $(reuse_opt) && continue 2
           echo "$out fold $f failed (attempt $attempt); resuming" >&2; sleep 5
         done
         echo "$out fold $f failed 3 times" >&2; return 1
@@ -111,7 +123,7 @@ case "$cmd" in
     for arg in "$@"; do  # every fold done: one pass writes the run's ensemble.json
       r=${arg%%:*}; out=$r; [ "$r" = "$arg" ] || out=$r-${arg#*:}
       $CLI train-folds --data "$ROOT/shards" --recipe "$RECIPES/$r.toml" --out "$ROOT/$out" \
-        ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --sequential --progress plain $(teacher_opt "$arg")
+        ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --sequential --progress plain $(teacher_opt "$arg") $(reuse_opt)
     done
     ;;
   oof)

@@ -196,6 +196,14 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     assert [f["fold"] for f in spec["members"][0]["folds"]] == [0, 1]
     assert "lane 1: lever-tiny-pseudo fold" in out.stderr and "lane 2:" in out.stderr
     assert json.loads((run / "tiny-sample" / "fold_0" / "done.json").read_text()) == done
+    # REUSE: a recipe whose member is lever-tiny's adopts its finished folds, trains nothing
+    shutil.copyfile(tmp_path / "recipes" / "lever-tiny.toml", tmp_path / "recipes" / "again.toml")
+    out = subprocess.run(["bash", str(SCRIPT), "lanes", "again"], cwd=ROOT, timeout=900,
+                         env={**env, "REUSE": "lever-tiny"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    again = json.loads((tmp_path / "runs" / "again" / "tiny-sample" / "fold_0" / "done.json")
+                       .read_text())
+    assert again["reused_from"]["run"] == str(run) and again["sha256"] == done["sha256"]
     out = subprocess.run(["bash", str(SCRIPT), "lanes", "lever-tiny:nope"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown variant in lever-tiny:nope" in out.stderr
