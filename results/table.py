@@ -112,7 +112,7 @@ def _oof(recipe: str) -> dict:
         sys.exit(f"{path}: not out-of-fold scores (mode {scores.get('mode')!r})")
     rows = {r["name"]: r for r in scores["rows"]}
     return {"plain": rows["ensemble"], "tta": rows.get("ensemble+tta", {}),
-            "folds": sorted(int(m.rsplit("_", 1)[1]) for m in scores["models"]),
+            "folds": sorted({int(m.rsplit("_", 1)[1]) for m in scores["models"]}),
             "members": scores["members"]}
 
 

@@ -223,3 +223,15 @@ def test_round2_table_takes_one_member_of_a_run_as_a_row(tmp_path):
     assert out.returncode != 0
     assert ("scores-oof-f012-other.json: missing; run `MEMBERS=other FOLDS=0,1,2 "
             "results/run-real-mars.sh oof best` first") in out.stderr
+
+
+def test_round2_table_counts_a_two_member_runs_folds_once(tmp_path):
+    fake_lever(tmp_path, "lever-e40", "res-ds-dice", [0, 1, 2], 0.70, 0.25, "-f012")
+    fake_lever(tmp_path, "pair", "a", [0, 1, 2], 0.72, 0.26, "-f012", left_scores=False)
+    path = tmp_path / "pair" / "scores-oof-f012.json"
+    scores = json.loads(path.read_text())
+    scores["models"] += [f"b/fold_{f}" for f in (0, 1, 2)]
+    path.write_text(json.dumps(scores))
+    out = table(tmp_path, "round2", "lever-e40", "pair", folds="0,1,2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[3].split(" | ")[2] == "0,1,2"
