@@ -234,6 +234,9 @@ class MemberConfig:
     # train-folds --teacher: a test pixel whose pseudo-label the teacher gives with a lower
     # probability is ignored (marked 0, which needs loss.ignore_background)
     pseudo_threshold: float = 0.9
+    # train-folds --teacher: false trains this member on the labeled images only, as a run
+    # without --teacher does (so one run can hold members with and without pseudo-labels)
+    pseudo_labels: bool = True
 
     def __post_init__(self):
         _require(name_problem(self.name) is None, "name", name_problem(self.name))

@@ -182,8 +182,11 @@ def _check_teacher(recipe: Recipe, data: Path, run: RunFolder, opts: RunOptions,
     if opts.teacher is None:
         return None
     teacher = open_teacher(opts.teacher, fp, need_oof=False)
+    if not any(m.pseudo_labels for m in recipe.members):
+        raise InputError("--teacher: every member has pseudo_labels = false, so none would "
+                         "train on the pseudo-labels; drop --teacher or set it true in one")
     for i, m in enumerate(recipe.members):
-        if not m.loss.ignore_background:
+        if m.pseudo_labels and not m.loss.ignore_background:
             raise InputError(f"--teacher: member {m.name!r} (members[{i}]) has loss."
                              "ignore_background = false; pseudo-label pixels below "
                              "pseudo_threshold are marked 0, which only that ignores")

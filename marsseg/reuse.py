@@ -11,7 +11,8 @@ trained. Provably the same fold means, against what the source's own files recor
   (`train.fold_seed`), so the member's name is part of it too;
 - the same member block: its recipe.toml with overrides.json's --epochs, every key compared;
 - the same --teacher: none on both sides, or pseudo-labels of the same teacher ensemble
-  (its sha256) on the same data at the same precision (the source's targets record);
+  (its sha256) on the same data at the same precision (the source's targets record); a
+  member with pseudo_labels = false counts as trained without --teacher on its side;
 - no --time-budget on either side (a budgeted fold's epochs come from a timing probe);
 - the precision, device type and data-parallel workers its done.json records.
 
@@ -135,12 +136,16 @@ def _splits_diff(old: dict, new: dict) -> str | None:
     return None if old["folds"] == new["folds"] else f"other fold assignment ({SPLITS})"
 
 
-def _teacher_diff(src: Source, want: Wanted, fold: int) -> str | None:
-    """The first difference of the pseudo-labels the two runs' fold trains on."""
-    theirs = src.overrides.get("teacher")
-    if (theirs is None) != (want.teacher_sha256 is None):
-        return (f"--teacher {theirs} there, none here" if theirs is not None
-                else "--teacher here, none there")
+def _teacher_diff(src: Source, want: Wanted, member: str, fold: int) -> str | None:
+    """The first difference of the pseudo-labels the two runs' fold of `member` trains on
+    (none on a side without --teacher or whose member has pseudo_labels = false)."""
+    theirs = src.overrides.get("teacher") if src.recipe.member(member).pseudo_labels else None
+    mine = want.teacher_sha256 if want.recipe.member(member).pseudo_labels else None
+    if (theirs is None) != (mine is None):
+        off = " (pseudo_labels = false)"
+        if theirs is not None:
+            return f"--teacher {theirs} there, none here" + (off if want.teacher_sha256 else "")
+        return "--teacher here, none there" + (off if src.overrides.get("teacher") else "")
     if theirs is None:
         return None
     rec = src.targets
@@ -154,6 +159,15 @@ def _teacher_diff(src: Source, want: Wanted, fold: int) -> str | None:
     if rec.precision != want.rt.precision:
         return f"pseudo-labels in precision {rec.precision} != {want.rt.precision}"
     return None
+
+
+def _pseudo_keys(m, teacher):
+    """The member block as compared: whether it uses pseudo-labels is `_teacher_diff`'s
+    question (pseudo_labels = true without --teacher trains like false), and a threshold
+    of pseudo-labels it does not use changes nothing."""
+    if teacher is not None and m.pseudo_labels:
+        return m
+    return dataclasses.replace(m, pseudo_labels=False, pseudo_threshold=0.0)
 
 
 def _done_diff(done: Done, want: Wanted, member: str, fold: int) -> str | None:
@@ -180,13 +194,13 @@ def first_difference(src: Source, want: Wanted, member: str, fold: int,
                         or want.time_budget is not None):
         where = "there" if src.overrides.get("time_budget_s") is not None else "here"
         why = f"--time-budget {where}: its epochs depend on timing"
-    why = why or _teacher_diff(src, want, fold)
+    if why is None and member not in [m.name for m in src.recipe.members]:
+        why = f"its recipe has no member {member!r}"
+    why = why or _teacher_diff(src, want, member, fold)
     if why is not None:
         return why
-    names = [m.name for m in src.recipe.members]
-    if member not in names:
-        return f"its recipe has no member {member!r}"
-    why = _diff(src.recipe.member(member), want.recipe.member(member))
+    why = _diff(_pseudo_keys(src.recipe.member(member), src.overrides.get("teacher")),
+                _pseudo_keys(want.recipe.member(member), want.teacher_sha256))
     if why is None and not (src.run.fold_dir(member, fold) / OOF).is_file():
         why = f"no {OOF}"
     return why or _done_diff(done, want, member, fold)

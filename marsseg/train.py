@@ -162,7 +162,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
     tr_images, tr_masks = split.images[train_rows], split.masks[train_rows]
     shuffle_gen = torch.Generator()
     fit = with_pseudo_labels((tr_images, tr_masks), RunFolder(out).path / TARGETS if pseudo
-                             else None, fold, m.pseudo_threshold)  # never in validation
+                             and m.pseudo_labels else None, fold, m.pseudo_threshold)  # never in validation
     sampler = _sampler(m, fit[1], shuffle_gen, taught=teaching is not None)
     loaders = make_loaders(fit, (split.images[val_rows], split.masks[val_rows]), m.batch_size,
                            shuffle_gen, sampler)

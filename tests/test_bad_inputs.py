@@ -304,8 +304,10 @@ def teacher(edit=None, shards_edit=None, **kw):
         if edit:
             edit(t)
         (tmp / "ib.toml").write_text(RECIPE + "[members.loss]\nignore_background = true\n")
+        (tmp / "off.toml").write_text(RECIPE.replace("epochs = 1", "epochs = 1\npseudo_labels"
+                                                     " = false"))
         out = {"teacher": t, "student": tmp / "student.toml", "bad": w.shards,
-               "ib": tmp / "ib.toml"}
+               "ib": tmp / "ib.toml", "off": tmp / "off.toml"}
         if shards_edit:
             out["bad"] = _copy_with("shards", shards_edit)(w, tmp)["bad"]
         return out
@@ -709,6 +711,12 @@ ROWS = [
         "teacher/splits.json: 2 image(s) are in another fold"),
     row("train-teacher-without-fold", TEACHER, teacher(_drop_fold(1)),
         "member 'a' has no fold 1 model(s)"),
+    row("train-teacher-every-member-without-pseudo-labels", TEACHER[:4] + ["{off}"] + TEACHER[5:],
+        teacher(), "--teacher: every member has pseudo_labels = false"),
+    row("train-recipe-pseudo-labels-not-bool", ["train-folds", "--data", "{shards}", "--recipe",
+                                                "{bad}", "--out", "{tmp}/run", "--sequential"],
+        recipe_with(RECIPE.replace("epochs = 1", 'epochs = 1\npseudo_labels = "no"')),
+        "members[0].pseudo_labels"),
 ]
 
 

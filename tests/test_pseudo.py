@@ -249,3 +249,37 @@ def test_a_whole_ensemble_targets_file_is_refused(world, tmp_path):
                                          "ensemble.*use a new --out"):
         train(world, out, folds=(1,))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_member_without_pseudo_labels_trains_as_without_teacher(world, tmp_path, monkeypatch):
+    """pseudo_labels = false: that member's folds train on the labeled images only (bit for
+    bit the fold a run without --teacher trains), while the other member gets them."""
+    from marsseg import train as T
+
+    seen = {}
+    real = T.make_loaders
+
+    def spy(fit, val, batch_size, gen, *sampler):
+        seen.setdefault(len(seen), len(fit[0]))
+        return real(fit, val, batch_size, gen, *sampler)
+
+    two = RECIPE + RECIPE[RECIPE.index("[[members]]"):].replace('name = "a"', 'name = "b"').replace(
+        "pseudo_threshold = 0.9", "pseudo_threshold = 0.9\npseudo_labels = false")
+    recipe = tmp_path / "two.toml"
+    recipe.write_text(two)
+    monkeypatch.setattr(T, "make_loaders", spy)
+    mixed = tmp_path / "mixed"
+    train_folds(recipe, world["shards"], mixed, opts(world, folds=(0,)),
+                console=Console(file=io.StringIO()))
+    plain = tmp_path / "plain"
+    train_folds(recipe, world["shards"], plain, opts(world, folds=(0,), teacher=None),
+                console=Console(file=io.StringIO()))
+    n_train = len(json.loads((mixed / "splits.json").read_text())["folds"][0]["train_ids"])
+
+    def done(run, m):
+        return json.loads((run / m / "fold_0" / "done.json").read_text())
+
+    assert (done(mixed, "a")["n_pseudo"], done(mixed, "b")["n_pseudo"]) == (5, 0)
+    assert sorted(seen.values()) == [n_train, n_train, n_train, n_train + 5]
+    assert done(mixed, "b")["sha256"] == done(plain, "b")["sha256"]
+    assert done(mixed, "a")["sha256"] != done(plain, "a")["sha256"]

@@ -300,3 +300,27 @@ def test_the_lock_moves_with_the_adopted_fold(world, tmp_path):
     src = RunFolder(world["source"])
     RunFolder(out).adopt_fold(src.fold_dir("a", 0), src.read_done("a", 0), {"run": "x"})
     assert lock.stat().st_ino == ino
+
+
+def test_a_member_without_pseudo_labels_is_adopted_from_a_run_without_teacher(world, tmp_path):
+    """With --teacher, a member with pseudo_labels = false trains as a run without --teacher
+    does, so the source's fold of it is adopted; the member that uses them is trained."""
+    teacher = make_teacher(tmp_path / "teacher", world["shards"], k=2, members=("t",),
+                           split_seed=1)
+    src = tmp_path / "src"
+    run_plain(write(tmp_path, recipe_text(("a", "b"), ignore="true"), "src"), world["shards"],
+              src, folds=(0,))
+    mixed = recipe_text(("a", "b"), ignore="true").replace(
+        'name = "b"', 'name = "b"\npseudo_labels = false')
+    res, text = run_plain(write(tmp_path, mixed, "mixed"), world["shards"], tmp_path / "run",
+                          reuse=[src], folds=(0,), teacher=str(teacher))
+    assert res["trained"] == ["a/fold_0"] and list(res["reused"]) == ["b/fold_0"]
+    assert f"a fold 0: not reused from {src} (--teacher here, none there)" in text
+    # the other way round: a source fold trained on pseudo-labels is not such a member's fold
+    res, text = run_plain(write(tmp_path, mixed.replace('name = "a"', 'name = "a"\n'
+                                                        'pseudo_labels = false').replace(
+        'name = "b"\npseudo_labels = false', 'name = "b"'), "flip"), world["shards"],
+        tmp_path / "flip", reuse=[tmp_path / "run"], folds=(0,), teacher=str(teacher))
+    assert sorted(res["trained"]) == ["a/fold_0", "b/fold_0"]
+    assert (f"a fold 0: not reused from {tmp_path / 'run'} (--teacher {teacher} there, none "
+            "here (pseudo_labels = false))") in text
