@@ -18,7 +18,7 @@ def distill(
     data: Annotated[Path, typer.Option(help="the shard folder the teacher was trained on")],
     out: Annotated[Path, typer.Option(help="the student's run folder, e.g. runs/student; re-running resumes it")],
     recipe: Annotated[Path | None, typer.Option(help="student recipe (default ensembles/student.toml)")] = None,
-    unlabeled: Annotated[str | None, typer.Option(help="test (the test split's images, taught by the teacher's TTA prediction; the default when it has images) | none")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="test (the test split's images, taught by the TTA prediction of the teacher's fold 0 models, for --all of its whole ensemble; the default when it has images) | none")] = None,
     epochs: Annotated[int | None, typer.Option(help="replaces the student's epochs (recorded in OUT/overrides.json)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="wall-clock budget of the selection run, e.g. 20m (not with --epochs)")] = None,
     all_: Annotated[bool, typer.Option("--all", help="then retrain on every labeled image for the chosen epoch count; that model is the run's (may be added to a finished run: its fold 0 is reused)")] = False,

@@ -4,7 +4,9 @@ Steps (each checked before anything is written, each resumable):
 
 1. The teacher's targets (`teacher.write_targets`) are computed once into the student's
    ``targets.h5``: out-of-fold probabilities of the labeled images, TTA probabilities of
-   the unlabeled (test) images. A rerun with another teacher or other data is refused.
+   the unlabeled (test) images twice: by the teacher's fold-0 models (they teach the fold-0
+   student: the other folds' models saw its held-out images) and by the whole ensemble
+   (they teach the --all student). A rerun with another teacher or other data is refused.
 2. The student (`student.load_student`: one member, default the teacher's strongest
    architecture) trains on the teacher's fold 0 training part with `train.train_one_fold`
    and the targets streamed from the file (`teaching`); the teacher's fold 0 validation
@@ -38,7 +40,7 @@ from .folds import ALL, fold_rows, load_train
 from .records import Done, EnsembleSpec, FoldSpec, MemberSpec
 from .runfolder import RunFolder, data_fingerprint, fold_name
 from .student import DistillConfig, load_student
-from .teacher import Teacher, open_teacher, write_targets
+from .teacher import Teacher, fold_models, open_teacher, write_targets
 from .teaching import TARGETS, Teaching, check_record, read_record
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "ensembles" / "student.toml"
@@ -142,6 +144,10 @@ def _plan(teacher: Path, data: Path, recipe_path: Path, opts: DistillOptions, sp
                                  split_seed=int(t.splits["seed"]))
     fold_rows(split, t.splits, 0, recipe.members[0])  # filters that leave nothing to train
     unlabeled = _unlabeled(data, opts.unlabeled)
+    if unlabeled != "none":
+        fold_models(t, 0, "the fold 0 student's unlabeled images are taught by the teacher's "
+                          "fold 0 models only, the others saw its held-out images (train the "
+                          "teacher's fold 0, or use --unlabeled none)")
     return _Plan(t, recipe, dcfg, unlabeled, resolve(None, opts.precision), fp,
                  sha256_file(data / "dataset.json"))
 

@@ -7,7 +7,10 @@ weighted average of the out-of-fold predictions (``oof.h5``) of the members whos
 held that image out, so no image is taught by a model that saw it; an image of a fold the
 teacher did not train has no target. The unlabeled images (the test split: its images
 only, never its masks) get the ensemble's prediction with flip TTA on the eager backend,
-which writes nothing into the teacher's run folder.
+which writes nothing into the teacher's run folder; they are stored twice: the whole
+ensemble's (they teach distill's fold "all" student, which holds no image out) and the
+teacher's fold-0 models' only (they teach the fold-0 student, whose held-out part is fold 0's
+validation images: the other folds' models trained on those), as for the pseudo-labels below.
 
 train-folds --teacher labels the unlabeled images once per fold instead
 (`write_pseudo_labels`): fold k of the run by the teacher's fold-k models only. The teacher's
@@ -35,7 +38,13 @@ from .errors import InputError
 from .folds import ALL
 from .records import EnsembleSpec, FoldSpec
 from .runfolder import OOF, RunFolder, fold_name, read_oof
-from .teaching import TargetsRecord, pseudo_keys, write_pseudo_file, write_targets_file
+from .teaching import (
+    TargetsRecord,
+    pseudo_keys,
+    unlabeled_keys,
+    write_pseudo_file,
+    write_targets_file,
+)
 
 
 def teacher_sha256(spec: EnsembleSpec) -> str:
@@ -151,9 +160,10 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
                   rt: Resolved, dataset_sha256: str, batch_size: int = 32,
                   log: Callable[[str], None] | None = None) -> TargetsRecord:
     """Compute the teacher's targets for the train `split` of `data` and its `unlabeled`
-    split ("test" | "none"; the whole ensemble's), and store them at `path` (written
-    whole, then renamed). rt: the command's device and precision, the teacher's forward
-    runs on."""
+    split ("test" | "none"; the whole ensemble's and the fold-0 models' (`fold_models`:
+    InputError when a member has none), `teaching.unlabeled_keys`), and store them at
+    `path` (written whole, then renamed). rt: the command's device and precision, the
+    teacher's forward runs on."""
     from .ensemble import load_ensemble
     from .inference import PredictConfig, Predictor
 
@@ -163,23 +173,28 @@ def write_targets(teacher: Teacher, data: Path, split, path: Path, *, unlabeled:
     with atomic_path(path) as tmp:
         rec = TargetsRecord(str(teacher.run.path), teacher.sha256, dataset_sha256, unlabeled,
                             len(cfg.views), rt.precision, len(split.ids), 0, len(ids_u),
-                            teacher.oof_miou)
+                            teacher.oof_miou, unlabeled_folds=(0,))
         f = write_targets_file(tmp, rec, split.ids, ids_u, images_u)
         try:
             missing = _fill_labeled(teacher, f, split.ids)
             if len(ids_u):
                 # raw softmax, like the out-of-fold targets (a calibration is not in the
                 # teacher's sha256, so calibrated targets could also go stale)
-                pred = Predictor(load_ensemble(teacher.run.path, calibrated=False), cfg, rt)
-                if log:
-                    log(f"teacher: {len(pred.models)} models x {len(cfg.views)} views on "
-                        f"{len(ids_u)} {unlabeled} images")
-                for s in range(0, len(ids_u), batch_size):
-                    r = pred(ids_u[s:s + batch_size], images_u[s:s + batch_size],
-                             want_probs=True, want_disagreement=True)
-                    f["unlabeled/probs"][s:s + len(r.ids)] = r.probs
-                    f["unlabeled/disagreement"][s:s + len(r.ids)] = r.disagreement
-            rec = TargetsRecord(**{**rec.to_json(), "n_without_target": missing})
+                whole = load_ensemble(teacher.run.path, calibrated=False)
+                for fold, ens in ((ALL, whole), (0, _fold_ensemble(teacher, whole, 0))):
+                    pred = Predictor(ens, cfg, rt)
+                    if log:
+                        who = "" if fold == ALL else f" fold {fold}"
+                        log(f"teacher{who}: {len(pred.models)} models x {len(cfg.views)} views "
+                            f"on {len(ids_u)} {unlabeled} images")
+                    probs, disagreement = unlabeled_keys(fold)
+                    for s in range(0, len(ids_u), batch_size):
+                        r = pred(ids_u[s:s + batch_size], images_u[s:s + batch_size],
+                                 want_probs=True, want_disagreement=True)
+                        f[probs][s:s + len(r.ids)] = r.probs
+                        f[disagreement][s:s + len(r.ids)] = r.disagreement
+            rec = TargetsRecord(**{**rec.to_json(), "n_without_target": missing,
+                                   "unlabeled_folds": (0,)})
             f.attrs["record"] = json.dumps(rec.to_json())
         finally:
             f.close()
@@ -219,10 +234,14 @@ def _trained_on_all(teacher: Teacher, member: str, entry: FoldSpec) -> bool:
     return entry.trained_on == "all" or teacher.run.fold_path(member, entry).name == every
 
 
-def fold_models(teacher: Teacher, fold: int) -> list[tuple[str, float, FoldSpec]]:
+def fold_models(teacher: Teacher, fold: int, why: str | None = None
+                ) -> list[tuple[str, float, FoldSpec]]:
     """(member, weight, fold entry) of the teacher's `fold` models: one per member in use,
     weighted as its ensemble file weights the member. InputError naming a member that has
-    none (a teacher trained with --folds) or more than one."""
+    none (a teacher trained with --folds) or more than one, ending with `why` (default:
+    train-folds --teacher's reason and way out)."""
+    why = why or (f"fold {fold} of this run is taught by the teacher's fold {fold} models "
+                  "only (train the teacher's missing folds, or leave that fold out with --folds)")
     out = []
     for name, weight, _ in teacher.members:
         entries = [f for f in teacher.spec.by_name[name].folds
@@ -230,9 +249,7 @@ def fold_models(teacher: Teacher, fold: int) -> list[tuple[str, float, FoldSpec]
         if len(entries) != 1:
             what = "no" if not entries else f"{len(entries)}"
             raise InputError(f"{teacher.run.ensemble}: member {name!r} has {what} fold {fold} "
-                             f"model(s); fold {fold} of this run is taught by the teacher's "
-                             f"fold {fold} models only (train the teacher's missing folds, or "
-                             "leave that fold out with --folds)")
+                             f"model(s); {why}")
         out.append((name, weight, entries[0]))
     return out
 
@@ -248,6 +265,18 @@ def taught_folds(teacher: Teacher) -> tuple[int, ...]:
     return tuple(k for k in range(int(teacher.splits["k"])) if complete(k))
 
 
+def _fold_ensemble(teacher: Teacher, loaded, fold: int):
+    """The teacher's `fold` models (`fold_models`) out of its `loaded` ensemble (every
+    selected model, loaded once), weighted as its ensemble file weights their members."""
+    from .ensemble import Ensemble
+
+    by_path = {m.path: m for m in loaded.models}
+    plan = fold_models(teacher, fold)
+    total = sum(w for _, w, _ in plan)
+    return Ensemble(teacher.run.path, [dataclasses.replace(
+        by_path[teacher.run.fold_path(n, e)], weight=w / total) for n, w, e in plan])
+
+
 def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolved,
                         dataset_sha256: str, batch_size: int = 32,
                         log: Callable[[str], None] | None = None) -> TargetsRecord:
@@ -255,7 +284,7 @@ def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolve
     models (`fold_models`) with flip TTA, raw softmax (a calibration is not in the teacher's
     sha256); stored at `path` (written whole, then renamed; the layout: `teaching`).
     rt: the command's device and precision, the teacher's forward runs on."""
-    from .ensemble import Ensemble, load_ensemble
+    from .ensemble import load_ensemble
     from .inference import PredictConfig, Predictor
 
     folds = taught_folds(teacher)
@@ -263,7 +292,6 @@ def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolve
     cfg = PredictConfig(tta=True, backend="eager", batch_size=batch_size)
     loaded = load_ensemble(teacher.run.path, members=[n for n, _, _ in teacher.members],
                            calibrated=False)
-    by_path = {m.path: m for m in loaded.models}
     rec = TargetsRecord(str(teacher.run.path), teacher.sha256, dataset_sha256, "test",
                         len(cfg.views), rt.precision, 0, 0, len(ids), teacher.oof_miou,
                         pseudo_folds=folds)
@@ -271,14 +299,10 @@ def write_pseudo_labels(teacher: Teacher, data: Path, path: Path, *, rt: Resolve
         f = write_pseudo_file(tmp, rec, ids, images)
         try:
             for k in folds:
-                plan = fold_models(teacher, k)
-                total = sum(w for _, w, _ in plan)
-                models = [dataclasses.replace(by_path[teacher.run.fold_path(n, e)], weight=w / total)
-                          for n, w, e in plan]
-                pred = Predictor(Ensemble(teacher.run.path, models), cfg, rt)
+                pred = Predictor(_fold_ensemble(teacher, loaded, k), cfg, rt)
                 labels, confidence = pseudo_keys(k)
                 if log:
-                    log(f"teacher fold {k}: {len(models)} models x {len(cfg.views)} views on "
+                    log(f"teacher fold {k}: {len(pred.models)} models x {len(cfg.views)} views on "
                         f"{len(ids)} test images")
                 for s in range(0, len(ids), batch_size):
                     r = pred(ids[s:s + batch_size], images[s:s + batch_size], want_probs=True)

@@ -8,7 +8,13 @@ The targets file (``targets.h5`` in the student's run folder, written once by
     unlabeled/ids i64 (m,)    unlabeled/images u8 (m,H,W)
     unlabeled/probs f16 (m,5,H,W)  the teacher's TTA-averaged probabilities
     unlabeled/disagreement f16 (m,H,W)  weighted share of teacher models whose label differs
+    unlabeled/fold_<k>/probs, unlabeled/fold_<k>/disagreement   the same by the teacher's
+                              fold-k models only, for each k of the record's `unlabeled_folds`
     attrs["record"]           `TargetsRecord` as JSON (teacher sha256, data fingerprint, counts)
+
+The unlabeled targets a fold learns from (`unlabeled_keys`): fold k's are the teacher's fold-k
+models' (they never saw fold k's validation images, which pick the student's epoch), fold
+"all"'s (no held-out images) the whole ensemble's.
 
 Targets travel as *weighted* probabilities: the teacher's probabilities times a per-pixel
 weight w in [0, 1] (w = 0: no target), so augmentation moves the weight with the pixels and
@@ -38,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import NUM_CLASSES
 from .errors import InputError
+from .folds import ALL
 from .student import DistillConfig
 
 TARGETS = "targets.h5"
@@ -62,13 +69,17 @@ class TargetsRecord:
     # train-folds --teacher: the folds whose pseudo-labels the file holds, each made by the
     # teacher's models of that fold only; None: the whole ensemble's targets (distill)
     pseudo_folds: tuple[int, ...] | None = None
+    # distill: the folds whose own unlabeled targets the file holds beside the whole
+    # ensemble's (`unlabeled_keys`); None: an older file with the whole ensemble's only
+    unlabeled_folds: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        if self.pseudo_folds is None:
-            del d["pseudo_folds"]
-        else:
-            d["pseudo_folds"] = list(self.pseudo_folds)
+        for key in ("pseudo_folds", "unlabeled_folds"):
+            if d[key] is None:
+                del d[key]
+            else:
+                d[key] = list(d[key])
         return d
 
     @classmethod
@@ -77,8 +88,9 @@ class TargetsRecord:
         if not isinstance(d, dict) or not {"teacher", "teacher_sha256", "dataset_sha256"} <= set(d):
             raise ValueError("no teacher or data fingerprint")
         rec = cls(**{k: v for k, v in d.items() if k in names})
-        if rec.pseudo_folds is not None:
-            rec = dataclasses.replace(rec, pseudo_folds=tuple(int(k) for k in rec.pseudo_folds))
+        for key in ("pseudo_folds", "unlabeled_folds"):
+            if getattr(rec, key) is not None:
+                rec = dataclasses.replace(rec, **{key: tuple(int(k) for k in getattr(rec, key))})
         return rec
 
 
@@ -127,13 +139,18 @@ def check_record(path: Path, teacher_sha256: str, dataset_sha256: str, unlabeled
                          f"{rec.dataset_sha256[:12]}, now {dataset_sha256[:12]}); {hint}")
     if rec.unlabeled != unlabeled:
         raise InputError(f"{path}: made with --unlabeled {rec.unlabeled}, not {unlabeled}; {hint}")
+    if not per_fold and rec.unlabeled != "none" and rec.unlabeled_folds is None:
+        raise InputError(f"{path}: unlabeled targets of the teacher's whole ensemble only (an "
+                         "older layout: its models of the other folds saw fold 0's validation "
+                         f"images, so the student's held-out score is optimistic); {hint}")
     return rec
 
 
 def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray,
                        unlabeled_ids: np.ndarray, unlabeled_images: np.ndarray):
-    """Create the datasets (probabilities zero-filled) and the record in `tmp`; returns the
-    open h5py File for the caller to fill (`labeled/probs`, `labeled/has`, `unlabeled/*`)."""
+    """Create the datasets (probabilities zero-filled; unlabeled ones for the whole ensemble
+    and each fold of `record.unlabeled_folds`) and the record in `tmp`; returns the open
+    h5py File for the caller to fill (`labeled/probs`, `labeled/has`, `unlabeled_keys`)."""
     import h5py
 
     h, w = unlabeled_images.shape[1:] if len(unlabeled_images) else (64, 128)
@@ -147,9 +164,18 @@ def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray
     m = len(unlabeled_ids)
     f.create_dataset("unlabeled/ids", data=np.asarray(unlabeled_ids, np.int64))
     f.create_dataset("unlabeled/images", data=unlabeled_images.astype(np.uint8))
-    f.create_dataset("unlabeled/probs", (m, NUM_CLASSES, h, w), "f2", chunks=chunk if m else None)
-    f.create_dataset("unlabeled/disagreement", (m, h, w), "f2", chunks=(1, h, w) if m else None)
+    for fold in (ALL, *(record.unlabeled_folds or ())):
+        probs, disagreement = unlabeled_keys(fold)
+        f.create_dataset(probs, (m, NUM_CLASSES, h, w), "f2", chunks=chunk if m else None)
+        f.create_dataset(disagreement, (m, h, w), "f2", chunks=(1, h, w) if m else None)
     return f
+
+
+def unlabeled_keys(fold: int | str) -> tuple[str, str]:
+    """The datasets of the unlabeled targets fold `fold` learns from: (probs, disagreement);
+    fold "all" (`folds.ALL`): the whole ensemble's."""
+    base = "unlabeled" if fold == ALL else f"unlabeled/fold_{int(fold)}"
+    return f"{base}/probs", f"{base}/disagreement"
 
 
 def pseudo_keys(fold: int) -> tuple[str, str]:
@@ -253,6 +279,7 @@ class Taught:
         except (OSError, KeyError) as e:
             raise InputError(f"{self.path}: unreadable targets file ({e})") from None
         self._gen = torch.Generator()
+        self._disagreement = unlabeled_keys(ALL)[1]  # of the fold's unlabeled targets
         self._unlabeled: DataLoader | None = None
         self._iter = None
         self.device = torch.device("cpu")
@@ -274,18 +301,23 @@ class Taught:
                           batch_size=batch_size, shuffle=True, generator=gen, drop_last=drop_last,
                           collate_fn=_whole_batch)
 
-    def open_unlabeled(self, n_labeled: int, batch_size: int, device) -> int:
-        """Set up the unlabeled stream (none when the file has no unlabeled images); returns
-        its batch size (0: none)."""
+    def open_unlabeled(self, n_labeled: int, batch_size: int, device, fold: int | str) -> int:
+        """Set up the unlabeled stream of fold `fold` (`unlabeled_keys`; none when the file
+        has no unlabeled images); returns its batch size (0: none)."""
         self.device = torch.device(device)
         m = len(self.unlabeled_ids)
         if m == 0 or self.cfg.unlabeled_weight == 0:
             return 0
+        if fold != ALL and int(fold) not in (self.record.unlabeled_folds or ()):
+            raise InputError(f"{self.path}: no unlabeled targets of the teacher's fold {fold} "
+                             "models (only the whole ensemble's, which saw fold "
+                             f"{fold}'s validation images); use a new --out")
+        probs, self._disagreement = unlabeled_keys(fold)
         ub = self.cfg.unlabeled_batch_size or math.ceil(batch_size * m / max(1, n_labeled))
         ub = max(1, min(ub, m))
         images = self.file["unlabeled/images"][()]
         ds = _Streamed(images, np.zeros_like(images), np.arange(m, dtype=np.int64),
-                       self.file["unlabeled/probs"], self._unlabeled_weight)
+                       self.file[probs], self._unlabeled_weight)
         self._unlabeled = DataLoader(ds, batch_size=ub, shuffle=True, generator=self._gen,
                                      collate_fn=_whole_batch)
         return ub
@@ -294,7 +326,7 @@ class Taught:
         """Per-pixel weight (b,H,W) of unlabeled targets (rows increasing)."""
         if self.cfg.unlabeled_weighting == "confidence":
             return probs.max(1)
-        dis = self.file["unlabeled/disagreement"][rows].astype(np.float32)
+        dis = self.file[self._disagreement][rows].astype(np.float32)
         return (dis <= self.cfg.max_disagreement + 1e-3).astype(np.float32)  # f16 rounding
 
     def start_epoch(self, seed: int) -> None:

@@ -170,7 +170,7 @@ def _set_up(recipe: Recipe, m: MemberConfig, fold: int | str, data, out, rt: Res
     if taught is not None:
         loaders = (taught.train_loader(tr_images, tr_masks, split.ids[train_rows], m.batch_size,
                                        shuffle_gen), loaders[1])
-        taught.open_unlabeled(len(train_rows), m.batch_size, device)
+        taught.open_unlabeled(len(train_rows), m.batch_size, device, fold)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, *loaders)
     loss_fn = make_loss(m.loss, tr_masks, device)
     a = m.augment

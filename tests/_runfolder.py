@@ -132,6 +132,21 @@ def make_teacher(run: Path, shards: Path, k: int = 2, members=("a", "b"), weight
     return run
 
 
+def tta_probs(folders_weights, images: np.ndarray) -> np.ndarray:
+    """The weighted flip-TTA softmax (b, 5, H, W) of fold folders on uint8 `images`,
+    computed here without the Predictor."""
+    from marsseg.models.registry import load_pretrained
+
+    x = torch.from_numpy(images).float()[:, None]
+    acc = 0
+    for folder, w in folders_weights:
+        model = load_pretrained(folder).eval()
+        with torch.no_grad():
+            p = torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1).flip(-1)
+        acc = acc + w * p.numpy() / 2
+    return acc / sum(w for _, w in folders_weights)
+
+
 def make_oof_run(root: Path, shards: Path, members: dict, k: int = 2,
                  n: int | None = None) -> Path:
     """A run folder of ensemble.json and oof.h5 files only (no weights): members maps a name

@@ -334,6 +334,28 @@ def _drop_fold(fold: int):
     return edit
 
 
+def _student_with_older_targets(w, tmp) -> dict:
+    """`teacher()`'s setup plus a student run folder {tmp}/s whose targets.h5 holds the
+    whole ensemble's unlabeled targets only (an older layout: no unlabeled_folds)."""
+    from marsseg._io import sha256_file
+    from marsseg.device import resolve
+    from marsseg.folds import load_train
+    from marsseg.runfolder import data_fingerprint
+    from marsseg.teacher import open_teacher, write_targets
+
+    out = teacher()(w, tmp)
+    (tmp / "s").mkdir()
+    path = tmp / "s" / "targets.h5"
+    write_targets(open_teacher(out["teacher"], data_fingerprint(w.shards)), w.shards,
+                  load_train(w.shards), path, unlabeled="test", rt=resolve(None, "no"),
+                  dataset_sha256=sha256_file(w.shards / "dataset.json"))
+    with h5py.File(path, "r+") as f:
+        rec = json.loads(f.attrs["record"])
+        del rec["unlabeled_folds"]
+        f.attrs["record"] = json.dumps(rec)
+    return out
+
+
 TEACHER = ["train-folds", "--data", "{bad}", "--recipe", "{ib}", "--out", "{tmp}/run",
            "--sequential", "--teacher", "{teacher}"]
 DISTILL = ["distill", "--ensemble", "{teacher}", "--data", "{bad}", "--out", "{tmp}/s",
@@ -695,6 +717,12 @@ ROWS = [
         "exactly one"),
     row("distill-epochs-and-budget", DISTILL + ["--epochs", "2", "--time-budget", "1m"],
         teacher(), "--time-budget"),
+    row("distill-teacher-without-fold-0", DISTILL + ["--unlabeled", "test"],
+        teacher(_drop_fold(0)), "teacher/ensemble.json: member 'a' has no fold 0 model(s); "
+        "the fold 0 student's unlabeled images are taught by the teacher's fold 0 models only"),
+    row("distill-rerun-on-whole-ensemble-unlabeled-targets", DISTILL + ["--unlabeled", "test"],
+        _student_with_older_targets, "{tmp}/s/targets.h5: unlabeled targets of the teacher's "
+        "whole ensemble only"),
     # train-folds --teacher
     row("train-teacher-on-other-data", TEACHER[:2] + ["{other}"] + TEACHER[3:], teacher(),
         "{other}: not the data"),

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _runfolder import STUDENT, make_npz, make_teacher
+from _runfolder import STUDENT, make_npz, make_teacher, tta_probs
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -77,6 +77,94 @@ def test_targets_are_out_of_fold_weighted_and_what_the_student_sees(world, tmp_p
     assert ens["heldout"]["teacher_oof_miou"] is not None and ens["heldout"]["images"] == len(
         splits["folds"][0]["val_ids"])
     assert ens["distilled_from"]["run"] == str(world["teacher"].resolve())
+
+
+def test_unlabeled_targets_of_fold_0_and_of_the_whole_ensemble(world, tmp_path):
+    """Random teacher models, members weighted 1 : 3: the stored fold-0 unlabeled targets are
+    the flip-TTA prediction (and disagreement) of the two fold-0 models so weighted; the
+    whole ensemble's (fold "all") are all four models'."""
+    from marsseg.data import load_split
+    from marsseg.device import resolve
+    from marsseg.folds import load_train
+    from marsseg.runfolder import data_fingerprint
+    from marsseg.teacher import open_teacher, write_targets
+
+    t = make_teacher(tmp_path / "t", world["shards"], in_fold=None, weights={"a": 1.0, "b": 3.0})
+    rec = write_targets(open_teacher(t, data_fingerprint(world["shards"])), world["shards"],
+                        load_train(world["shards"]), tmp_path / "targets.h5", unlabeled="test",
+                        rt=resolve(None, "no"), dataset_sha256="d")
+    assert rec.unlabeled_folds == (0,) and rec.n_unlabeled == 6
+    images = load_split(world["shards"], "test").images
+    plans = {"fold_0": [(t / "a/fold_0", 1.0), (t / "b/fold_0", 3.0)],
+             "whole": [(t / m / f"fold_{k}", w) for m, w in (("a", 1.0), ("b", 3.0))
+                       for k in (0, 1)]}
+    with h5py.File(tmp_path / "targets.h5", "r") as f:
+        assert json.loads(f.attrs["record"])["unlabeled_folds"] == [0]
+        for name, base in (("fold_0", "unlabeled/fold_0"), ("whole", "unlabeled")):
+            want = tta_probs(plans[name], images)
+            got = f[f"{base}/probs"][()].astype(np.float32)
+            np.testing.assert_allclose(got, want, atol=2e-3)
+            lab = want[:, 1:].argmax(1)  # classes 1..4, as the predictor labels
+            dis = sum(w * (tta_probs([(p, 1.0)], images)[:, 1:].argmax(1) != lab)
+                      for p, w in plans[name]) / sum(w for _, w in plans[name])
+            top2 = np.sort(want[:, 1:], 1)
+            sure = top2[:, -1] - top2[:, -2] > 1e-3  # not a near-tie that rounding may flip
+            got_dis = f[f"{base}/disagreement"][()].astype(np.float32)
+            assert np.mean(np.abs(got_dis - dis)[sure] < 1e-3) > 0.99, name
+        fold0 = f["unlabeled/fold_0/probs"][()].astype(np.float32)
+        assert np.abs(fold0 - f["unlabeled/probs"][()]).max() > 0.01  # not the same targets
+
+
+def test_fold_0_student_learns_the_fold_0_models_unlabeled_targets(world, tmp_path, monkeypatch):
+    """A teacher of 3 folds whose fold-0 models say class 2 and fold-1/2 models class 3: the
+    fold-0 student's unlabeled targets say 2 (its fold's models only, not a blend), the --all
+    student's say 3 (the whole ensemble: 2/3 of it says 3)."""
+    from marsseg.teaching import Taught
+
+    teacher = make_teacher(tmp_path / "t", world["shards"], k=3, in_fold=(2, 3, 3))
+    seen = {}
+    real = Taught.next_unlabeled
+
+    def spy(self):
+        got = real(self)
+        seen.setdefault(id(self), []).append(got[1].clone())
+        return got
+
+    monkeypatch.setattr(Taught, "next_unlabeled", spy)
+    ens = distill(teacher, world["shards"], tmp_path / "s", world["recipe"],
+                  dataclass_opts(epochs=1, all=True), console=Console(file=io.StringIO()))
+    assert ens["trained"] == ["student/fold_0", "student/fold_all"] and len(seen) == 2
+    for soft, cls in zip(seen.values(), (2, 3), strict=True):  # fold 0 trains first
+        soft = torch.cat(soft)
+        taught = soft.sum(1) > 0
+        assert taught.float().mean() > 0.9 and (soft.argmax(1)[taught] == cls).all(), cls
+    with h5py.File(tmp_path / "s" / "targets.h5", "r") as f:
+        assert (f["unlabeled/fold_0/probs"][()].argmax(1) == 2).all()
+        assert (f["unlabeled/probs"][()].argmax(1) == 3).all()
+
+
+def test_older_whole_ensemble_unlabeled_targets_are_refused(world, tmp_path):
+    """A student run folder whose targets.h5 has the whole ensemble's unlabeled targets only
+    (no unlabeled_folds in its record): a rerun is refused and changes nothing; with
+    --unlabeled none there are no unlabeled targets and it resumes."""
+    def strip(out):
+        with h5py.File(out / "targets.h5", "r+") as f:
+            rec = json.loads(f.attrs["record"])
+            del rec["unlabeled_folds"]
+            f.attrs["record"] = json.dumps(rec)
+
+    out = tmp_path / "s"
+    run_distill(world, out, epochs=1)
+    strip(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for all_ in (False, True):
+        with pytest.raises(InputError, match=r"targets\.h5: unlabeled targets of the teacher's "
+                                             r"whole ensemble only.*use a new --out"):
+            run_distill(world, out, epochs=1, all=all_)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    run_distill(world, tmp_path / "n", epochs=1, unlabeled="none")
+    strip(tmp_path / "n")
+    assert run_distill(world, tmp_path / "n", epochs=1, unlabeled="none")["trained"] == []
 
 
 def test_stored_targets_are_refused_after_the_teacher_changes(world, tmp_path):
@@ -298,7 +386,7 @@ def test_unlabeled_weighting_confidence_or_disagreement(world, tmp_path):
         f["unlabeled/disagreement"][0] = 0.5  # image 0: half the models disagree
     for weighting, image0 in (("confidence", None), ("disagreement", 0.0)):
         t = Taught(path, DistillConfig(unlabeled_weighting=weighting, unlabeled_batch_size=6))
-        t.open_unlabeled(10, 4, "cpu")
+        t.open_unlabeled(10, 4, "cpu", "all")  # the whole ensemble's targets
         t.start_epoch(0)
         ds = t._unlabeled.dataset
         _, _, soft = ds.__getitems__(list(range(6)))
@@ -311,6 +399,10 @@ def test_unlabeled_weighting_confidence_or_disagreement(world, tmp_path):
         else:
             assert (w[0] == image0).all() and (w[1:] == 1).all()
         t.close()
+    t = Taught(path, DistillConfig())
+    with pytest.raises(InputError, match="no unlabeled targets of the teacher's fold 1"):
+        t.open_unlabeled(10, 4, "cpu", 1)
+    t.close()
 
 
 def test_student_recipe_checks(world, tmp_path):

@@ -11,7 +11,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from _runfolder import make_npz, make_teacher
+from _runfolder import make_npz, make_teacher, tta_probs
 from rich.console import Console
 
 from marsseg.data import load_split, prepare
@@ -108,22 +108,6 @@ def test_threshold_ignores_unsure_pixels(tmp_path):
         with_pseudo_labels(base, tmp_path / "t.h5", 2, 0.6)
 
 
-def _tta(folders_weights, images):
-    """The weighted flip-TTA softmax of fold folders, computed here without the Predictor."""
-    import torch
-
-    from marsseg.models.registry import load_pretrained
-
-    x = torch.from_numpy(images).float()[:, None]
-    acc = 0
-    for folder, w in folders_weights:
-        model = load_pretrained(folder).eval()
-        with torch.no_grad():
-            p = torch.softmax(model(x), 1) + torch.softmax(model(x.flip(-1)), 1).flip(-1)
-        acc = acc + w * p.numpy() / 2
-    return acc / sum(w for _, w in folders_weights)
-
-
 def _labels_conf(probs):
     lab = probs[:, 1:].argmax(1) + 1  # classes 1..4, as submitted
     return lab, np.take_along_axis(probs, lab[:, None], 1)[:, 0]
@@ -143,11 +127,12 @@ def test_fold_k_is_labelled_by_the_teachers_fold_k_models_only(world, tmp_path):
                               dataset_sha256="d")
     assert rec.pseudo_folds == (0, 1) and rec.n_unlabeled == 5
     images = load_split(world["shards"], "test").images
-    whole = _labels_conf(_tta([(t / m / f"fold_{k}", w) for m, w in (("a", 1), ("b", 3))
-                               for k in (0, 1)], images))
+    whole = _labels_conf(tta_probs([(t / m / f"fold_{k}", w) for m, w in (("a", 1), ("b", 3))
+                                    for k in (0, 1)], images))
     with h5py.File(path, "r") as f:
         for k in (0, 1):
-            probs = _tta([(t / "a" / f"fold_{k}", 1.0), (t / "b" / f"fold_{k}", 3.0)], images)
+            probs = tta_probs([(t / "a" / f"fold_{k}", 1.0), (t / "b" / f"fold_{k}", 3.0)],
+                              images)
             lab, conf = _labels_conf(probs)
             top2 = np.sort(probs[:, 1:], 1)
             sure = top2[:, -1] - top2[:, -2] > 1e-4  # not a near-tie that rounding may flip
