@@ -8,7 +8,7 @@ The targets file (``targets.h5`` in the student's run folder, written once by
     unlabeled/ids i64 (m,)    unlabeled/images u8 (m,H,W)
     unlabeled/probs f16 (m,5,H,W)  the teacher's TTA-averaged probabilities
     unlabeled/disagreement f16 (m,H,W)  weighted share of teacher models whose label differs
-    unlabeled/fold_<k>/probs, unlabeled/fold_<k>/disagreement   the same by the teacher's
+    unlabeled/fold/<k>/probs, unlabeled/fold/<k>/disagreement   the same by the teacher's
                               fold-k models only, for each k of the record's `unlabeled_folds`
     attrs["record"]           `TargetsRecord` as JSON (teacher sha256, data fingerprint, counts)
 
@@ -174,7 +174,7 @@ def write_targets_file(tmp: Path, record: TargetsRecord, labeled_ids: np.ndarray
 def unlabeled_keys(fold: int | str) -> tuple[str, str]:
     """The datasets of the unlabeled targets fold `fold` learns from: (probs, disagreement);
     fold "all" (`folds.ALL`): the whole ensemble's."""
-    base = "unlabeled" if fold == ALL else f"unlabeled/fold_{int(fold)}"
+    base = "unlabeled" if fold == ALL else f"unlabeled/fold/{int(fold)}"
     return f"{base}/probs", f"{base}/disagreement"
 
 

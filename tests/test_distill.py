@@ -100,7 +100,7 @@ def test_unlabeled_targets_of_fold_0_and_of_the_whole_ensemble(world, tmp_path):
                        for k in (0, 1)]}
     with h5py.File(tmp_path / "targets.h5", "r") as f:
         assert json.loads(f.attrs["record"])["unlabeled_folds"] == [0]
-        for name, base in (("fold_0", "unlabeled/fold_0"), ("whole", "unlabeled")):
+        for name, base in (("fold_0", "unlabeled/fold/0"), ("whole", "unlabeled")):
             want = tta_probs(plans[name], images)
             got = f[f"{base}/probs"][()].astype(np.float32)
             np.testing.assert_allclose(got, want, atol=2e-3)
@@ -111,7 +111,7 @@ def test_unlabeled_targets_of_fold_0_and_of_the_whole_ensemble(world, tmp_path):
             sure = top2[:, -1] - top2[:, -2] > 1e-3  # not a near-tie that rounding may flip
             got_dis = f[f"{base}/disagreement"][()].astype(np.float32)
             assert np.mean(np.abs(got_dis - dis)[sure] < 1e-3) > 0.99, name
-        fold0 = f["unlabeled/fold_0/probs"][()].astype(np.float32)
+        fold0 = f["unlabeled/fold/0/probs"][()].astype(np.float32)
         assert np.abs(fold0 - f["unlabeled/probs"][()]).max() > 0.01  # not the same targets
 
 
@@ -139,7 +139,7 @@ def test_fold_0_student_learns_the_fold_0_models_unlabeled_targets(world, tmp_pa
         taught = soft.sum(1) > 0
         assert taught.float().mean() > 0.9 and (soft.argmax(1)[taught] == cls).all(), cls
     with h5py.File(tmp_path / "s" / "targets.h5", "r") as f:
-        assert (f["unlabeled/fold_0/probs"][()].argmax(1) == 2).all()
+        assert (f["unlabeled/fold/0/probs"][()].argmax(1) == 2).all()
         assert (f["unlabeled/probs"][()].argmax(1) == 3).all()
 
 
