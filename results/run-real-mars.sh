@@ -12,6 +12,8 @@
 #     the same trainings as `train`, as single-fold jobs in LANES (2) lanes of one torch
 #     thread each (no core idles while an odd fold trains alone); RECIPE:pseudo trains
 #     RECIPE with `--teacher $ROOT/$TEACHER` into the run RECIPE-pseudo (issue 18, lever 4)
+#   EPOCHS=40 results/run-real-mars.sh lanes lever-e40@3,4 lever-lovasz@0 lever-e40:pseudo@3,4
+#     RECIPE@F,G: those folds of RECIPE, queued in the order given (instead of FOLDS)
 #   REUSE=lever-e40,marsseg-best EPOCHS= results/run-real-mars.sh lanes marsseg-r2
 #     adopts the finished folds of those runs that are exactly what the recipe would train
 #     (train-folds --reuse: same data, splits, seed, member block, precision), trains the rest
@@ -67,6 +69,11 @@ reuse_opt() {
   [ -z "$out" ] || echo "--reuse $out"
 }
 
+# lanes' RECIPE[:pseudo][@F,G] -> the folds it queues (F,G; default FOLDS, else all 5)
+arg_folds() {
+  case "$1" in *@*) echo "${1#*@}" ;; *) echo "${FOLDS:-0,1,2,3,4}" ;; esac
+}
+
 # RECIPE:pseudo -> the train-folds option that adds the teacher's pseudo-labelled test images
 teacher_opt() {
   case "$1" in
@@ -94,13 +101,14 @@ case "$cmd" in
     done
     ;;
   lanes)
-    for arg in "$@"; do teacher_opt "$arg" > /dev/null || exit 2; done
+    for arg in "$@"; do teacher_opt "${arg%%@*}" > /dev/null || exit 2; done
     # One job per (RECIPE, fold), popped in order by LANES lanes; each is a resumable
     # single-fold train-folds in its own process (--sequential: no Ray), so a rerun resumes.
+    # RECIPE@3,4 queues those folds of RECIPE (instead of FOLDS) at that place in the order.
     q=$(mktemp -d); trap 'rm -rf "$q"' EXIT
     for arg in "$@"; do
       for f in $(seq -s ' ' 0 4); do
-        case ",${FOLDS:-0,1,2,3,4}," in *",$f,"*) echo "$arg $f" >> "$q/jobs" ;; esac
+        case ",$(arg_folds "$arg")," in *",$f,"*) echo "${arg%%@*} $f" >> "$q/jobs" ;; esac
       done
     done
     lane() {
@@ -121,9 +129,10 @@ case "$cmd" in
     rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
     [ "$rc" = 0 ] || exit 1
     for arg in "$@"; do  # every fold done: one pass writes the run's ensemble.json
+      folds=$(arg_folds "$arg"); arg=${arg%%@*}
       r=${arg%%:*}; out=$r; [ "$r" = "$arg" ] || out=$r-${arg#*:}
       $CLI train-folds --data "$ROOT/shards" --recipe "$RECIPES/$r.toml" --out "$ROOT/$out" \
-        ${EPOCHS:+--epochs "$EPOCHS"} ${FOLDS:+--folds "$FOLDS"} --sequential --progress plain $(teacher_opt "$arg") $(reuse_opt)
+        ${EPOCHS:+--epochs "$EPOCHS"} --folds "$folds" --sequential --progress plain $(teacher_opt "$arg") $(reuse_opt)
     done
     ;;
   oof)

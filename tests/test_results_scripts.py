@@ -204,6 +204,14 @@ def test_run_real_mars_trains_and_scores_a_lever_on_some_folds(tmp_path):
     again = json.loads((tmp_path / "runs" / "again" / "tiny-sample" / "fold_0" / "done.json")
                        .read_text())
     assert again["reused_from"]["run"] == str(run) and again["sha256"] == done["sha256"]
+    # RECIPE@F: only that fold of RECIPE, whatever FOLDS says
+    shutil.copyfile(tmp_path / "recipes" / "lever-tiny.toml", tmp_path / "recipes" / "one.toml")
+    out = subprocess.run(["bash", str(SCRIPT), "lanes", "one@1"], cwd=ROOT, timeout=900,
+                         env={**env, "REUSE": "lever-tiny"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "lane 1: one fold 1" in out.stderr and "fold 0" not in out.stderr
+    spec = json.loads((tmp_path / "runs" / "one" / "ensemble.json").read_text())
+    assert [f["fold"] for f in spec["members"][0]["folds"]] == [1]
     out = subprocess.run(["bash", str(SCRIPT), "lanes", "lever-tiny:nope"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown variant in lever-tiny:nope" in out.stderr
