@@ -62,6 +62,27 @@ def test_ci_script_refuses_a_python_without_cuda(tmp_path):
     assert not (tmp_path / "v").exists()  # nothing made, nothing installed
 
 
+def test_ci_script_venv_sees_the_packages_of_a_python_that_is_itself_a_venv(tmp_path):
+    """Images often ship their CUDA torch inside a venv (e.g. /opt/torch/.venv): the
+    .venv-gpu made from it must see that venv's packages, not only the base interpreter's.
+    A stand-in torch (CUDA "available") and marsseg live only in the parent venv."""
+    parent = tmp_path / "parent"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(parent)], check=True)
+    site = subprocess.run([str(parent / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for name, body in (("torch", "class cuda:\n    is_available = staticmethod(lambda: True)\n"),
+                       ("marsseg", "")):
+        (tmp_path / "parent" / site / name).mkdir(parents=True)
+        (tmp_path / "parent" / site / name / "__init__.py").write_text(body)
+    r = subprocess.run([str(ROOT / ".ci" / "gpu-check")], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "PYTHON": str(parent / "bin" / "python"),
+                            "VENV": str(tmp_path / "none"), "GPU_VENV": str(tmp_path / "v")})
+    # torch and marsseg are found through the parent venv; the rest is named as missing
+    assert r.returncode == 2 and "lacks accelerate" in r.stderr, r.stderr
+    assert "torch" not in r.stderr.split("lacks")[1].split("(")[0], r.stderr
+
+
 def test_cpu_half_of_the_label_comparison(tmp_path):
     run = make_run(tmp_path / "run", members=("a",))
     data = make_npz(tmp_path / "d.npz", n_train=4, n_test=6, test_masks=True)
