@@ -119,6 +119,19 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _redeliver_swallowed(unraisable, chained=sys.unraisablehook) -> None:
+    """Python drops an exception raised inside a weakref callback or ``__del__`` ("Exception
+    ignored in ..."): a SIGTERM that lands there would be lost and the command run on. Raise
+    it again, once the main thread is back in ordinary code; anything else goes on as before."""
+    if not issubclass(unraisable.exc_type, Terminated):
+        chained(unraisable)
+        return
+    # Not from here: a handler run inside this hook would be dropped the same way. A timer
+    # thread signals again; the handler then runs in the main thread's own code.
+    signal.signal(signal.SIGTERM, _on_sigterm)  # hooks for Terminated run in the main thread
+    threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
 @contextlib.contextmanager
 def _sigterm_raises():
     """While a command runs, SIGTERM raises ``Terminated`` in the main thread."""
@@ -127,10 +140,13 @@ def _sigterm_raises():
         return
     _sigterm_seen.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: _redeliver_swallowed(u, hook)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
