@@ -119,7 +119,7 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _redeliver_swallowed(unraisable, chained=sys.unraisablehook) -> None:
+def _redeliver_swallowed(unraisable, chained) -> None:
     """Python drops an exception raised inside a weakref callback or ``__del__`` ("Exception
     ignored in ..."): a SIGTERM that lands there would be lost and the command run on. Raise
     it again, once the main thread is back in ordinary code; anything else goes on as before."""
@@ -128,8 +128,15 @@ def _redeliver_swallowed(unraisable, chained=sys.unraisablehook) -> None:
         return
     # Not from here: a handler run inside this hook would be dropped the same way. A timer
     # thread signals again; the handler then runs in the main thread's own code.
-    signal.signal(signal.SIGTERM, _on_sigterm)  # hooks for Terminated run in the main thread
-    threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    while True:
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)  # hooks for Terminated run in the main thread
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        except Terminated:
+            # On a busy machine the timer fires before start() returns: its Terminated lands
+            # here, inside the hook, where Python would drop it. Send it again.
+            continue
 
 
 @contextlib.contextmanager
