@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import typer
 from _runfolder import make_npz, make_run
 from typer.testing import CliRunner
 
-from marsseg.cli import app
+from marsseg.cli import _app, app
 from marsseg.cli._app import user_errors
 
 RECIPE = """folds = 2
@@ -57,14 +58,20 @@ class _TermInDel:
         time.sleep(0.05)  # the handler runs here; its Terminated is "ignored" by Python
 
 
+def _run_on_for(seconds: float) -> None:
+    """Ordinary code, where a redelivered SIGTERM raises: the redelivery's timer thread may
+    wait for a core on a busy machine."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_sigterm_landing_in_a_finalizer_still_terminates(capsys):
     # seen in CI once: the handler's Terminated raised inside a weakref callback was dropped
     # and predict ran to the end (exit 0); the unraisable hook delivers it again
     with pytest.raises(typer.Exit) as e, user_errors():
         _TermInDel()  # finalized at once
-        deadline = time.monotonic() + 30  # the redelivery's timer thread may wait for a core
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
+        _run_on_for(30)
     assert e.value.exit_code == 143
     assert capsys.readouterr().err.splitlines() == ["terminated"]
 
@@ -72,10 +79,6 @@ def test_sigterm_landing_in_a_finalizer_still_terminates(capsys):
 def test_redelivered_sigterm_that_lands_inside_the_hook_is_sent_again(capsys, monkeypatch):
     # seen on a loaded machine: the hook's timer thread fired before Timer.start() returned,
     # so the handler ran (and its Terminated was dropped) inside the unraisable hook itself
-    import threading
-
-    from marsseg.cli import _app
-
     fired = []
 
     class FiresAtOnce(threading.Timer):
@@ -89,9 +92,7 @@ def test_redelivered_sigterm_that_lands_inside_the_hook_is_sent_again(capsys, mo
     monkeypatch.setattr(_app.threading, "Timer", FiresAtOnce)
     with pytest.raises(typer.Exit) as e, user_errors():
         _TermInDel()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
+        _run_on_for(30)
     assert fired and e.value.exit_code == 143
     assert capsys.readouterr().err.splitlines() == ["terminated"]
 
